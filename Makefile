@@ -1,0 +1,31 @@
+# The two set-up commands of the README. Each creates .venv and installs what it needs by itself.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Profile for `make run`; `make run PROFILE=profiles/slurm` on a cluster.
+PROFILE ?= profiles/local
+
+.PHONY: run test venv clean
+
+venv: $(VENV)/.installed
+
+# torch==2.13.0 first: the CPU build on disk here; an open range with no torch installed pulls a
+# multi-GB CUDA build (DEVELOPERS.md).
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+run: venv
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/snakemake --profile $(PROFILE)
+	@echo "report: $(abspath reports/index.html)"
+
+test: venv
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf results reports/index.html reports/figures .snakemake

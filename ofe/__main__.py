@@ -1,0 +1,146 @@
+"""`python -m ofe <subcommand>`: every workflow step runs (and is tested) without Snakemake.
+
+  check-config  validate config.yaml and list its runs
+  plan          write the plan (runs, studies, config) the aggregation reads
+  prepare       tokenise a dataset once into a shared cache
+  train         train one run from its RUN.json (resumes from its checkpoint)
+  launch        submit `train` through submitit (local or slurm) and wait for it
+  aggregate     per-run files -> results/runs.parquet and results/metrics.parquet
+  report        tables -> self-contained reports/index.html
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from ofe.config import ConfigError
+
+
+def _json_arg(text: str) -> dict:
+    return json.loads(text)
+
+
+def plan_from_config(config: dict, schema: Path | None, data_root: Path) -> dict:
+    """The plan: every run (id, grid labels, studies, full config) plus study metadata."""
+    from ofe import grid
+    from ofe.config import DataConfig, build_section
+
+    runs = grid.expand(config, schema)
+    data = build_section(DataConfig, config.get("data", {}), "data.")
+    data_dir = str(data_root / data.cache_id)
+    extras = sorted({k for r in runs.values() for k in r.grid if k not in grid.AXES})
+    return {
+        "config": config,
+        "studies": grid.studies_metadata(config),
+        "grid_columns": list(grid.AXES) + extras,
+        "data": {"dir": data_dir, "config": data.__dict__},
+        "runs": [
+            {"run_id": r.run_id, "grid": r.grid, "studies": r.studies,
+             "config": replace(r.config, data_dir=data_dir).to_dict()}
+            for r in runs.values()
+        ],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ofe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("check-config", help="validate config.yaml and list its runs")
+    p.add_argument("config", type=Path)
+    p.add_argument("--schema", type=Path, default=Path("workflow/schemas/config.schema.yaml"))
+
+    p = sub.add_parser("plan", help="write results/plan.json from the (merged) workflow config")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--config", type=Path, help="config.yaml")
+    src.add_argument("--config-json", type=_json_arg, help="the merged config as JSON (from Snakemake)")
+    p.add_argument("--schema", type=Path, default=Path("workflow/schemas/config.schema.yaml"))
+    p.add_argument("--data-root", type=Path, default=Path("results/data"))
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("prepare", help="tokenise a dataset into DIR/{train,val}.bin + meta.json")
+    p.add_argument("--data-json", type=_json_arg, required=True, help="the data section (DataConfig)")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("train", help="train one run")
+    p.add_argument("--config", type=Path, required=True, help="RUN.json")
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("launch", help="train one run through submitit and wait for it")
+    p.add_argument("--run-json", type=_json_arg, required=True, help="the run's full config (RunConfig)")
+    p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"})
+    p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("aggregate", help="per-run files -> runs.parquet + metrics.parquet")
+    p.add_argument("--plan", type=Path, required=True)
+    p.add_argument("--results", type=Path, default=Path("results"))
+
+    p = sub.add_parser("report", help="tables -> self-contained HTML report")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=Path("reports/index.html"))
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ConfigError as e:
+        print(f"ofe: configuration error:\n{e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from ofe.results import atomic_write_json
+
+    if args.cmd == "check-config":
+        from ofe import grid
+
+        runs = grid.expand(grid.load_config(args.config), args.schema)
+        for r in runs.values():
+            print(f"{r.run_id}  ({', '.join(r.studies)})")
+        print(f"{len(runs)} runs")
+    elif args.cmd == "plan":
+        from ofe import grid
+
+        config = args.config_json if args.config_json is not None else grid.load_config(args.config)
+        plan = plan_from_config(config, args.schema, args.data_root)
+        atomic_write_json(args.out, plan)
+        print(f"[ofe] planned {len(plan['runs'])} runs in {len(plan['studies'])} studies -> {args.out}")
+    elif args.cmd == "prepare":
+        from ofe.config import DataConfig
+        from ofe.data import prepare
+
+        out = args.out
+        meta = prepare(DataConfig(**args.data_json), out)
+        print(f"[ofe] tokenised {meta['tokens']} tokens ({meta['documents']} documents) "
+              f"in {meta['seconds']} s -> {out}")
+    elif args.cmd == "train":
+        from ofe.train import load_run_config, train
+
+        summary = train(load_run_config(args.config), args.out)
+        print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "launch":
+        from ofe.config import RunConfig
+        from ofe.launch import launch
+
+        summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json)
+        print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "aggregate":
+        from ofe.aggregate import aggregate
+
+        runs, metrics = aggregate(json.loads(args.plan.read_text()), args.results)
+        counts = runs.status.value_counts().to_dict()
+        print(f"[ofe] aggregated {len(runs)} runs {counts}, {len(metrics)} metric rows -> {args.results}")
+    elif args.cmd == "report":
+        from ofe.report import build_report
+
+        path = build_report(args.results, args.out)
+        print(f"[ofe] report: {path.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

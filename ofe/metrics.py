@@ -1,0 +1,102 @@
+"""Outlier-feature metrics: pure fp32 functions of an activation tensor (PAPER.md section 1).
+
+Every function takes X of shape (..., d): all leading dimensions are tokens, the last is the width.
+Nothing here knows about models, hooks or files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _tokens_by_width(x: Tensor) -> Tensor:
+    """(..., d) -> (n, d) in fp32: metrics are defined over tokens x neurons, in full precision."""
+    return x.detach().reshape(-1, x.shape[-1]).float()
+
+
+def kurtosis(x: Tensor) -> float:
+    """The paper's Kurt(X) = mean_j(s_j^4) / mean_j(s_j^2)^2, s_j = RMS of neuron j over tokens.
+
+    Uncentred (PAPER.md section 1): 1 when every neuron has the same RMS, d when one neuron carries
+    everything; i.i.d. Gaussian X gives about 1 + 2/n.
+    """
+    s2 = _tokens_by_width(x).pow(2).mean(dim=0)  # (d,) squared RMS per neuron
+    return (s2.pow(2).mean() / s2.mean().pow(2)).item()
+
+
+def rms_sq_variance_centred(x: Tensor) -> float:
+    """The public code's variant (PAPER.md section 1): centre each token across width, then the
+    unbiased variance over neurons of s_j^2 / mean(s^2). Equals d/(d-1) * (Kurt(centred X) - 1):
+    0 for equal neurons. Not comparable with `kurtosis`; logged so the two are never confused.
+    """
+    xt = _tokens_by_width(x)
+    xc = xt - xt.mean(dim=1, keepdim=True)
+    s2 = xc.pow(2).mean(dim=0)
+    return (s2 / s2.mean()).var(unbiased=True).item()
+
+
+def max_median_ratio(x: Tensor) -> float:
+    """MMR: mean over tokens of max_j |X[t, j]| / median_j |X[t, j]| (about 5 for Gaussian, d=768)."""
+    a = _tokens_by_width(x).abs()
+    return (a.max(dim=1).values / a.median(dim=1).values).mean().item()
+
+
+def rms(x: Tensor) -> float:
+    """Global RMS of X: the scale of the residual stream."""
+    return _tokens_by_width(x).pow(2).mean().sqrt().item()
+
+
+def subsample_tokens(x: Tensor, max_tokens: int) -> Tensor:
+    """Evenly spaced rows of the (n, d) view, at most `max_tokens` of them (deterministic)."""
+    xt = _tokens_by_width(x)
+    n = xt.shape[0]
+    if n <= max_tokens:
+        return xt
+    idx = torch.linspace(0, n - 1, max_tokens).round().long()
+    return xt[idx]
+
+
+def token_correlation(x: Tensor, max_tokens: int = 256) -> float:
+    """Signal propagation: mean off-diagonal entry of Xn Xn^T / d, with Xn the width-centred X divided
+    by its global RMS (the public code's version, PAPER.md section 1). Near 1 means rank collapse.
+    Tokens are subsampled because the Gram matrix is n x n.
+    """
+    xt = subsample_tokens(x, max_tokens)
+    n, d = xt.shape
+    if n < 2:
+        return math.nan
+    xc = xt - xt.mean(dim=1, keepdim=True)
+    xn = xc / xc.pow(2).mean().sqrt()
+    gram = xn @ xn.T / d
+    off_diag = gram.sum() - gram.diagonal().sum()
+    return (off_diag / (n * (n - 1))).item()
+
+
+def attention_entropy(q: Tensor, k: Tensor, logit_cap: float | None = None) -> float:
+    """Mean Shannon entropy (nats) of causal attention rows, from queries and keys of shape
+    (B, H, T, hd) as the attention sees them (after any QK-norm). Entropy collapse is what QK-norm
+    prevents (PAPER.md section 2); `logit_cap` applies the same tanh soft-cap the model uses.
+    """
+    q, k = q.detach().float(), k.detach().float()
+    t = q.shape[-2]
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if logit_cap is not None:
+        logits = logit_cap * torch.tanh(logits / logit_cap)
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    logits = logits.masked_fill(~causal, float("-inf"))
+    logp = torch.log_softmax(logits, dim=-1)
+    ent = -(logp.exp() * logp.masked_fill(~causal, 0.0)).sum(dim=-1)  # (B, H, T)
+    return ent.mean().item()
+
+
+# The metrics the probe logs at every residual-stream site, by name (the name is the Parquet value).
+STREAM_METRICS = {
+    "kurtosis": kurtosis,
+    "rms_sq_variance_centred": rms_sq_variance_centred,
+    "max_median_ratio": max_median_ratio,
+    "token_correlation": token_correlation,
+    "rms": rms,
+}

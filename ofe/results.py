@@ -1,0 +1,137 @@
+"""Parquet schemas, atomic writes and provenance.
+
+Every file `ofe` writes goes through `atomic_write_*`: the bytes land in a temporary file beside the
+target and are renamed over it, so a reader (or Snakemake) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# One row per (step, layer, site, metric) of one run: the long/tidy layout of every metric file.
+# layer is -1 for run-level rows (site "train" or "val"); block inputs are layers 0..L-1 and the
+# tensor fed to the unembedding is layer L.
+METRIC_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("tokens", pa.int64()),
+        ("layer", pa.int64()),
+        ("site", pa.string()),
+        ("metric", pa.string()),
+        ("value", pa.float64()),
+    ]
+)
+
+METADATA_KEY = b"ofe"  # JSON blob in the Parquet key-value metadata: config + provenance
+
+LIBRARIES = ("torch", "numpy", "pandas", "pyarrow", "datasets", "submitit", "snakemake", "altair")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path in the target's folder; rename it over `path` only if the body succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: Path | str) -> None:
+    import torch
+
+    with atomic_path(Path(path)) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_parquet(
+    df: pd.DataFrame, path: Path | str, schema: pa.Schema | None = None, metadata: dict | None = None
+) -> None:
+    """Write `df` atomically with an explicit schema; `metadata` lands as JSON under the key `ofe`."""
+    table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
+    if metadata is not None:
+        meta = dict(table.schema.metadata or {})
+        meta[METADATA_KEY] = json.dumps(metadata, sort_keys=True, default=str).encode()
+        table = table.replace_schema_metadata(meta)
+    with atomic_path(Path(path)) as tmp:
+        pq.write_table(table, tmp)
+
+
+def read_metadata(path: Path | str) -> dict:
+    """The `ofe` JSON metadata of a Parquet file written by `write_parquet` ({} if none)."""
+    meta = pq.read_schema(path).metadata or {}
+    raw = meta.get(METADATA_KEY)
+    return json.loads(raw) if raw else {}
+
+
+def git_revision(cwd: Path | str | None = None) -> dict:
+    """The git commit of the code and whether the tree had uncommitted changes."""
+    cwd = cwd or Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return {"revision": None, "dirty": None}
+    return {"revision": rev, "dirty": dirty}
+
+
+def library_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def provenance() -> dict:
+    """Git revision, library versions, machine and date: attached to every result file."""
+    return {
+        "git": git_revision(),
+        "libraries": library_versions(),
+        "python": platform.python_version(),
+        "machine": {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }

@@ -1,0 +1,42 @@
+# Plan -> aggregate -> report. These are cheap and run on the head node.
+localrules:
+    plan,
+    aggregate,
+    report,
+
+
+rule plan:
+    output:
+        f"{RESULTS}/plan.json",
+    params:
+        config=json.dumps(config, sort_keys=True),
+        data_root=f"{RESULTS}/data",
+    log:
+        f"{RESULTS}/logs/plan.log",
+    shell:
+        "python -m ofe plan --config-json {params.config:q} --schema {SCHEMA} "
+        "--data-root {params.data_root} --out {output} > {log} 2>&1"
+
+
+rule aggregate:
+    input:
+        plan=rules.plan.output[0],
+        summaries=expand(f"{RESULTS}/runs/{{run}}/summary.json", run=RUNS),
+    output:
+        runs=f"{RESULTS}/runs.parquet",
+        metrics=f"{RESULTS}/metrics.parquet",
+    log:
+        f"{RESULTS}/logs/aggregate.log",
+    shell:
+        "python -m ofe aggregate --plan {input.plan} --results {RESULTS} > {log} 2>&1"
+
+
+rule report:
+    input:
+        rules.aggregate.output,
+    output:
+        REPORT,
+    log:
+        f"{RESULTS}/logs/report.log",
+    shell:
+        "python -m ofe report --results {RESULTS} --out {output} > {log} 2>&1"
