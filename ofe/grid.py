@@ -8,6 +8,7 @@ to a full `RunConfig` here, so any bad value fails before a job starts.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,11 @@ def validate_schema(config: dict, schema_path: Path | str = DEFAULT_SCHEMA) -> N
         if e.validator == "additionalProperties":
             allowed = sorted(e.schema.get("properties", {}))
             patterns = list(e.schema.get("patternProperties", {}))
-            msg += f"; allowed keys are {allowed}" + (f" or keys matching {patterns}" if patterns else "")
+            unknown = [k for k in e.instance
+                       if k not in allowed and not any(re.search(p, k) for p in patterns)]
+            msg = f"unknown key {', '.join(map(repr, unknown))}; allowed keys are {allowed}"
+            if patterns:
+                msg += " or a dotted config key such as 'optim.eps' (model.*, optim.*, train.*)"
         lines.append(f"config.yaml: {_json_path(e.absolute_path)}: {msg}")
     raise ConfigError("\n".join(lines))
 

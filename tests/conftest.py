@@ -1,0 +1,43 @@
+"""Shared fixtures: a small token cache from the embedded corpus and a tiny run config."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+# No test may reach a hub: fail fast instead of hanging on the closed network.
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The stdlib corpus capped at 120 files, tokenised once for the whole session."""
+    from ofe.config import DataConfig
+    from ofe.data import prepare
+
+    out = tmp_path_factory.mktemp("data")
+    prepare(DataConfig(max_documents=120), out)
+    return out
+
+
+def tiny_run(data_dir: Path, **sections) -> "RunConfig":
+    """A seconds-long run: d 32, 2 layers, context 32, batch 4; `sections` override fields per section,
+    e.g. tiny_run(d, train={"steps": 10}, model={"norm": "none"})."""
+    from ofe.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
+
+    cfg = RunConfig(
+        model=ModelConfig(n_layer=2, d_model=32, n_head=2, context=32),
+        optim=OptimConfig(lr=3e-3, betas=(0.9, 0.95)),
+        train=TrainConfig(steps=12, batch_size=4, log_every=4, eval_every=6, eval_batches=2,
+                          checkpoint_every=4, threads=1),
+        data_dir=str(data_dir),
+    )
+    for name, values in sections.items():
+        cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
+    return cfg

@@ -1,0 +1,120 @@
+"""Training: resume equals an uninterrupted run, divergence is a result, outputs are complete."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from ofe import train as train_mod
+from ofe.results import read_metadata
+from ofe.train import train
+from tests.conftest import REPO, tiny_run
+
+
+def _metrics(path) -> pd.DataFrame:
+    return pd.read_parquet(path / "metrics.parquet")
+
+
+def test_run_writes_metrics_summary_and_checkpoint(data_dir, tmp_path):
+    cfg = tiny_run(data_dir)
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["steps_done"] == 12
+    df = _metrics(tmp_path)
+    # every logging step (0, 4, 8, 12) has every metric at every residual-stream site
+    k = df[df.metric == "kurtosis"]
+    assert sorted(k.step.unique()) == [0, 4, 8, 12]
+    assert set(zip(k.layer, k.site)) == {(0, "block_input"), (1, "block_input"),
+                                         (2, "unembed_input_pre_norm"), (2, "unembed_input")}
+    assert set(df.metric) >= {"kurtosis", "rms_sq_variance_centred", "max_median_ratio",
+                              "token_correlation", "rms", "attention_entropy", "loss", "lr", "grad_norm"}
+    assert (k.value >= 1 - 1e-6).all() and (k.value <= 32 + 1e-6).all()  # Kurt lies in [1, d]
+    assert len(df[(df.site == "train") & (df.metric == "loss")]) == 12
+    assert (df.tokens == df.step * 4 * 32).all()
+    meta = read_metadata(tmp_path / "metrics.parquet")
+    assert meta["config"]["model"]["d_model"] == 32
+    assert set(meta["provenance"]) >= {"git", "libraries", "date", "machine"}
+    assert meta["provenance"]["libraries"]["torch"].startswith("2.")
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == 12
+    # a finished run is idempotent: calling again returns the summary without training
+    mtime = (tmp_path / "metrics.parquet").stat().st_mtime_ns
+    assert train(cfg, tmp_path)["status"] == "completed"
+    assert (tmp_path / "metrics.parquet").stat().st_mtime_ns == mtime
+
+
+def test_probe_before_and_after_final_norm(data_dir, tmp_path):
+    with_norm = _metrics_of(data_dir, tmp_path / "a", model={"final_norm": "layernorm"})
+    without = _metrics_of(data_dir, tmp_path / "b", model={"final_norm": "none"})
+
+    def last(df, site):
+        r = df[(df.site == site) & (df.metric == "rms") & (df.step == 0)]
+        return r.value.item()
+
+    assert last(without, "unembed_input") == pytest.approx(last(without, "unembed_input_pre_norm"))
+    assert last(with_norm, "unembed_input") == pytest.approx(1.0, abs=0.05)  # LN output at init
+    assert last(with_norm, "unembed_input") != pytest.approx(last(with_norm, "unembed_input_pre_norm"))
+
+
+def _metrics_of(data_dir, out, **sections):
+    train(tiny_run(data_dir, train={"steps": 1}, **sections), out)
+    return _metrics(out)
+
+
+def test_interrupted_run_resumes_to_identical_metrics(data_dir, tmp_path):
+    cfg = tiny_run(data_dir)
+    train(cfg, tmp_path / "straight")
+    with pytest.raises(train_mod._Interrupted):
+        train(cfg, tmp_path / "resumed", stop_after=8)
+    assert not (tmp_path / "resumed" / "summary.json").exists()
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 8
+    train(cfg, tmp_path / "resumed")
+    pd.testing.assert_frame_equal(_metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed"))
+
+
+def test_killed_process_resumes_to_identical_metrics(data_dir, tmp_path):
+    """SIGKILL a real `python -m ofe train` after its first checkpoint, start it again."""
+    cfg = tiny_run(data_dir, train={"steps": 40, "checkpoint_every": 5, "log_every": 5})
+    (tmp_path / "run.json").write_text(cfg.to_json())
+    train(cfg, tmp_path / "straight")
+    cmd = [sys.executable, "-m", "ofe", "train", "--config", str(tmp_path / "run.json"), "--out",
+           str(tmp_path / "killed")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (tmp_path / "killed" / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "killed too late to test resume"
+    step = torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < step < 40
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    pd.testing.assert_frame_equal(_metrics(tmp_path / "straight"), _metrics(tmp_path / "killed"))
+
+
+def test_absurd_lr_diverges_and_is_recorded(data_dir, tmp_path):
+    cfg = tiny_run(data_dir, optim={"lr": 1e6, "warmup_frac": 0.0, "clip": None},
+                   model={"norm": "none", "final_norm": "none"}, train={"steps": 50})
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "diverged"
+    assert summary["steps_done"] < 50
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["status"] == "diverged"
+    df = _metrics(tmp_path)
+    losses = df[(df.site == "train") & (df.metric == "loss")].value
+    assert not math.isfinite(losses.iloc[-1])  # the diverging step is logged, then the run stops
+    assert read_metadata(tmp_path / "metrics.parquet")["status"] == "diverged"
+
+
+def test_vocab_mismatch_is_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="vocab_size"):
+        train(tiny_run(data_dir, model={"vocab_size": 100}), tmp_path)

@@ -1,0 +1,110 @@
+"""The Snakemake workflow: dry-run plans the expected jobs; a 2-run grid runs end to end (local)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ofe.results import read_metadata
+from tests.conftest import REPO
+
+SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+
+TEST_CONFIG = {
+    "data": {"source": "stdlib", "max_documents": 150},
+    "launcher": {"cluster": "local", "poll_s": 0.5, "timeout_min": 10},
+    "defaults": {
+        "block": "pre_ln", "scale": "tiny", "optimizer": "adamw", "lr": 1.0e-2, "seed": 0,
+        "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "context": 32},
+        "train": {"steps": 20, "batch_size": 4, "log_every": 5, "eval_every": 10, "checkpoint_every": 10},
+    },
+    "studies": {
+        "norms": {"title": "Norms", "question": "OP vs Pre-LN?", "grid": {"block": ["pre_ln", "op"]}},
+        "seeds": {"grid": {"block": ["op"], "seed": [0]}},  # shares its only run with `norms`
+    },
+}
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--profile", str(REPO / "profiles" / "local"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir, timeout=600)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    stats = output.split("Job stats:")[1]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s*$", stats, re.M)}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(TEST_CONFIG))
+    return tmp_path
+
+
+def test_dry_run_lists_one_job_per_unique_run(workdir):
+    out = snakemake(workdir, "-n")
+    assert out.returncode == 0, out.stderr
+    counts = job_counts(out.stdout + out.stderr)
+    assert counts["train"] == 2  # the union: the `seeds` study adds no run
+    assert counts["prepare_data"] == 1 and counts["aggregate"] == 1 and counts["report"] == 1
+    assert "tiny/op/beta0.2/adamw/lr0.01/seed0" in out.stdout + out.stderr
+
+
+def test_dry_run_of_default_config_plans_every_study(tmp_path):
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    out = snakemake(tmp_path, "-n")
+    assert out.returncode == 0, out.stderr
+    assert job_counts(out.stdout + out.stderr)["train"] == 12
+
+
+def test_bad_config_stops_before_any_job(workdir):
+    bad = dict(TEST_CONFIG, studies={"norms": {"grid": {"block": ["pre_ln", "post_lm"]}}})
+    (workdir / "config.yaml").write_text(yaml.safe_dump(bad))
+    out = snakemake(workdir)
+    assert out.returncode != 0
+    assert "studies.norms.grid.block[1]: 'post_lm' is not one of" in out.stderr
+    assert not (workdir / "results").exists()
+
+
+@pytest.mark.slow
+def test_two_run_grid_end_to_end(workdir):
+    out = snakemake(workdir)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = workdir / "reports" / "index.html"
+    assert report.exists()
+    page = report.read_text()
+    assert 'src="http' not in page and "tiny/op/beta0.2/adamw/lr0.01/seed0" in page
+
+    runs = pd.read_parquet(workdir / "results" / "runs.parquet")
+    assert sorted(runs.run_id) == ["tiny/op/beta0.2/adamw/lr0.01/seed0", "tiny/pre_ln/beta1/adamw/lr0.01/seed0"]
+    assert set(runs.status) == {"completed"}
+    assert (runs.steps_done == 20).all()
+    op = runs.set_index("block").loc["op"]
+    assert sorted(op.studies) == ["norms", "seeds"] and op.beta == pytest.approx(0.2)
+
+    metrics = pd.read_parquet(workdir / "results" / "metrics.parquet")
+    assert set(metrics.run_id) == set(runs.run_id)
+    k = metrics[(metrics.metric == "kurtosis") & (metrics.site == "block_input")]
+    assert set(k.layer) == {0, 1} and sorted(k.step.unique()) == [0, 5, 10, 15, 20]
+    assert ((k.value >= 1 - 1e-6) & (k.value <= 32)).all()
+    assert set(metrics.block) == {"pre_ln", "op"}
+
+    meta = read_metadata(workdir / "results" / "runs.parquet")
+    assert [s["name"] for s in meta["studies"]] == ["norms", "seeds"]
+    assert meta["provenance"]["libraries"]["snakemake"]
+    run_dir = workdir / "results" / "runs" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0"
+    assert json.loads((run_dir / "config.json").read_text())["model"]["qk_norm"] == "rms"
+    assert (workdir / "results" / "logs" / "train" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0.log").exists()
+
+    # a second invocation has nothing to do
+    again = snakemake(workdir, "-n")
+    assert "Nothing to be done" in again.stdout + again.stderr
