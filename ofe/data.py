@@ -147,11 +147,12 @@ class TokenData:
             if arr.size <= context + 1:
                 raise ValueError(f"data: the {s} split has {arr.size} tokens, fewer than context+1={context + 1}")
 
-    def batch(self, split: str, seed_words: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, split: str, seed_words: list[int], batch_size: int | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (batch_size, context), windows drawn by a generator seeded with `seed_words`."""
         arr = self.splits[split]
         rng = np.random.default_rng(seed_words)
-        starts = rng.integers(0, arr.size - self.context - 1, size=self.batch_size)
+        starts = rng.integers(0, arr.size - self.context - 1, size=batch_size or self.batch_size)
         window = np.stack([arr[s : s + self.context + 1] for s in starts]).astype(np.int64)
         w = torch.from_numpy(window)
         return w[:, :-1], w[:, 1:]
@@ -159,9 +160,9 @@ class TokenData:
     def train_batch(self, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.batch("train", [seed, step])
 
-    def probe_batch(self) -> torch.Tensor:
+    def probe_batch(self, batch_size: int) -> torch.Tensor:
         """The fixed held-out batch every metric is measured on (the same for every run)."""
-        return self.batch("val", [FIXED_STREAM, 0])[0]
+        return self.batch("val", [FIXED_STREAM, 0], batch_size)[0]
 
     def val_batches(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.batch("val", [FIXED_STREAM, 1, i]) for i in range(n)]

@@ -7,6 +7,7 @@ target and are renamed over it, so a reader (or Snakemake) never sees a half-wri
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
 import json
 import os
@@ -128,10 +129,15 @@ def library_versions() -> dict[str, str | None]:
 
 def provenance() -> dict:
     """Git revision, library versions, machine and date: attached to every result file."""
+    return {**_static_provenance(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+@functools.lru_cache(maxsize=1)
+def _static_provenance() -> dict:
+    """The part that cannot change within a process (git and metadata look-ups cost ~0.1 s)."""
     return {
         "git": git_revision(),
         "libraries": library_versions(),
         "python": platform.python_version(),
         "machine": {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

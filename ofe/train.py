@@ -74,7 +74,7 @@ class Trainer:
 
     def log_probe(self) -> float:
         """Metrics at every site on the fixed held-out batch; returns the max kurtosis (for progress)."""
-        x = self.data.probe_batch().to(self.cfg.train.device)
+        x = self.data.probe_batch(self.cfg.train.probe_batch_size).to(self.cfg.train.device)
         peak = 0.0
         for layer, site, metric, value in probe(self.model, x):
             self._add(layer, site, metric, value)

@@ -71,7 +71,8 @@ def test_batches_are_a_pure_function_of_seed_and_step(data_dir):
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     assert x1.shape == (3, 16) and x1.dtype == torch.int64
     assert torch.equal(x1[:, 1:], y1[:, :-1])  # targets are the inputs shifted by one
-    assert torch.equal(data.probe_batch(), TokenData(data_dir, 16, 3).probe_batch())
+    assert torch.equal(data.probe_batch(5), TokenData(data_dir, 16, 3).probe_batch(5))
+    assert data.probe_batch(5).shape == (5, 16)
 
 
 def test_missing_cache_says_how_to_make_it(tmp_path):

@@ -9,7 +9,7 @@ rule plan:
     output:
         f"{RESULTS}/plan.json",
     params:
-        config=json.dumps(config, sort_keys=True),
+        config=json.dumps(config),  # unsorted: study order is the report's order
         data_root=f"{RESULTS}/data",
     log:
         f"{RESULTS}/logs/plan.log",
