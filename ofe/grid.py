@@ -89,22 +89,33 @@ def resolve_run(config: dict, point: dict[str, Any]) -> Run:
         "model": {} if point.get("beta") is None else {"beta": point["beta"]},
     }
     extras = {k: v for k, v in point.items() if "." in k}
-    for key, value in extras.items():
+    for key in extras:
         section, name = key.split(".", 1)
         if section not in SECTIONS or name not in section_fields(section):
             raise ConfigError(f"grid axis {key!r}: unknown; sweepable keys are "
                               f"{[f'{s}.{f}' for s in SECTIONS for f in section_fields(s)]}")
-        axis_values[section][name] = value
-    sections = _merge(sections, axis_values)
     data = build_section(DataConfig, config.get("data", {}), "data.")
-    cfg = RunConfig.from_dict({**sections, "data": data.__dict__})
+    base = RunConfig.from_dict({**_merge(sections, axis_values), "data": data.__dict__})
+    for key, value in extras.items():
+        section, name = key.split(".", 1)
+        axis_values[section][name] = value
+    cfg = RunConfig.from_dict({**_merge(sections, axis_values), "data": data.__dict__})
     grid = {**{a: point[a] for a in AXES if a != "beta"}, "beta": cfg.model.beta, **extras}
+    # An extra axis joins the path only where it changes the run, so the eps study's 1e-8 run is the
+    # same run (and folder) as the default Pre-LN run of the other studies.
+    changed = {k: v for k, v in extras.items() if config_value(cfg, k) != config_value(base, k)}
     run_id = "/".join(
         [grid["scale"], grid["block"], f"beta{_fmt(grid['beta'])}", grid["optimizer"],
          f"lr{_fmt(grid['lr'])}", f"seed{grid['seed']}"]
-        + [f"{k}{_fmt(v)}" for k, v in sorted(extras.items())]
+        + [f"{k}{_fmt(v)}" for k, v in sorted(changed.items())]
     )
     return Run(run_id, grid, replace(cfg, grid=grid))
+
+
+def config_value(cfg: RunConfig, key: str) -> Any:
+    """The value of a dotted key such as 'optim.eps' in a resolved config."""
+    section, name = key.split(".", 1)
+    return getattr(getattr(cfg, section), name)
 
 
 def expand(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> dict[str, Run]:
@@ -126,6 +137,11 @@ def expand(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> dic
             run = runs.setdefault(run.run_id, run)
             if study not in run.studies:
                 run.studies.append(study)
+    # every run gets a value in every extra grid column: the one its config has
+    extra_keys = sorted({k for r in runs.values() for k in r.grid if k not in AXES})
+    for r in runs.values():
+        for k in extra_keys:
+            r.grid.setdefault(k, config_value(r.config, k))
     return runs
 
 

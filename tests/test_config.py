@@ -82,12 +82,14 @@ def test_run_config_round_trips_through_json():
     assert RunConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
 
-def test_extra_axis_joins_the_run_path(config):
-    config["studies"] = {"eps": {"grid": {"optim.eps": [1.0e-8, 1.0e-4]}}}
+def test_extra_axis_joins_the_run_path_only_where_it_changes_the_run(config):
+    config["studies"]["eps"] = {"grid": {"block": ["pre_ln"], "optim.eps": [1.0e-8, 1.0e-4]}}
     runs = grid.expand(config, SCHEMA)
-    assert sorted(runs) == ["tiny/pre_ln/beta1/adamw/lr0.01/seed0/optim.eps0.0001",
-                            "tiny/pre_ln/beta1/adamw/lr0.01/seed0/optim.eps1e-08"]
-    assert {r.config.optim.eps for r in runs.values()} == {1e-8, 1e-4}
+    base = runs["tiny/pre_ln/beta1/adamw/lr0.01/seed0"]  # eps 1e-8 is the default: the same run
+    assert base.studies == ["norms", "lr", "eps"]
+    assert runs["tiny/pre_ln/beta1/adamw/lr0.01/seed0/optim.eps0.0001"].config.optim.eps == 1e-4
+    # every run carries the extra column, with the value its config has
+    assert {r.grid["optim.eps"] for r in runs.values()} == {1e-8, 1e-4}
 
 
 def test_check_config_cli_exits_2_with_the_message(tmp_path, config):
