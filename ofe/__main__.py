@@ -5,6 +5,7 @@
   prepare       tokenise a dataset once into a shared cache
   train         train one run from its RUN.json (resumes from its checkpoint)
   launch        submit `train` through submitit (local or slurm) and wait for it
+  quantise      int8 (W8A8) perplexity of a finished run
   aggregate     per-run files -> results/runs.parquet and results/metrics.parquet
   report        tables -> self-contained reports/index.html
 """
@@ -30,7 +31,12 @@ def plan_from_config(config: dict, schema: Path | None, data_root: Path) -> dict
     from ofe.config import DataConfig, build_section
 
     runs = grid.expand(config, schema)
+    from dataclasses import asdict
+
+    from ofe.quant import QuantConfig
+
     data = build_section(DataConfig, config.get("data", {}), "data.")
+    quant = build_section(QuantConfig, config.get("quant", {}), "quant.")
     data_dir = str(data_root / data.cache_id)
     extras = sorted({k for r in runs.values() for k in r.grid if k not in grid.AXES})
     return {
@@ -38,6 +44,7 @@ def plan_from_config(config: dict, schema: Path | None, data_root: Path) -> dict
         "studies": grid.studies_metadata(config),
         "grid_columns": list(grid.AXES) + extras,
         "data": {"dir": data_dir, "config": data.__dict__},
+        "quant": asdict(quant),
         "runs": [
             {"run_id": r.run_id, "grid": r.grid, "studies": r.studies,
              "config": replace(r.config, data_dir=data_dir).to_dict()}
@@ -75,6 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-json", type=_json_arg, required=True, help="the run's full config (RunConfig)")
     p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"})
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("quantise", help="int8 (W8A8) perplexity of a finished run -> RUN/quant.parquet")
+    p.add_argument("--run", type=Path, required=True, help="the run folder")
+    p.add_argument("--quant-json", type=_json_arg, default={}, help="the quant section (QuantConfig)")
 
     p = sub.add_parser("aggregate", help="per-run files -> runs.parquet + metrics.parquet")
     p.add_argument("--plan", type=Path, required=True)
@@ -128,12 +139,20 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "quantise":
+        from ofe.quant import QuantConfig, quantise_run
+
+        from ofe.config import build_section
+
+        df = quantise_run(args.run, build_section(QuantConfig, args.quant_json, "quant."))
+        print(f"[ofe] {args.run}: {len(df)} quantisation rows")
     elif args.cmd == "aggregate":
         from ofe.aggregate import aggregate
 
-        runs, metrics = aggregate(json.loads(args.plan.read_text()), args.results)
-        counts = runs.status.value_counts().to_dict()
-        print(f"[ofe] aggregated {len(runs)} runs {counts}, {len(metrics)} metric rows -> {args.results}")
+        frames = aggregate(json.loads(args.plan.read_text()), args.results)
+        counts = frames["runs"].status.value_counts().to_dict()
+        print(f"[ofe] aggregated {len(frames['runs'])} runs {counts}, {len(frames['metrics'])} metric rows, "
+              f"{len(frames['quant'])} quantisation rows -> {args.results}")
     elif args.cmd == "report":
         from ofe.report import build_report
 

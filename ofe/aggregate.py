@@ -2,6 +2,8 @@
 
 - results/runs.parquet: one row per planned run: grid columns, studies, status, summary figures.
 - results/metrics.parquet: every run's metric rows joined with its grid columns.
+- results/quant.parquet: every run's int8 rows (protocol, bits, ppl_fp, ppl_q, delta) with its grid
+  columns and kurtosis (mean over layers at the last step, and peak).
 Runs that have not finished are listed too (status `failed` with the last line of their error, or
 `missing`), so a partial grid still aggregates.
 """
@@ -42,44 +44,75 @@ def run_status(run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
     return "missing", {}, None
 
 
-def aggregate(plan: dict[str, Any], results_dir: Path | str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Build and write runs.parquet and metrics.parquet under `results_dir`; returns both frames."""
+def kurtosis_summary(metrics: pd.DataFrame) -> tuple[float, float]:
+    """(peak over steps and layers, mean over layers at the last logged step) of the paper's Kurt at
+    the residual-stream sites (block inputs and the unembedding input); non-finite values ignored."""
+    k = metrics[(metrics.metric == "kurtosis") & metrics.site.isin(KURTOSIS_SITES)]
+    k = k[k.value.map(math.isfinite)]
+    if k.empty:
+        return math.nan, math.nan
+    return float(k.value.max()), float(k[k.step == k.step.max()].value.mean())
+
+
+def _with_grid(table: pa.Table, run: dict[str, Any], grid_columns: list[str]) -> pa.Table:
+    """Prepend run_id and the grid columns (constant within a run) to one run's table."""
+    for c, typ in reversed([("run_id", pa.string())] + _grid_schema(grid_columns)):
+        value = run["run_id"] if c == "run_id" else run["grid"].get(c)
+        table = table.add_column(0, pa.field(c, typ), pa.array([value] * len(table), typ))
+    return table
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema) -> pd.DataFrame:
+    if tables:
+        return pa.concat_tables([t.select(schema.names).cast(schema) for t in tables]).to_pandas()
+    return schema.empty_table().to_pandas()
+
+
+def aggregate(plan: dict[str, Any], results_dir: Path | str) -> dict[str, pd.DataFrame]:
+    """Build and write runs.parquet, metrics.parquet and quant.parquet under `results_dir`."""
+    from ofe.quant import QUANT_SCHEMA
+
     results_dir = Path(results_dir)
     grid_columns: list[str] = plan["grid_columns"]
-    run_rows, metric_tables = [], []
+    run_rows, metric_tables, quant_tables = [], [], []
     for run in plan["runs"]:
         run_dir = results_dir / "runs" / run["run_id"]
         status, summary, error = run_status(run_dir)
-        peak = math.nan
+        peak = final_mean = math.nan
         if summary and (run_dir / "metrics.parquet").exists():
             table = pq.read_table(run_dir / "metrics.parquet", schema=METRIC_SCHEMA)
-            df = table.to_pandas()
-            k = df[(df.metric == "kurtosis") & df.site.isin(KURTOSIS_SITES)].value
-            k = k[k.map(math.isfinite)]
-            peak = float(k.max()) if len(k) else math.nan
-            for c, typ in [("run_id", pa.string())] + _grid_schema(grid_columns):
-                value = run["run_id"] if c == "run_id" else run["grid"].get(c)
-                table = table.append_column(pa.field(c, typ), pa.array([value] * len(table), typ))
-            metric_tables.append(table)
+            peak, final_mean = kurtosis_summary(table.to_pandas())
+            metric_tables.append(_with_grid(table, run, grid_columns))
+        if (run_dir / "quant.parquet").exists():
+            q = pq.read_table(run_dir / "quant.parquet", schema=QUANT_SCHEMA)
+            q = q.append_column("mean_kurtosis", pa.array([final_mean] * len(q), pa.float64()))
+            q = q.append_column("peak_kurtosis", pa.array([peak] * len(q), pa.float64()))
+            q = q.append_column("status", pa.array([status] * len(q), pa.string()))
+            quant_tables.append(_with_grid(q, run, grid_columns))
         run_rows.append({
             "run_id": run["run_id"], **{c: run["grid"].get(c) for c in grid_columns},
-            "studies": run["studies"], "status": status, "peak_kurtosis": peak, "error": error,
+            "studies": run["studies"], "status": status, "peak_kurtosis": peak,
+            "final_mean_kurtosis": final_mean, "error": error,
             **{f: summary.get(f) for f in SUMMARY_FIELDS},
         })
 
     id_and_grid = [("run_id", pa.string())] + _grid_schema(grid_columns)
-    runs_schema = pa.schema(id_and_grid + [
-        ("studies", pa.list_(pa.string())), ("status", pa.string()), ("peak_kurtosis", pa.float64()),
-        ("error", pa.string()), *SUMMARY_FIELDS.items(),
-    ])
-    metrics_schema = pa.schema(id_and_grid + list(zip(METRIC_SCHEMA.names, METRIC_SCHEMA.types)))
-    runs = pd.DataFrame(run_rows, columns=runs_schema.names)
-    if metric_tables:
-        metrics = pa.concat_tables([t.select(metrics_schema.names) for t in metric_tables]).to_pandas()
-    else:
-        metrics = pd.DataFrame({n: pd.Series(dtype=object) for n in metrics_schema.names})
+    schemas = {
+        "runs": pa.schema(id_and_grid + [
+            ("studies", pa.list_(pa.string())), ("status", pa.string()), ("peak_kurtosis", pa.float64()),
+            ("final_mean_kurtosis", pa.float64()), ("error", pa.string()), *SUMMARY_FIELDS.items(),
+        ]),
+        "metrics": pa.schema(id_and_grid + list(zip(METRIC_SCHEMA.names, METRIC_SCHEMA.types))),
+        "quant": pa.schema(id_and_grid + list(zip(QUANT_SCHEMA.names, QUANT_SCHEMA.types)) + [
+            ("mean_kurtosis", pa.float64()), ("peak_kurtosis", pa.float64()), ("status", pa.string())]),
+    }
+    frames = {
+        "runs": pa.Table.from_pylist(run_rows, schemas["runs"]).to_pandas(),
+        "metrics": _concat(metric_tables, schemas["metrics"]),
+        "quant": _concat(quant_tables, schemas["quant"]),
+    }
     meta = {"studies": plan["studies"], "grid_columns": grid_columns, "config": plan["config"],
             "provenance": provenance()}
-    write_parquet(runs, results_dir / "runs.parquet", runs_schema, meta)
-    write_parquet(metrics, results_dir / "metrics.parquet", metrics_schema, meta)
-    return runs, metrics
+    for name, df in frames.items():
+        write_parquet(df, results_dir / f"{name}.parquet", schemas[name], meta)
+    return frames

@@ -104,11 +104,9 @@ def resolve_run(config: dict, point: dict[str, Any]) -> Run:
     # An extra axis joins the path only where it changes the run, so the eps study's 1e-8 run is the
     # same run (and folder) as the default Pre-LN run of the other studies.
     changed = {k: v for k, v in extras.items() if config_value(cfg, k) != config_value(base, k)}
-    run_id = "/".join(
-        [grid["scale"], grid["block"], f"beta{_fmt(grid['beta'])}", grid["optimizer"],
-         f"lr{_fmt(grid['lr'])}", f"seed{grid['seed']}"]
-        + [f"{k}{_fmt(v)}" for k, v in sorted(changed.items())]
-    )
+    leaf = f"seed{grid['seed']}" + "".join(f"_{k}{_fmt(v)}" for k, v in sorted(changed.items()))
+    run_id = "/".join([grid["scale"], grid["block"], f"beta{_fmt(grid['beta'])}", grid["optimizer"],
+                       f"lr{_fmt(grid['lr'])}", leaf])  # a leaf folder: no run is inside another
     return Run(run_id, grid, replace(cfg, grid=grid))
 
 

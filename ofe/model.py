@@ -2,7 +2,7 @@
 
 Reading order: make_norm -> Attention -> MLP -> Block -> GPT. Learned positions, tied embeddings,
 ReLU MLP (4d) without biases, N(0, 0.02^2) init, as in the paper's public code. The probe taps the
-`nn.Identity` sites (`Block.input`, `GPT.unembed_pre_norm`, `GPT.unembed_input`, `Attention.q_site`,
+`nn.Identity` sites (`Block.input`, `Block.mid`, `GPT.unembed_pre_norm`, `GPT.unembed_input`, `Attention.q_site`,
 `Attention.k_site`) with forward hooks; the model itself knows nothing of metrics or training.
 """
 
@@ -100,13 +100,14 @@ class Block(nn.Module):
         else:
             self.register_buffer("beta", beta)
         self.input = nn.Identity()  # probe tap: the residual stream entering the block
+        self.mid = nn.Identity()  # tap: the residual sum between the two branches (quantisation)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.input(x)
         if self.post:
-            x = _apply(self.norm1, x + self.beta[0] * self.attn(x))
+            x = self.mid(_apply(self.norm1, x + self.beta[0] * self.attn(x)))
             return _apply(self.norm2, x + self.beta[1] * self.mlp(x))
-        x = x + self.beta[0] * self.attn(_apply(self.norm1, x))
+        x = self.mid(x + self.beta[0] * self.attn(_apply(self.norm1, x)))
         return x + self.beta[1] * self.mlp(_apply(self.norm2, x))
 
 

@@ -21,6 +21,7 @@ SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snak
 TEST_CONFIG = {
     "data": {"source": "stdlib", "max_documents": 150},
     "launcher": {"cluster": "local", "poll_s": 0.5, "timeout_min": 10},
+    "quant": {"bits": [8, 4], "calib_batches": 2, "eval_batches": 2},
     "defaults": {
         "block": "pre_ln", "scale": "tiny", "optimizer": "adamw", "lr": 1.0e-2, "seed": 0,
         "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "context": 32},
@@ -55,6 +56,7 @@ def test_dry_run_lists_one_job_per_unique_run(workdir):
     assert out.returncode == 0, out.stderr
     counts = job_counts(out.stdout + out.stderr)
     assert counts["train"] == 2  # the union: the `seeds` study adds no run
+    assert counts["quantise"] == 2
     assert counts["prepare_data"] == 1 and counts["aggregate"] == 1 and counts["report"] == 1
     assert "tiny/op/beta0.2/adamw/lr0.01/seed0" in out.stdout + out.stderr
 
@@ -63,7 +65,9 @@ def test_dry_run_of_default_config_plans_every_study(tmp_path):
     shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
     out = snakemake(tmp_path, "-n")
     assert out.returncode == 0, out.stderr
-    assert job_counts(out.stdout + out.stderr)["train"] == 12
+    # by hand: norms 7 blocks; beta +3 (0.1, 0.5, 1); lr +2 (3e-3 for pre_ln, op); eps 3 values x 2
+    # seeds, one shared (+5); optimizers +2 (soap for pre_ln, op); adafactor +2
+    assert job_counts(out.stdout + out.stderr)["train"] == 7 + 3 + 2 + 5 + 2 + 2
 
 
 def test_bad_config_stops_before_any_job(workdir):
@@ -97,6 +101,11 @@ def test_two_run_grid_end_to_end(workdir):
     assert set(k.layer) == {0, 1} and sorted(k.step.unique()) == [0, 5, 10, 15, 20]
     assert ((k.value >= 1 - 1e-6) & (k.value <= 32)).all()
     assert set(metrics.block) == {"pre_ln", "op"}
+
+    quant = pd.read_parquet(workdir / "results" / "quant.parquet")
+    assert len(quant) == 2 * 2 * 2  # runs x protocols x bits
+    assert set(quant.protocol) == {"static_per_tensor", "dynamic_per_token"}
+    assert (quant.ppl_fp > 1).all() and quant.mean_kurtosis.between(1, 32).all()
 
     meta = read_metadata(workdir / "results" / "runs.parquet")
     assert [s["name"] for s in meta["studies"]] == ["norms", "seeds"]

@@ -22,9 +22,11 @@ rule aggregate:
     input:
         plan=rules.plan.output[0],
         summaries=expand(f"{RESULTS}/runs/{{run}}/summary.json", run=RUNS),
+        quant=expand(f"{RESULTS}/runs/{{run}}/quant.parquet", run=RUNS),
     output:
         runs=f"{RESULTS}/runs.parquet",
         metrics=f"{RESULTS}/metrics.parquet",
+        quant=f"{RESULTS}/quant.parquet",
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:

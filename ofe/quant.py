@@ -1,0 +1,247 @@
+"""Simulated post-training quantisation of weights and activations (W8A8) and its evaluation.
+
+Two protocols (PAPER.md section 5), both round-to-nearest fake quantisation on a copy of the model:
+- `static_per_tensor`, the paper's likely protocol (Qualcomm's outlier-free-transformers pipeline):
+  weights symmetric per-tensor (range by MSE search, or absmax); activations asymmetric per-tensor with
+  static ranges calibrated on a few training batches (running min-max of the 99.999th percentiles), at
+  the input of every linear layer, at every residual sum (`Block.input`, `Block.mid`,
+  `GPT.unembed_pre_norm`: the embedding sum enters block 0), at the embeddings sum before an embedding
+  norm, and at norm outputs. The (tied) LM head stays in full precision.
+- `dynamic_per_token`, the forgiving one (SmoothQuant's fake_quant): per-output-channel weights, dynamic
+  per-token symmetric activations, at linear-layer inputs only.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import Tensor, nn
+
+from ofe.model import GPT
+
+Protocol = Literal["static_per_tensor", "dynamic_per_token"]
+PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which protocols and bit widths to evaluate, and how ranges are set."""
+
+    protocols: tuple[str, ...] = PROTOCOLS
+    bits: tuple[int, ...] = (8,)
+    """8 is W8A8; 6 and 4 expose the effect at tiny scale, where 8 bits may hide it."""
+    weight_range: Literal["mse", "absmax"] = "mse"
+    percentile: float = 99.999
+    """Static activation ranges: running min-max of this percentile over the calibration batches."""
+    calib_batches: int = 4
+    eval_batches: int = 16
+
+    def __post_init__(self) -> None:
+        from ofe.config import ConfigError
+
+        object.__setattr__(self, "protocols", tuple(self.protocols))
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        for p in self.protocols:
+            if p not in PROTOCOLS:
+                raise ConfigError(f"quant.protocols: {p!r} is not allowed; choose from {list(PROTOCOLS)}")
+        for b in self.bits:
+            if not 2 <= b <= 16:
+                raise ConfigError(f"quant.bits: {b} is outside 2..16")
+        if self.weight_range not in ("mse", "absmax"):
+            raise ConfigError(f"quant.weight_range: {self.weight_range!r}; choose 'mse' or 'absmax'")
+
+
+# ---- primitives -------------------------------------------------------------------------------------
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
+    """Round-to-nearest onto the integer grid [qmin, qmax] and back: (clamp(round(x/s) + z) - z) * s."""
+    return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+
+def symmetric_limits(bits: int) -> tuple[int, int]:
+    """Signed symmetric grid, e.g. [-127, 127] at 8 bits (no -128, so zero is exactly representable)."""
+    q = 2 ** (bits - 1) - 1
+    return -q, q
+
+
+def symmetric_scale(x: Tensor, bits: int, per_channel: bool = False, method: str = "absmax") -> Tensor:
+    """Scale of a symmetric grid for x: per tensor, or per row (output channel) of a weight matrix.
+    `mse` searches the clipping ratio that minimises the squared error (per tensor or per row)."""
+    qmin, qmax = symmetric_limits(bits)
+    amax = x.abs().amax(dim=tuple(range(1, x.dim())), keepdim=True) if per_channel else x.abs().amax()
+    amax = amax.clamp_min(1e-12)
+    if method == "absmax":
+        return amax / qmax
+    best_scale, best_err = amax / qmax, None
+    for ratio in torch.linspace(0.2, 1.0, 81).tolist():
+        scale = amax * ratio / qmax
+        err = (fake_quant(x, scale, 0.0, qmin, qmax) - x).pow(2)
+        err = err.sum(dim=tuple(range(1, x.dim())), keepdim=True) if per_channel else err.sum()
+        if best_err is None:
+            best_scale, best_err = scale, err
+        else:
+            better = err < best_err
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.minimum(err, best_err)
+    return best_scale
+
+
+def quantise_weight(w: Tensor, bits: int, per_channel: bool, method: str = "absmax") -> Tensor:
+    qmin, qmax = symmetric_limits(bits)
+    return fake_quant(w, symmetric_scale(w, bits, per_channel, method), 0.0, qmin, qmax)
+
+
+def quantise_per_token(x: Tensor, bits: int) -> Tensor:
+    """Dynamic symmetric quantisation with one scale per token (the last dimension is the width)."""
+    qmin, qmax = symmetric_limits(bits)
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12) / qmax
+    return fake_quant(x, scale, 0.0, qmin, qmax)
+
+
+def asymmetric_params(lo: float, hi: float, bits: int) -> tuple[float, float]:
+    """(scale, zero point) of an unsigned grid [0, 2^bits - 1] covering [lo, hi] and 0."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = max(hi - lo, 1e-12) / (2**bits - 1)
+    return scale, float(round(-lo / scale))
+
+
+class RangeObserver:
+    """Running min-max of per-batch low/high percentiles (static activation calibration)."""
+
+    def __init__(self, percentile: float) -> None:
+        self.q = percentile / 100
+        self.lo, self.hi = math.inf, -math.inf
+
+    def __call__(self, x: Tensor) -> None:
+        flat = x.detach().float().flatten()
+        if flat.numel() > 2**24:  # torch.quantile's input limit
+            flat = flat[torch.linspace(0, flat.numel() - 1, 2**24).long()]
+        lo, hi = torch.quantile(flat, torch.tensor([1 - self.q, self.q])).tolist()
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+
+
+# ---- protocols on a model ---------------------------------------------------------------------------
+
+@dataclass
+class _Site:
+    module: nn.Module
+    where: Literal["input", "output"]
+    observer: RangeObserver | None = None
+    hook: Callable | None = field(default=None, repr=False)
+
+
+def _static_sites(model: GPT) -> dict[str, _Site]:
+    """Every activation the static protocol quantises, by a readable name."""
+    sites: dict[str, _Site] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            sites[f"{name}:in"] = _Site(m, "input")
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and not name.endswith(("q_norm", "k_norm")):
+            sites[f"{name}:out"] = _Site(m, "output")
+    for i, blk in enumerate(model.blocks):
+        sites[f"blocks.{i}.input:out"] = _Site(blk.input, "output")  # residual sum (embeddings at 0)
+        sites[f"blocks.{i}.mid:out"] = _Site(blk.mid, "output")  # residual sum after attention
+    sites["unembed_pre_norm:out"] = _Site(model.unembed_pre_norm, "output")
+    if model.embed_norm is not None:
+        sites["embed_norm:in"] = _Site(model.embed_norm, "input")  # the embeddings sum itself
+    return sites
+
+
+def _hook(site: _Site, fn: Callable[[Tensor], Tensor | None]):
+    if site.where == "input":
+        def pre(_m, args):
+            out = fn(args[0])
+            return None if out is None else (out, *args[1:])
+        return site.module.register_forward_pre_hook(pre)
+
+    def post(_m, _args, output):
+        return fn(output)
+    return site.module.register_forward_hook(post)
+
+
+def quantised_copy(model: GPT, protocol: str, bits: int, cfg: QuantConfig,
+                   calib_inputs: list[Tensor]) -> GPT:
+    """A fake-quantised copy of `model` (the original is untouched), with hooks that quantise
+    activations as the protocol says; static ranges are calibrated on `calib_inputs`."""
+    q = copy.deepcopy(model).eval()
+    per_channel = protocol == "dynamic_per_token"
+    with torch.no_grad():
+        for m in q.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.copy_(quantise_weight(m.weight, bits, per_channel, cfg.weight_range))
+    if protocol == "dynamic_per_token":
+        for m in q.modules():
+            if isinstance(m, nn.Linear):
+                _hook(_Site(m, "input"), lambda x: quantise_per_token(x, bits))
+        return q
+
+    sites = _static_sites(q)
+    handles = []
+    for site in sites.values():
+        site.observer = RangeObserver(cfg.percentile)
+        handles.append(_hook(site, lambda x, obs=site.observer: obs(x)))
+    with torch.no_grad():
+        for idx in calib_inputs:  # observe in full precision
+            q(idx)
+    for h in handles:
+        h.remove()
+    for site in sites.values():
+        scale, zp = asymmetric_params(site.observer.lo, site.observer.hi, bits)
+        _hook(site, lambda x, s=scale, z=zp: fake_quant(x, torch.tensor(s), z, 0, 2**bits - 1))
+    return q
+
+
+@torch.no_grad()
+def perplexity(model: GPT, batches: list[tuple[Tensor, Tensor]]) -> float:
+    model.eval()
+    losses = [model(x, y)[1].item() for x, y in batches]
+    return math.exp(sum(losses) / len(losses))
+
+
+# ---- one run ----------------------------------------------------------------------------------------
+
+QUANT_SCHEMA = pa.schema([("protocol", pa.string()), ("bits", pa.int64()), ("ppl_fp", pa.float64()),
+                          ("ppl_q", pa.float64()), ("delta", pa.float64())])
+QUANT_COLUMNS = QUANT_SCHEMA.names
+
+
+def quantise_run(run_dir: Path | str, cfg: QuantConfig) -> pd.DataFrame:
+    """Evaluate a finished run's final checkpoint in full precision and under every protocol and bit
+    width; write RUN/quant.parquet (config, quant settings and provenance in its metadata)."""
+    from ofe.config import RunConfig
+    from ofe.data import FIXED_STREAM, TokenData
+    from ofe.results import provenance, write_parquet
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    run_cfg = RunConfig.from_dict(summary["config"])
+    rows = []
+    if summary["status"] == "completed":
+        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        torch.set_num_threads(run_cfg.train.threads)
+        model = GPT(run_cfg.model)
+        model.load_state_dict(ck["model"])
+        data = TokenData(run_cfg.data_dir, run_cfg.model.context, run_cfg.train.batch_size)
+        calib = [data.batch("train", [FIXED_STREAM, 2, i])[0] for i in range(cfg.calib_batches)]
+        evals = data.val_batches(cfg.eval_batches)
+        ppl_fp = perplexity(model, evals)
+        for protocol in cfg.protocols:
+            for bits in cfg.bits:
+                ppl_q = perplexity(quantised_copy(model, protocol, bits, cfg, calib), evals)
+                rows.append((protocol, bits, ppl_fp, ppl_q, ppl_q - ppl_fp))
+                print(f"[ofe] {run_dir}: {protocol} W{bits}A{bits}: ppl {ppl_fp:.3f} -> {ppl_q:.3f}", flush=True)
+    else:  # a diverged run has no model worth quantising: keep the row, with NaN perplexities
+        rows = [(p, b, math.nan, math.nan, math.nan) for p in cfg.protocols for b in cfg.bits]
+    df = pd.DataFrame(rows, columns=QUANT_COLUMNS)
+    meta = {"config": summary["config"], "quant": asdict(cfg), "status": summary["status"],
+            "provenance": provenance()}
+    write_parquet(df, run_dir / "quant.parquet", QUANT_SCHEMA, meta)
+    return df
