@@ -1,8 +1,10 @@
-"""Altair charts of the tidy metrics table (`metrics.parquet`).
+"""Altair charts of the tidy metrics table (`metrics.parquet`) and of the quantisation table (`quant.parquet`).
 
 Every public function is pure: it takes the long/tidy metrics DataFrame (columns `run_id`, the grid
 columns, `step`, `tokens`, `layer`, `site`, `metric`, `value`, plus a `label` string per run that names
 the run's group, e.g. "block=pre_ln") and returns an `alt.Chart` (or layered/faceted chart). No file I/O.
+`quant_degradation_scatter` takes the quantisation table instead (one row per run, protocol and bit
+width: `ppl_fp`, `ppl_q`, `mean_kurtosis`, ...).
 
 Conventions shared by all charts:
 - Non-finite values (diverged runs) are dropped before plotting; log-scaled charts also drop values <= 0.
@@ -13,6 +15,8 @@ Conventions shared by all charts:
 """
 
 from __future__ import annotations
+
+import math
 
 import altair as alt
 import numpy as np
@@ -42,6 +46,27 @@ TOKEN_CORRELATION_DEF = (
     "(near 1 = rank collapse)"
 )
 _LEGEND_NOTE = "one line per run, colour = configuration; click a legend entry to highlight it"
+MEAN_KURTOSIS_DEF = "Kurt averaged over layers at the run's last logged step"
+DEGRADATION_DEF = "relative degradation = ppl_q / ppl_fp - 1 (validation perplexity after / before quantisation)"
+SPEARMAN_DEF = "Spearman ρ = Pearson correlation of the ranks (ties averaged), per bit width"
+MIN_SPEARMAN_N = 3  # fewer runs than this give "n/a": two points always correlate perfectly
+SYMLOG_CONSTANT = 0.01  # a symlog degradation axis is linear within +-1 %
+PROTOCOL_NAMES = {"static_per_tensor": "static per-tensor", "dynamic_per_token": "dynamic per-token"}
+PROTOCOL_NOTES = {
+    "static_per_tensor": (
+        "static per-tensor: weights and activations (linear inputs, residual stream, norm outputs) "
+        "with per-tensor ranges calibrated on training batches; the paper's likely W8A8 protocol"
+    ),
+    "dynamic_per_token": (
+        "dynamic per-token: per-channel weights, per-token dynamic ranges on linear-layer inputs only "
+        "(SmoothQuant's forgiving fake quantisation)"
+    ),
+}
+# Columns of the quantisation table that describe a measurement rather than a run's configuration.
+_QUANT_MEASURE_COLUMNS = frozenset(
+    {"run_id", "label", "studies", "protocol", "bits", "ppl_fp", "ppl_q", "delta", "degradation",
+     "mean_kurtosis", "peak_kurtosis", "status"}
+)
 LAYER_NOTE = "layer l < L: residual stream entering block l; layer L: input to the unembedding (after any final norm)"
 
 
@@ -137,6 +162,117 @@ def loss_curves(metrics: pd.DataFrame) -> alt.LayerChart | alt.Chart:
     return alt.layer(*layers).properties(title=title, width=WIDE_WIDTH, height=WIDE_HEIGHT)
 
 
+def quant_degradation_scatter(quant: pd.DataFrame, protocol: str = "static_per_tensor") -> alt.Chart:
+    """Relative perplexity degradation after quantisation against mean kurtosis, one point per run and
+    bit width (colour and shape = bits), for one protocol; the subtitle gives Spearman's rho per bit width.
+
+    x: the run's Kurt averaged over layers at its last logged step (log scale). y: ppl_q / ppl_fp - 1,
+    log scale when every plotted value is positive, else symlog (linear within +-SYMLOG_CONSTANT).
+    Runs without finite perplexities (diverged) or kurtosis are left out.
+    """
+    points = quant_points(quant, protocol)
+    title_text = f"Quantisation degradation against kurtosis ({PROTOCOL_NAMES.get(protocol, protocol)})"
+    notes = [PROTOCOL_NOTES.get(protocol, f"protocol {protocol}"), f"x: {MEAN_KURTOSIS_DEF}; log scale"]
+    if points.empty:
+        return _no_data(_title(title_text, notes))
+    # A log axis cannot show runs that quantisation leaves unchanged or improves; symlog can.
+    log_y = bool((points["degradation"] > 0).all())
+    if log_y:
+        y_scale, y_note = alt.Scale(type="log"), "log scale"
+    else:
+        y_scale = alt.Scale(type="symlog", constant=SYMLOG_CONSTANT)
+        y_note = f"symlog scale (linear within ±{SYMLOG_CONSTANT:.0%}, logarithmic beyond: some runs do not degrade)"
+    notes.append(f"y: {DEGRADATION_DEF}; {y_note}")
+    rhos = degradation_spearman(quant, protocol)
+    notes.append(
+        "Spearman ρ(Kurt, degradation): "
+        + "; ".join(f"{_bits_name(b)} ρ = {_rho_text(rho)} (n = {n})" for b, (rho, n) in rhos.items())
+    )
+    notes.append(f"{SPEARMAN_DEF}; one point per run and bit width; click a bit width in the legend")
+    shown = [c for c in points.columns if c not in ("studies", "protocol", "delta", "status")]
+    points = points[shown]
+    pick = alt.selection_point(fields=["bits"], bind="legend")
+    bits_legend = alt.Legend(title="bits (W = A)")
+    # Every bit width of the table (not just this protocol's) in the domain: a bit width keeps its
+    # colour and shape from one protocol's chart to the next.
+    bits_domain = sorted({int(b) for b in quant["bits"]}, reverse=True)
+    return (
+        alt.Chart(points)
+        .mark_point(filled=True, size=70)
+        .encode(
+            x=alt.X("mean_kurtosis:Q", title="mean Kurt over layers", scale=alt.Scale(type="log")),
+            y=alt.Y(
+                "degradation:Q",
+                title="relative degradation ppl_q / ppl_fp - 1",
+                scale=y_scale,
+                axis=alt.Axis(format="~%"),
+            ),
+            color=alt.Color("bits:O", scale=alt.Scale(scheme="dark2", domain=bits_domain), legend=bits_legend),
+            shape=alt.Shape("bits:O", scale=alt.Scale(domain=bits_domain), legend=bits_legend),
+            opacity=alt.condition(pick, alt.value(0.9), alt.value(FADED)),
+            tooltip=_tooltip(
+                points,
+                ["bits", "mean_kurtosis", "peak_kurtosis", "ppl_fp", "ppl_q", "degradation"],
+                measure_columns=_QUANT_MEASURE_COLUMNS,
+            ),
+        )
+        .add_params(pick)
+        .properties(title=_title(title_text, notes), width=WIDE_WIDTH, height=WIDE_HEIGHT)
+    )
+
+
+def quant_points(quant: pd.DataFrame, protocol: str) -> pd.DataFrame:
+    """The plottable rows of one protocol, with `degradation` = ppl_q / ppl_fp - 1 added: finite
+    perplexities (ppl_fp > 0) and a finite, positive mean kurtosis (the x axis is log-scaled)."""
+    needed = {"protocol", "bits", "ppl_fp", "ppl_q", "mean_kurtosis"}
+    if quant is None or quant.empty or not needed <= set(quant.columns):
+        return pd.DataFrame()
+    df = quant[quant["protocol"] == protocol]
+    ppl_fp = df["ppl_fp"].to_numpy(dtype=float)
+    ppl_q = df["ppl_q"].to_numpy(dtype=float)
+    kurt = df["mean_kurtosis"].to_numpy(dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        degradation = ppl_q / ppl_fp - 1.0
+    ok = np.isfinite(degradation) & (ppl_fp > 0) & np.isfinite(kurt) & (kurt > 0)
+    return df.assign(degradation=degradation)[ok].reset_index(drop=True)
+
+
+def degradation_spearman(quant: pd.DataFrame, protocol: str) -> dict[int, tuple[float, int]]:
+    """bits -> (Spearman's rho between mean kurtosis and relative degradation, number of runs) over the
+    plottable rows of one protocol (`quant_points`), in decreasing bit width."""
+    points = quant_points(quant, protocol)
+    if points.empty:
+        return {}
+    out = {}
+    for bits, group in sorted(points.groupby("bits"), key=lambda item: -item[0]):
+        out[int(bits)] = (spearman(group["mean_kurtosis"], group["degradation"]), len(group))
+    return out
+
+
+def spearman(x: pd.Series | np.ndarray, y: pd.Series | np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the (average-tied) ranks of the finite pairs.
+
+    NaN when fewer than MIN_SPEARMAN_N pairs remain or either side is constant.
+    """
+    x = pd.Series(np.asarray(x, dtype=float))
+    y = pd.Series(np.asarray(y, dtype=float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    if ok.sum() < MIN_SPEARMAN_N:
+        return math.nan
+    rx, ry = x[ok].rank(method="average"), y[ok].rank(method="average")
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
+
+
+def _bits_name(bits: int) -> str:
+    return f"W{bits}A{bits}"
+
+
+def _rho_text(rho: float) -> str:
+    return "n/a" if not math.isfinite(rho) else f"{rho:.2f}"
+
+
 def _final_note(log: bool) -> str:
     return "value at each run's last logged step with finite values; " + ("log scale; " if log else "") + _LEGEND_NOTE
 
@@ -215,21 +351,31 @@ def _field(name: str) -> str:
     return name
 
 
-def _tooltip(df: pd.DataFrame, measures: list[str]) -> list[alt.Tooltip]:
-    """run_id, label, every configuration column of `df`, then the given measurement columns."""
-    config = [c for c in df.columns if c not in _MEASURE_COLUMNS]
-    out = [alt.Tooltip("run_id:N", title="run"), alt.Tooltip("label:N", title="label")]
-    for column in config + measures:
+def _tooltip(
+    df: pd.DataFrame, measures: list[str], measure_columns: frozenset[str] = _MEASURE_COLUMNS
+) -> list[alt.Tooltip]:
+    """run_id, label (if any), every configuration column of `df`, then the given measurement columns."""
+    config = [c for c in df.columns if c not in measure_columns]
+    out = [alt.Tooltip("run_id:N", title="run")]
+    if "label" in df.columns:
+        out.append(alt.Tooltip("label:N", title="label"))
+    for column in config + [m for m in measures if m in df.columns]:
         numeric = pd.api.types.is_numeric_dtype(df[column]) and not pd.api.types.is_bool_dtype(df[column])
         out.append(
             alt.Tooltip(
                 field=_field(column),
                 type="quantitative" if numeric else "nominal",
                 title=column,
-                format=".4~g" if column == "value" else alt.Undefined,
+                format=_TOOLTIP_FORMATS.get(column, alt.Undefined),
             )
         )
     return out
+
+
+_TOOLTIP_FORMATS = {
+    "value": ".4~g", "ppl_fp": ".4~f", "ppl_q": ".4~f", "mean_kurtosis": ".4~g", "peak_kurtosis": ".4~g",
+    "degradation": ".3~%",
+}
 
 
 def _label_color() -> alt.Color:

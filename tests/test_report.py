@@ -28,6 +28,23 @@ RUNS = [
     ("tiny/op/beta0.2/adamw/lr0.01/seed0", "op", 0.01, ["blocks"], "diverged", "loss is nan at step 20"),
     ("tiny/pre_ln/beta1/adamw/lr0.003/seed0", "pre_ln", 0.003, ["lr"], "missing", "Traceback\n<no result>"),
 ]
+# Completed runs in no study, so the int8 table and scatter have enough points: (run_id, block, optimizer).
+QUANT_ONLY_RUNS = [
+    ("tiny/op/beta0.2/soap/lr0.01/seed0", "op", "soap"),
+    ("tiny/post_ln/beta1/soap/lr0.01/seed0", "post_ln", "soap"),
+    ("tiny/pre_rms/beta1/adamw/lr0.01/seed0", "pre_rms", "adamw"),
+]
+# Planted int8 results: run_id -> (mean kurtosis, ppl fp, {(protocol, bits): ppl_q}). Static W8A8
+# degradation grows with kurtosis (Spearman 1); static W4A4 swaps the two highest (Spearman 0.8);
+# dynamic W8A8 improves one run (a negative degradation, so no log axis). The diverged run has NaNs.
+STATIC, DYNAMIC, NAN = "static_per_tensor", "dynamic_per_token", math.nan
+QUANT = {
+    QUANT_ONLY_RUNS[0][0]: (1.2, 14.71, {(STATIC, 8): 14.87, (STATIC, 4): 22.0, (DYNAMIC, 8): 14.70}),
+    QUANT_ONLY_RUNS[1][0]: (5.0, 15.5, {(STATIC, 8): 16.0, (STATIC, 4): 31.0, (DYNAMIC, 8): 15.52}),
+    QUANT_ONLY_RUNS[2][0]: (12.0, 15.8, {(STATIC, 8): 18.0, (STATIC, 4): 94.8, (DYNAMIC, 8): 15.9}),
+    "tiny/pre_ln/beta1/adamw/lr0.01/seed0": (25.6, 16.0, {(STATIC, 8): 63.4, (STATIC, 4): 64.0, (DYNAMIC, 8): 16.3}),
+    "tiny/op/beta0.2/adamw/lr0.01/seed0": (300.0, NAN, dict.fromkeys([(STATIC, 8), (STATIC, 4), (DYNAMIC, 8)], NAN)),
+}
 STUDIES = {
     "blocks": {"title": "Norm blocks", "question": "Does OP avoid outliers?", "axes": ["block"]},
     "lr": {"title": "Learning rate", "question": "Does a higher LR raise kurtosis?", "axes": ["block", "lr"]},
@@ -37,14 +54,16 @@ GRID = ["block", "scale", "optimizer", "beta", "lr", "seed", "optim.eps"]
 
 def _runs_frame() -> pd.DataFrame:
     rows = []
-    for run_id, block, lr, studies, status, error in RUNS:
+    extra = [(run_id, block, 0.01, [], "completed", None) for run_id, block, _ in QUANT_ONLY_RUNS]
+    optimizers = {run_id: optimizer for run_id, _, optimizer in QUANT_ONLY_RUNS}
+    for run_id, block, lr, studies, status, error in RUNS + extra:
         done = status != "missing"
         rows.append(
             {
                 "run_id": run_id,
                 "block": block,
                 "scale": "tiny",
-                "optimizer": "adamw",
+                "optimizer": optimizers.get(run_id, "adamw"),
                 "beta": 0.2 if block == "op" else 1.0,
                 "lr": lr,
                 "seed": 0,
@@ -56,6 +75,7 @@ def _runs_frame() -> pd.DataFrame:
                 "tokens_per_s": 1.5e4 if done else math.nan,
                 "wall_s": 60.0 if done else math.nan,
                 "peak_kurtosis": 40.0 if done else math.nan,
+                "final_mean_kurtosis": QUANT[run_id][0] if run_id in QUANT else math.nan,
                 "steps_done": 20 if done else 0,
                 "error": error,
             }
@@ -89,7 +109,22 @@ def _metrics_frame(runs: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(records, columns=["run_id", *GRID, *METRIC_SCHEMA.names])
 
 
-def _write_results(results: Path, runs: pd.DataFrame, metrics: pd.DataFrame) -> None:
+def _quant_frame(runs: pd.DataFrame) -> pd.DataFrame:
+    """quant.parquet as `ofe aggregate` writes it: one row per (run, protocol, bits) of the planted QUANT."""
+    grid = runs.set_index("run_id")[GRID]
+    rows = []
+    for run_id, (kurtosis, ppl_fp, ppl_q) in QUANT.items():
+        status = runs.set_index("run_id").at[run_id, "status"]
+        for (protocol, bits), q in ppl_q.items():
+            rows.append({"run_id": run_id, **grid.loc[run_id].to_dict(), "protocol": protocol, "bits": bits,
+                         "ppl_fp": ppl_fp, "ppl_q": q, "delta": q - ppl_fp, "mean_kurtosis": kurtosis,
+                         "peak_kurtosis": 2 * kurtosis, "status": status})
+    return pd.DataFrame(rows).astype({"bits": "int64"})
+
+
+def _write_results(
+    results: Path, runs: pd.DataFrame, metrics: pd.DataFrame, quant: pd.DataFrame | None = None
+) -> None:
     meta = {
         "studies": STUDIES,
         "grid_columns": GRID,
@@ -104,6 +139,8 @@ def _write_results(results: Path, runs: pd.DataFrame, metrics: pd.DataFrame) -> 
     }
     write_parquet(runs, results / "runs.parquet", metadata=meta)
     write_parquet(metrics, results / "metrics.parquet", metadata=meta)
+    if quant is not None:
+        write_parquet(quant, results / "quant.parquet", metadata=meta)
 
 
 def _spec_blocks(page: str) -> dict[str, dict]:
@@ -118,6 +155,30 @@ def _values(spec: dict) -> list[dict]:
     return [row for rows in spec.get("datasets", {}).values() for row in rows]
 
 
+def _section(page: str, section_id: str) -> str:
+    match = re.search(rf'<section id="{section_id}">(.*?)</section>', page, re.S)
+    assert match, f"no section {section_id}"
+    return match.group(1)
+
+
+def _table_rows(html_text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """(header, run_id -> cell texts without tags) of the first table in `html_text`."""
+    table = re.search(r"<table.*?</table>", html_text, re.S).group(0)
+    header = re.findall(r"<th>(.*?)</th>", table)
+    rows = {
+        run_id: [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", body)]
+        for run_id, body in re.findall(r'<tr title="([^"]+)">(.*?)</tr>', table)
+    }
+    return header, rows
+
+
+def _spearman_by_formula(x: list[float], y: list[float]) -> float:
+    """Spearman's rho by the textbook formula 1 - 6 sum d^2 / (n (n^2 - 1)), valid without ties."""
+    rank_x, rank_y = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+    n = len(x)
+    return 1 - 6 * float(((rank_x - rank_y) ** 2).sum()) / (n * (n * n - 1))
+
+
 @pytest.fixture(scope="module")
 def synthetic() -> tuple[pd.DataFrame, pd.DataFrame]:
     runs = _runs_frame()
@@ -125,9 +186,14 @@ def synthetic() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 @pytest.fixture(scope="module")
-def page(synthetic, tmp_path_factory) -> str:
+def quant(synthetic) -> pd.DataFrame:
+    return _quant_frame(synthetic[0])
+
+
+@pytest.fixture(scope="module")
+def page(synthetic, quant, tmp_path_factory) -> str:
     results = tmp_path_factory.mktemp("results")
-    _write_results(results, *synthetic)
+    _write_results(results, *synthetic, quant)
     out = build_report(results, results / "report" / "index.html")
     assert out.exists()
     return out.read_text()
@@ -141,7 +207,7 @@ def test_report_is_self_contained(page: str) -> None:
 
 def test_report_has_one_rendered_spec_per_figure(page: str) -> None:
     div_ids = re.findall(r'<div class="chart" id="([^"]+)">', page)
-    assert len(div_ids) == len(STUDIES) * len(FIGURES)
+    assert len(div_ids) == len(STUDIES) * len(FIGURES) + 2  # + one int8 scatter per protocol
     specs = _spec_blocks(page)
     assert sorted(specs) == sorted(div_ids)
     for spec in specs.values():
@@ -182,7 +248,7 @@ def test_final_layer_kurtosis_drops_non_finite_values(synthetic) -> None:
     assert all(np.isfinite(row["value"]) for row in rows)
     last_step = {row["run_id"]: row["step"] for row in rows}
     # The diverged run's step 20 is finite in its last layer only: the curve falls back to step 10, whole.
-    assert last_step == {RUNS[0][0]: 20, RUNS[1][0]: 10}
+    assert last_step == {RUNS[0][0]: 20, RUNS[1][0]: 10, **{run_id: 20 for run_id, *_ in QUANT_ONLY_RUNS}}
     assert len([row for row in rows if row["run_id"] == RUNS[1][0]]) == N_LAYERS + 1
 
 
@@ -200,6 +266,80 @@ def test_report_renders_with_empty_metrics(synthetic, tmp_path) -> None:
     specs = _spec_blocks(page)
     assert len(specs) == len(STUDIES) * len(FIGURES)
     assert all(spec["mark"]["type"] == "text" for spec in specs.values())
+    assert 'id="int8"' not in page and "<h3>int8" not in page  # no quant.parquet: results from before it existed
+
+
+def test_int8_section_table_has_the_papers_columns_and_values(page: str) -> None:
+    assert page.index('<section id="study-lr">') < page.index('<section id="int8">') < page.index("<h2>Runs</h2>")
+    header, rows = _table_rows(_section(page, "int8"))
+    # block and optimizer always, beta because it varies; status because one run diverged.
+    assert header == ["block", "optimizer", "beta", "status", "mean Kurt", "ppl fp",
+                      "static W8A8", "static W4A4", "dynamic W8A8"]
+    assert list(rows) == sorted(QUANT, key=lambda run_id: QUANT[run_id][0])  # sorted by mean kurtosis
+    assert rows["tiny/pre_ln/beta1/adamw/lr0.01/seed0"] == [
+        "pre_ln", "adamw", "1", "completed", "25.6", "16.00", "63.40 (+296%)", "64.00 (+300%)", "16.30 (+1.9%)"
+    ]
+    assert rows[QUANT_ONLY_RUNS[0][0]][5:] == ["14.71", "14.87 (+1.1%)", "22.00 (+49.6%)", "14.70 (-0.07%)"]
+    assert rows[RUNS[1][0]] == ["op", "adamw", "0.2", "diverged", "300", "-", "-", "-", "-"]
+    assert "<b>static</b>" in _section(page, "int8") and "<b>dynamic</b>" in _section(page, "int8")
+
+
+def test_study_sections_have_their_own_int8_table(page: str) -> None:
+    header, rows = _table_rows(_section(page, "study-blocks").split("<h3>int8 quantisation</h3>")[1])
+    assert header[:2] == ["configuration", "status"]
+    assert {run_id: cells[0] for run_id, cells in rows.items()} == {RUNS[0][0]: "block=pre_ln", RUNS[1][0]: "block=op"}
+    header, rows = _table_rows(_section(page, "study-lr").split("<h3>int8 quantisation</h3>")[1])
+    assert "status" not in header  # the missing run has no int8 rows; the other one completed
+    assert rows == {RUNS[0][0]: ["block=pre_ln, lr=0.01", "25.6", "16.00", "63.40 (+296%)", "64.00 (+300%)",
+                                 "16.30 (+1.9%)"]}
+
+
+def test_int8_scatter_states_the_spearman_correlation(page: str) -> None:
+    specs = _spec_blocks(page)
+    static, dynamic = specs["fig-quant-static_per_tensor"], specs["fig-quant-dynamic_per_token"]
+    completed = [run_id for run_id, (_, ppl_fp, _) in QUANT.items() if math.isfinite(ppl_fp)]
+    for bits, expected in ((8, 1.0), (4, 0.8)):  # planted
+        kurtosis = [QUANT[r][0] for r in completed]
+        degradation = [QUANT[r][2][(STATIC, bits)] / QUANT[r][1] - 1 for r in completed]
+        assert _spearman_by_formula(kurtosis, degradation) == pytest.approx(expected)
+        subtitle = " ".join(static["title"]["subtitle"])
+        printed = re.search(rf"W{bits}A{bits} ρ = (-?[0-9.]+) \(n = (\d+)\)", subtitle)
+        assert printed and float(printed.group(1)) == pytest.approx(expected) and int(printed.group(2)) == 4
+    # The diverged run (NaN perplexities) is left out; every point is finite.
+    assert {row["run_id"] for row in _values(static)} == set(completed)
+    assert all(math.isfinite(row["degradation"]) for row in _values(static))
+    assert static["encoding"]["x"]["scale"]["type"] == "log"
+    assert static["encoding"]["y"]["scale"]["type"] == "log"
+    assert dynamic["encoding"]["y"]["scale"]["type"] == "symlog"  # one run improves: no log axis
+    assert "symlog" in " ".join(dynamic["title"]["subtitle"])
+    tooltip_fields = {t["field"] for t in static["encoding"]["tooltip"]}
+    assert {"run_id", "block", "optim\\.eps", "ppl_fp", "ppl_q"} <= tooltip_fields
+    for spec in (static, dynamic):
+        assert "<svg" in vl_convert.vegalite_to_svg(spec)
+
+
+def test_spearman_matches_the_rank_formula() -> None:
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=20), rng.normal(size=20)
+    assert plots.spearman(x, y) == pytest.approx(_spearman_by_formula(list(x), list(y)))
+    assert plots.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)  # ranks, not values
+    assert plots.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties averaged
+    assert math.isnan(plots.spearman([1, 2], [2, 1]))  # too few runs
+    assert math.isnan(plots.spearman([1, 2, 3], [5, 5, 5]))  # constant
+
+
+def test_empty_quant_gives_a_no_data_scatter(quant) -> None:
+    for frame in (pd.DataFrame(), quant.iloc[:0], quant[quant["ppl_fp"].isna()]):
+        spec = plots.quant_degradation_scatter(frame).to_dict()
+        assert spec["mark"]["type"] == "text" and _values(spec) == [{"text": "no data"}]
+
+
+def test_report_renders_with_an_empty_quant_table(synthetic, quant, tmp_path) -> None:
+    runs, metrics = synthetic
+    _write_results(tmp_path, runs, metrics, quant.iloc[:0])
+    page = build_report(tmp_path, tmp_path / "index.html").read_text()
+    assert 'id="int8"' not in page and "<h3>int8" not in page
+    assert len(_spec_blocks(page)) == len(STUDIES) * len(FIGURES)
 
 
 def test_studies_listed_as_a_list_keep_their_order() -> None:
