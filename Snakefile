@@ -15,7 +15,20 @@ include: "workflow/rules/quantise.smk"
 include: "workflow/rules/report.smk"
 
 
+# When runs fail (keep-going lets the others finish), still report what exists, so the report lists
+# the failed runs with their error. The partial tables go to results/partial/, not to the aggregate
+# rule's outputs, so the next invocation still reruns the failed runs, then aggregates.
+onerror:
+    if Path(f"{RESULTS}/plan.json").exists():
+        shell(
+            "python -m ofe aggregate --plan {RESULTS}/plan.json --results {RESULTS} "
+            "--out {RESULTS}/partial > {RESULTS}/logs/aggregate-partial.log 2>&1 && "
+            "python -m ofe report --results {RESULTS}/partial --out {REPORT} "
+            "> {RESULTS}/logs/report-partial.log 2>&1 && echo 'ofe: partial report: {REPORT}' || true"
+        )
+
+
 rule all:
     default_target: True
     input:
-        REPORT,
+        rules.report.output,

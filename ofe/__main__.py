@@ -5,6 +5,7 @@
   prepare       tokenise a dataset once into a shared cache
   train         train one run from its RUN.json (resumes from its checkpoint)
   launch        submit `train` through submitit (local or slurm) and wait for it
+  cancel        cancel every pending or running job of this workflow
   quantise      int8 (W8A8) perplexity of a finished run
   aggregate     per-run files -> results/runs.parquet and results/metrics.parquet
   report        tables -> self-contained reports/index.html
@@ -83,6 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"})
     p.add_argument("--out", type=Path, required=True)
 
+    p = sub.add_parser("cancel", help="cancel every pending or running job of the run folders")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--dry-run", action="store_true", help="list the jobs, cancel nothing")
+
     p = sub.add_parser("quantise", help="int8 (W8A8) perplexity of a finished run -> RUN/quant.parquet")
     p.add_argument("--run", type=Path, required=True, help="the run folder")
     p.add_argument("--quant-json", type=_json_arg, default={}, help="the quant section (QuantConfig)")
@@ -90,10 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("aggregate", help="per-run files -> runs.parquet + metrics.parquet")
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, help="where the tables go (default: --results)")
 
     p = sub.add_parser("report", help="tables -> self-contained HTML report")
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--out", type=Path, default=Path("reports/index.html"))
+    p.add_argument("--manifest", type=Path, help="also write a JSON summary of what the report shows")
 
     args = parser.parse_args(argv)
     try:
@@ -139,6 +146,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "cancel":
+        from ofe.launch import cancel
+
+        jobs = cancel(args.results, args.dry_run)
+        verb = "would cancel" if args.dry_run else "cancelled"
+        print("\n".join(f"[ofe] {verb} {j}" for j in jobs) or "[ofe] no pending or running jobs")
     elif args.cmd == "quantise":
         from ofe.quant import QuantConfig, quantise_run
 
@@ -149,14 +162,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.cmd == "aggregate":
         from ofe.aggregate import aggregate
 
-        frames = aggregate(json.loads(args.plan.read_text()), args.results)
+        frames = aggregate(json.loads(args.plan.read_text()), args.results, args.out)
         counts = frames["runs"].status.value_counts().to_dict()
         print(f"[ofe] aggregated {len(frames['runs'])} runs {counts}, {len(frames['metrics'])} metric rows, "
-              f"{len(frames['quant'])} quantisation rows -> {args.results}")
+              f"{len(frames['quant'])} quantisation rows -> {args.out or args.results}")
     elif args.cmd == "report":
         from ofe.report import build_report
 
         path = build_report(args.results, args.out)
+        if args.manifest:
+            import pandas as pd
+
+            runs = pd.read_parquet(args.results / "runs.parquet")
+            atomic_write_json(args.manifest, {"report": str(path.resolve()), "runs": len(runs),
+                                              "status": runs.status.value_counts().to_dict()})
         print(f"[ofe] report: {path.resolve()}")
     return 0
 

@@ -68,11 +68,14 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pd.DataFrame:
     return schema.empty_table().to_pandas()
 
 
-def aggregate(plan: dict[str, Any], results_dir: Path | str) -> dict[str, pd.DataFrame]:
-    """Build and write runs.parquet, metrics.parquet and quant.parquet under `results_dir`."""
+def aggregate(plan: dict[str, Any], results_dir: Path | str,
+              out_dir: Path | str | None = None) -> dict[str, pd.DataFrame]:
+    """Read the run folders under `results_dir`/runs; write runs.parquet, metrics.parquet and
+    quant.parquet to `out_dir` (default `results_dir`)."""
     from ofe.quant import QUANT_SCHEMA
 
     results_dir = Path(results_dir)
+    out_dir = Path(out_dir) if out_dir is not None else results_dir
     grid_columns: list[str] = plan["grid_columns"]
     run_rows, metric_tables, quant_tables = [], [], []
     for run in plan["runs"]:
@@ -114,5 +117,5 @@ def aggregate(plan: dict[str, Any], results_dir: Path | str) -> dict[str, pd.Dat
     meta = {"studies": plan["studies"], "grid_columns": grid_columns, "config": plan["config"],
             "provenance": provenance()}
     for name, df in frames.items():
-        write_parquet(df, results_dir / f"{name}.parquet", schemas[name], meta)
+        write_parquet(df, out_dir / f"{name}.parquet", schemas[name], meta)
     return frames

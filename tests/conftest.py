@@ -41,3 +41,14 @@ def tiny_run(data_dir: Path, **sections) -> "RunConfig":
     for name, values in sections.items():
         cfg = replace(cfg, **{name: replace(getattr(cfg, name), **values)})
     return cfg
+
+
+def require_service(available: bool, what: str, how: str) -> None:
+    """Skip when a system service a test needs is absent, saying how to enable it; under CI (CI=true,
+    where .ci/run starts every service) fail instead: in CI no test may skip."""
+    if available:
+        return
+    message = f"{what} is not available: {how}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)

@@ -10,7 +10,24 @@ from ofe.config import ConfigError
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 RESULTS = config.get("results_dir", "results")
 REPORT = config.get("report", "reports/index.html")
-LAUNCHER = config.get("launcher", {"cluster": "local"})
+
+
+
+def load_launcher(config):
+    """config.yaml's `launcher`, updated from the file a profile names in `launcher_file` (how jobs run
+    belongs to the profile; what they compute to config.yaml)."""
+    import yaml
+
+    launcher = dict(config.get("launcher") or {"cluster": "local"})
+    if config.get("launcher_file"):
+        launcher.update(yaml.safe_load(Path(config["launcher_file"]).read_text()) or {})
+    return launcher
+
+
+LAUNCHER = load_launcher(config)
+# Passed to `ofe launch` inside the shell command, not as params: switching local <-> slurm, or a
+# partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
+LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
 
 try:
     PLAN = plan_from_config(config, SCHEMA, Path(RESULTS) / "data")
@@ -18,6 +35,8 @@ except ConfigError as e:
     sys.exit(f"ofe: configuration error:\n{e}")
 
 RUNS = {r["run_id"]: r for r in PLAN["runs"]}
+print(f"ofe: {len(RUNS)} runs in {len(PLAN['studies'])} studies; training jobs go to "
+      f"{LAUNCHER.get('cluster', 'local')} (submitit)", file=sys.stderr)
 DATA_DIR = PLAN["data"]["dir"]
 
 

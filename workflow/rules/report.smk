@@ -33,12 +33,16 @@ rule aggregate:
         "python -m ofe aggregate --plan {input.plan} --results {RESULTS} > {log} 2>&1"
 
 
+# The manifest is the rule's completion mark: a partial report written to REPORT by `onerror` (see
+# Snakefile) never writes it, so the next invocation still rebuilds everything behind the report.
 rule report:
     input:
         rules.aggregate.output,
     output:
-        REPORT,
+        html=REPORT,
+        manifest=f"{RESULTS}/report.json",
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "python -m ofe report --results {RESULTS} --out {output} > {log} 2>&1"
+        "python -m ofe report --results {RESULTS} --out {output.html} --manifest {output.manifest}"
+        " > {log} 2>&1"

@@ -1,0 +1,208 @@
+"""The slurm profile against a real single-node SLURM (scripts/slurm-localhost.sh start; CI starts it):
+completed jobs in sacct, preemption requeue, rerun of a failed run only, re-attach after a killed head."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ofe.launch import launch
+from ofe.train import train
+from tests.conftest import REPO, require_service, tiny_run
+
+SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
+HOW = "start a local cluster with `sudo scripts/slurm-localhost.sh start` (.ci/run does)"
+
+
+def _slurm_up() -> bool:
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
+        acct = subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return ping.returncode == 0 and "UP" in ping.stdout and acct.returncode == 0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm() -> None:
+    require_service(_slurm_up(), "a SLURM controller with accounting (sacct)", HOW)
+
+
+def sacct_jobs(name_prefix: str) -> pd.DataFrame:
+    """Every job (not step) whose name starts with the prefix: JobID, JobName, State."""
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName%200,State", "-S", "now-1hours"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [line.split("|") for line in out.splitlines() if line.strip()]
+    df = pd.DataFrame(rows, columns=["job_id", "name", "state"])
+    return df[df.name.str.startswith(name_prefix)]
+
+
+def queued_jobs(name_prefix: str) -> list[str]:
+    """States of the prefix's jobs in the controller's queue (squeue: no accounting lag)."""
+    out = subprocess.run(["squeue", "-h", "-o", "%j|%T"], capture_output=True, text=True, check=True).stdout
+    return [line.split("|")[1] for line in out.splitlines() if line.startswith(name_prefix)]
+
+
+def settled_jobs(name_prefix: str, timeout: float = 60) -> pd.DataFrame:
+    """sacct's view once no job of the prefix is still pending, running or completing (the result
+    file can appear a moment before SLURM marks the job done)."""
+    deadline = time.time() + timeout
+    while True:
+        jobs = sacct_jobs(name_prefix)
+        live = jobs.state.isin(["PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"])
+        if not live.any() or time.time() > deadline:
+            return jobs
+        time.sleep(1)
+
+
+def launcher(prefix: str) -> dict:
+    return {"cluster": "slurm", "job_name_prefix": prefix, "poll_s": 1,
+            "scales": {"tiny": {"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}}
+
+
+def workflow_dir(tmp_path: Path, prefix: str, steps: int = 20) -> Path:
+    config = {
+        "data": {"source": "stdlib", "max_documents": 120},
+        "quant": {"bits": [8], "calib_batches": 1, "eval_batches": 1},
+        "defaults": {
+            "block": "pre_ln", "scale": "tiny", "optimizer": "adamw", "lr": 1.0e-2, "seed": 0,
+            "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "context": 32},
+            "train": {"steps": steps, "batch_size": 4, "log_every": 5, "eval_every": 10, "checkpoint_every": 5},
+        },
+        "studies": {"norms": {"grid": {"block": ["pre_ln", "op"]}}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "launcher.yaml").write_text(yaml.safe_dump(launcher(prefix)))
+    return tmp_path
+
+
+def snakemake_cmd(workdir: Path, *extra: str) -> list[str]:
+    # the test's own launcher file replaces the profile's (same key), keeping the profile's other settings
+    return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--profile",
+            str(REPO / "profiles" / "slurm"), "--config", f"launcher_file={workdir / 'launcher.yaml'}",
+            "--latency-wait", "5", *extra]
+
+
+def run_snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(snakemake_cmd(workdir, *extra), capture_output=True, text=True, timeout=900)
+
+
+def test_two_run_grid_completes_on_slurm(tmp_path):
+    prefix = f"ofe{uuid.uuid4().hex[:6]}-"
+    wd = workflow_dir(tmp_path, prefix)
+    out = run_snakemake(wd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training jobs go to slurm" in out.stderr
+    jobs = settled_jobs(prefix)
+    assert len(jobs) == 2 and set(jobs.state) == {"COMPLETED"}, jobs
+    runs = pd.read_parquet(wd / "results" / "runs.parquet")
+    assert set(runs.status) == {"completed"}
+    for run_id in runs.run_id:
+        info = json.loads((wd / "results" / "runs" / run_id / "job.json").read_text())
+        assert info["cluster"] == "slurm" and info["job_id"] in set(jobs.job_id)
+    assert (wd / "reports" / "index.html").exists()
+
+
+def test_requeued_job_resumes_to_identical_metrics(data_dir, tmp_path):
+    prefix = f"ofe{uuid.uuid4().hex[:6]}-"
+    # ~25 s of training: SLURM kills the job KillWait (5 s) after `scontrol requeue`, mid-training
+    cfg = tiny_run(data_dir, train={"steps": 3000, "checkpoint_every": 50, "log_every": 100, "eval_every": 500})
+    train(cfg, tmp_path / "straight")
+    out = tmp_path / "requeued"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ofe", "launch", "--run-json", cfg.to_json(), "--launcher-json",
+         json.dumps(launcher(prefix)), "--out", str(out)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (out / "checkpoint.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    job_id = json.loads((out / "job.json").read_text())["job_id"]
+    assert not (out / "summary.json").exists(), "the job finished before it could be requeued"
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resumed" in (Path(json.loads((out / "job.json").read_text())["stdout"]).read_text())
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "straight" / "metrics.parquet"),
+                                  pd.read_parquet(out / "metrics.parquet"))
+    assert settled_jobs(prefix).state.tolist() == ["COMPLETED"]
+
+
+def test_only_the_failed_run_reruns(tmp_path):
+    prefix = f"ofe{uuid.uuid4().hex[:6]}-"
+    wd = workflow_dir(tmp_path, prefix)
+    broken = wd / "results" / "runs" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0"
+    broken.mkdir(parents=True)
+    (broken / "checkpoint.pt").write_text("not a checkpoint")  # the job fails when it resumes from it
+    first = run_snakemake(wd)
+    assert first.returncode != 0
+    runs = pd.read_parquet(wd / "results" / "partial" / "runs.parquet").set_index("block")  # the partial report's
+    assert runs.loc["pre_ln", "status"] == "completed"
+    assert runs.loc["op", "status"] == "failed" and runs.loc["op", "error"]
+    assert "failed" in (wd / "reports" / "index.html").read_text()
+    (broken / "checkpoint.pt").unlink()
+    second = run_snakemake(wd)
+    assert second.returncode == 0, second.stderr[-3000:]
+    jobs = settled_jobs(prefix)
+    # pre_ln ran once; op ran (and failed) twice in the first invocation (retries: 1), then once more
+    per_run = jobs.name.str.contains("_op_").value_counts().to_dict()
+    assert per_run.get(False) == 1, jobs
+    assert per_run.get(True) == 3, jobs
+    assert set(pd.read_parquet(wd / "results" / "runs.parquet").status) == {"completed"}
+
+
+def test_killed_head_reattaches_instead_of_resubmitting(tmp_path):
+    prefix = f"ofe{uuid.uuid4().hex[:6]}-"
+    wd = workflow_dir(tmp_path, prefix, steps=3000)  # ~30 s of training per run
+    head = subprocess.Popen(snakemake_cmd(wd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    runs_dir = wd / "results" / "runs"
+    deadline = time.time() + 180
+    while len(list(runs_dir.rglob("checkpoint.pt"))) < 2 and time.time() < deadline:
+        time.sleep(0.5)
+    assert len(list(runs_dir.rglob("job.json"))) == 2
+    # a lost login session: the head and its waiting rules die at once (SIGTERM would let Snakemake
+    # wait for its running rules, i.e. for the jobs)
+    os.killpg(head.pid, signal.SIGKILL)
+    head.wait(timeout=60)
+    assert queued_jobs(prefix) == ["RUNNING", "RUNNING"]  # the jobs live on
+    assert not list(runs_dir.rglob("summary.json"))
+    unlock = run_snakemake(wd, "--unlock")  # a hard-killed head leaves its lock behind
+    assert unlock.returncode == 0, unlock.stderr[-2000:]
+    out = run_snakemake(wd)
+    assert out.returncode == 0, out.stderr[-3000:]
+    logs = "".join(p.read_text() for p in (wd / "results" / "logs" / "train").rglob("*.log"))
+    assert "re-attaching to SLURM job" in logs
+    jobs = settled_jobs(prefix)
+    assert len(jobs) == 2 and set(jobs.state) == {"COMPLETED"}, jobs
+
+
+def test_cancel_command_cancels_live_jobs(tmp_path, data_dir):
+    prefix = f"ofe{uuid.uuid4().hex[:6]}-"
+    cfg = tiny_run(data_dir, train={"steps": 5000})
+    out = tmp_path / "results" / "runs" / "x"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ofe", "launch", "--run-json", cfg.to_json(), "--launcher-json",
+         json.dumps(launcher(prefix)), "--out", str(out)], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not (out / "job.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    dry = subprocess.run([sys.executable, "-m", "ofe", "cancel", "--results", str(tmp_path / "results"),
+                          "--dry-run"], cwd=REPO, capture_output=True, text=True, check=True)
+    assert "would cancel slurm job" in dry.stdout
+    subprocess.run([sys.executable, "-m", "ofe", "cancel", "--results", str(tmp_path / "results")],
+                   cwd=REPO, check=True)
+    proc.wait(timeout=120)
+    assert proc.returncode != 0  # the waiting launcher reports the cancelled job as failed
+    assert settled_jobs(prefix).state.str.startswith("CANCELLED").all()
