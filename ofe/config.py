@@ -141,7 +141,12 @@ class TrainConfig:
     checkpoint_every: int = 100
     threads: int = 1
     """torch CPU threads; resume reproduces an uninterrupted run exactly with the same threads."""
-    device: str = "cpu"
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """'auto': bf16 autocast on CUDA (TF32 matmuls too), fp32 on CPU. Metrics are always fp32."""
+    compile: bool = False
+    """torch.compile the training forward/backward (the probe runs on the uncompiled module)."""
 
     def __post_init__(self) -> None:
         _positive("train.", steps=self.steps, batch_size=self.batch_size, log_every=self.log_every,

@@ -43,6 +43,8 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, config_path: str, out_dir: str) -> dict[str, Any]:
         from ofe.train import load_run_config, train
 
+        if submitit.JobEnvironment().num_tasks > 1:  # data parallel: RANK, WORLD_SIZE, MASTER_* for DDP
+            submitit.helpers.TorchDistributedEnvironment().export()
         return train(load_run_config(config_path), out_dir)
 
 
@@ -61,7 +63,7 @@ def executor_parameters(launcher: dict[str, Any], scale: str, name: str) -> dict
                 slurm[key] = os.environ[env]
         params.update({f"slurm_{k}": v for k, v in slurm.items() if v not in (None, "")})
     else:  # the local executor knows no memory or CPU reservations
-        params = {k: v for k, v in params.items() if k in ("timeout_min", "name")}
+        params = {k: v for k, v in params.items() if k in ("timeout_min", "name", "tasks_per_node")}
     return params
 
 
@@ -166,7 +168,7 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any]) -> dic
         time.sleep(poll)
     _echo_new(job.paths.stdout, offset)
     try:
-        return job.result()
+        return job.results()[0]  # rank 0 writes the summary (one result per task)
     except Exception as e:  # submitit's FailedJobError carries the remote traceback
         raise _fail(out, job.job_id, e) from None
 

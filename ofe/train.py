@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import resource
 import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from ofe.config import RunConfig
 from ofe.data import TokenData
@@ -33,35 +37,69 @@ class _Interrupted(Exception):
     """Raised by the `stop_after` test hook to simulate a kill right after a checkpoint."""
 
 
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 class Trainer:
-    """One run's state; `run()` goes from wherever the checkpoint left it to the end."""
+    """One run's state; `run()` goes from wherever the checkpoint left it to the end.
+
+    Data parallel: with WORLD_SIZE > 1 in the environment (set from submitit's tasks, see
+    `ofe.launch.TrainJob`), every rank takes an equal slice of the same global batch and DDP averages
+    the gradients, so the loss curve matches a 1-process run of that global batch. Rank 0 alone
+    probes, validates, checkpoints and writes the run's files.
+    """
 
     def __init__(self, cfg: RunConfig, out_dir: Path | str) -> None:
         self.cfg, self.out = cfg, Path(out_dir)
-        torch.set_num_threads(cfg.train.threads)
-        self.data = TokenData(cfg.data_dir, cfg.model.context, cfg.train.batch_size)
+        tc = cfg.train
+        torch.set_num_threads(tc.threads)
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        if tc.batch_size % self.world:
+            raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {self.world} processes")
+        self.device = resolve_device(tc.device)
+        cuda = self.device.type == "cuda"
+        if cuda:  # TF32 matmuls: bf16-level precision is what autocast gives anyway
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        self.autocast_dtype = torch.bfloat16 if tc.precision == "bf16" or (tc.precision == "auto" and cuda) else None
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        self.data = TokenData(cfg.data_dir, cfg.model.context, tc.batch_size)
         if self.data.meta["vocab_size"] > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.data.meta['vocab_size']}")
-        torch.manual_seed(cfg.train.seed)  # model init depends on the seed only
-        self.model = GPT(cfg.model).to(cfg.train.device)
+        torch.manual_seed(tc.seed)  # model init depends on the seed only
+        self.model = GPT(cfg.model).to(self.device)  # the module the probe and checkpoints see
+        self.forward = self.model
+        if self.world > 1:
+            self.forward = DistributedDataParallel(self.model)
+        if tc.compile:
+            self.forward = torch.compile(self.forward)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.step, self.rows, self.seconds, self.status = 0, [], 0.0, "running"
-        self.tokens_per_step = cfg.train.batch_size * cfg.model.context
+        self.tokens_per_step = tc.batch_size * cfg.model.context
         self._resume()
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _resume(self) -> None:
         path = self.out / CHECKPOINT
         if not path.exists():
             return
-        ck = torch.load(path, map_location=self.cfg.train.device, weights_only=True)
+        ck = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.step, self.rows, self.seconds = ck["step"], [tuple(r) for r in ck["rows"]], ck["seconds"]
         print(f"[ofe] resumed {self.out} at step {self.step}", flush=True)
 
     def save_checkpoint(self) -> None:
+        if self.rank:
+            return
         atomic_torch_save(
             {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
              "rows": self.rows, "seconds": self.seconds, "config": self.cfg.to_dict()},
@@ -74,9 +112,11 @@ class Trainer:
 
     def log_probe(self) -> float:
         """Metrics at every site on the fixed held-out batch; returns the max kurtosis (for progress)."""
-        x = self.data.probe_batch(self.cfg.train.probe_batch_size).to(self.cfg.train.device)
+        x = self.data.probe_batch(self.cfg.train.probe_batch_size).to(self.device)
         peak = 0.0
-        for layer, site, metric, value in probe(self.model, x):
+        with self._autocast():
+            rows = probe(self.model, x)  # metrics themselves are computed in fp32
+        for layer, site, metric, value in rows:
             self._add(layer, site, metric, value)
             if metric == "kurtosis":
                 peak = max(peak, value) if math.isfinite(value) else value
@@ -85,8 +125,9 @@ class Trainer:
     @torch.no_grad()
     def log_val(self) -> float:
         self.model.eval()
-        losses = [self.model(x.to(self.cfg.train.device), y.to(self.cfg.train.device))[1].item()
-                  for x, y in self.data.val_batches(self.cfg.train.eval_batches)]
+        with self._autocast():
+            losses = [self.model(x.to(self.device), y.to(self.device))[1].item()
+                      for x, y in self.data.val_batches(self.cfg.train.eval_batches)]
         self.model.train()
         loss = sum(losses) / len(losses)
         self._add(-1, "val", "loss", loss)
@@ -95,16 +136,24 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, float]:
         """One optimiser step; returns (loss, grad norm, lr). A non-finite loss skips the update."""
-        tc, dev = self.cfg.train, self.cfg.train.device
+        tc = self.cfg.train
         lr = lr_at(self.step, tc.steps, self.cfg.optim)
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = self.data.train_batch(tc.seed, self.step)
-        _, loss = self.model(x.to(dev), y.to(dev))
+        if self.world > 1:  # this rank's equal slice of the global batch
+            b = tc.batch_size // self.world
+            x, y = x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
+        with self._autocast():
+            _, loss = self.forward(x.to(self.device), y.to(self.device))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.optim.clip if self.cfg.optim.clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        loss = loss.detach()
+        if self.world > 1:  # the global batch's mean loss, identical on every rank
+            dist.all_reduce(loss)
+            loss /= self.world
         loss_value = loss.item()
         if math.isfinite(loss_value):
             self.opt.step()
@@ -116,9 +165,9 @@ class Trainer:
         seconds_before = self.seconds
         steps_at_start, peak = self.step, math.nan
         while self.step < tc.steps:
-            if self.step % tc.log_every == 0:
+            if self.step % tc.log_every == 0 and not self.rank:
                 peak = self.log_probe()
-            if self.step % tc.eval_every == 0:
+            if self.step % tc.eval_every == 0 and not self.rank:
                 self.log_val()
             loss, grad_norm, lr = self.train_step()
             self._add(-1, "train", "loss", loss)
@@ -130,7 +179,7 @@ class Trainer:
                 break
             self.step += 1
             self.seconds = seconds_before + time.perf_counter() - t_start
-            if self.step % tc.log_every == 0 or self.step == tc.steps:
+            if (self.step % tc.log_every == 0 or self.step == tc.steps) and not self.rank:
                 tok_s = (self.step - steps_at_start) * self.tokens_per_step / max(self.seconds - seconds_before, 1e-9)
                 print(f"[ofe] step {self.step}/{tc.steps} loss {loss:.3f} lr {lr:.2e} "
                       f"max-kurtosis {peak:.2f} {tok_s:,.0f} tok/s", flush=True)
@@ -140,13 +189,18 @@ class Trainer:
                     raise _Interrupted(self.step)
         if self.status == "running":
             self.status = "completed"
-            self.log_probe()
-            self.log_val()
+            if not self.rank:
+                self.log_probe()
+                self.log_val()
             self.save_checkpoint()
         self.seconds = seconds_before + time.perf_counter() - t_start
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
+        if self.world > 1:
+            dist.destroy_process_group()
+        if self.rank:  # rank 0 writes the run's files
+            return {"status": self.status, "rank": self.rank, "steps_done": self.step}
         df = pd.DataFrame(self.rows, columns=METRIC_SCHEMA.names)
         meta = {"config": self.cfg.to_dict(), "provenance": provenance(), "status": self.status}
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
@@ -162,6 +216,12 @@ class Trainer:
             "wall_s": round(self.seconds, 3),
             "tokens_per_s": round(self.step * self.tokens_per_step / max(self.seconds, 1e-9), 1),
             "n_params": self.model.num_params(),
+            "processes": self.world,
+            "device": str(self.device),
+            "precision": str(self.autocast_dtype or torch.float32).replace("torch.", ""),
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_cuda_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
+                             if self.device.type == "cuda" else None),
             "config": self.cfg.to_dict(),
             "provenance": provenance(),
         }

@@ -118,3 +118,14 @@ def test_absurd_lr_diverges_and_is_recorded(data_dir, tmp_path):
 def test_vocab_mismatch_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(ValueError, match="vocab_size"):
         train(tiny_run(data_dir, model={"vocab_size": 100}), tmp_path)
+
+
+def test_cpu_default_is_fp32_and_bf16_autocast_is_an_option(data_dir, tmp_path):
+    fp32 = train(tiny_run(data_dir, train={"steps": 4}), tmp_path / "fp32")
+    assert (fp32["device"], fp32["precision"]) == ("cpu", "float32")
+    bf16 = train(tiny_run(data_dir, train={"steps": 4, "precision": "bf16"}), tmp_path / "bf16")
+    assert bf16["precision"] == "bfloat16" and bf16["status"] == "completed"
+    a, b = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("fp32", "bf16"))
+    ka, kb = (df[df.metric == "kurtosis"].value.to_numpy() for df in (a, b))
+    assert abs(ka - kb).max() < 0.05 * ka.max()  # close, not equal: bf16 activations, fp32 metrics
+    assert bf16["peak_rss_mb"] > 0
