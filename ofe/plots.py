@@ -4,7 +4,8 @@ Every public function is pure: it takes the long/tidy metrics DataFrame (columns
 columns, `step`, `tokens`, `layer`, `site`, `metric`, `value`, plus a `label` string per run that names
 the run's group, e.g. "block=pre_ln") and returns an `alt.Chart` (or layered/faceted chart). No file I/O.
 `quant_degradation_scatter` takes the quantisation table instead (one row per run, protocol and bit
-width: `ppl_fp`, `ppl_q`, `mean_kurtosis`, ...).
+width: `ppl_fp`, `ppl_q`, `mean_kurtosis`, ...), and `sweep_lines` the runs table (one row per run:
+grid columns, `status`, `peak_kurtosis`, `final_mean_kurtosis`, ...).
 
 Conventions shared by all charts:
 - Non-finite values (diverged runs) are dropped before plotting; log-scaled charts also drop values <= 0.
@@ -17,6 +18,7 @@ Conventions shared by all charts:
 from __future__ import annotations
 
 import math
+import textwrap
 
 import altair as alt
 import numpy as np
@@ -35,6 +37,8 @@ WIDE_WIDTH, WIDE_HEIGHT = 460, 260  # a single-panel chart
 # Over-steps charts keep at most this many logged steps per run so the self-contained page stays small.
 MAX_STEPS_PER_RUN = 300
 FADED = 0.12  # opacity of marks not picked in the legend
+LEGEND_WIDTH = 160  # about what a legend adds to a chart's width, for wrapping subtitles
+SUBTITLE_CHAR_WIDTH = 6.0  # pixels per character of a subtitle at Vega's default font size
 
 KURTOSIS_DEF = (
     "Kurt = mean_j(s_j^4) / mean_j(s_j^2)^2 with s_j the RMS of neuron j over tokens "
@@ -67,6 +71,21 @@ _QUANT_MEASURE_COLUMNS = frozenset(
     {"run_id", "label", "studies", "protocol", "bits", "ppl_fp", "ppl_q", "delta", "degradation",
      "mean_kurtosis", "peak_kurtosis", "status"}
 )
+# Columns of the runs table (runs.parquet) that describe a measurement rather than a run's configuration.
+_RUN_MEASURE_COLUMNS = frozenset(
+    {"run_id", "label", "studies", "status", "error", "peak_kurtosis", "final_mean_kurtosis", "final_train_loss",
+     "final_val_loss", "tokens_per_s", "wall_s", "steps_done", "measure", "value", "kind", "n"}
+)
+PEAK_KURTOSIS_DEF = (
+    "peak Kurt = maximum of Kurt over logged steps and layers (residual stream entering each block and "
+    "the unembedding input; non-finite values ignored)"
+)
+# (runs-table column, name in the chart) of the sweep charts' panels, in panel order.
+SWEEP_MEASURES = (("peak_kurtosis", "peak Kurt"), ("final_mean_kurtosis", "final mean Kurt"))
+# Swept axes drawn on a log scale: by the last part of their name (lr, optim.eps, ...), or when their
+# positive values span two orders of magnitude or more.
+LOG_AXES = frozenset({"lr", "eps", "weight_decay"})
+REPLICATE_AXES = ("seed",)  # averaged over, never an x axis
 LAYER_NOTE = "layer l < L: residual stream entering block l; layer L: input to the unembedding (after any final norm)"
 
 
@@ -78,6 +97,7 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
     title = _title(
         "Kurtosis per layer over training",
         [KURTOSIS_DEF, LAYER_NOTE, f"log scale; one panel per {facet}; click a layer in the legend"],
+        width=FACET_COLUMNS * (PANEL_WIDTH + 20),
     )
     df = _thin_steps(_positive(_select(metrics, "kurtosis", LAYER_SITES)))
     if df.empty:
@@ -101,29 +121,35 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
     return panel.facet(facet=panels, columns=FACET_COLUMNS).properties(title=title)
 
 
-def final_layer_kurtosis(metrics: pd.DataFrame) -> alt.Chart:
+def final_layer_kurtosis(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart:
     """Kurtosis against layer at each run's last logged (finite) step; colour = label, log y."""
     return _final_per_layer(
         metrics,
         metric="kurtosis",
         y_title="Kurt",
-        title=_title("Kurtosis per layer at the end of training", [KURTOSIS_DEF, LAYER_NOTE, _final_note(log=True)]),
+        title=_title(
+            "Kurtosis per layer at the end of training", [KURTOSIS_DEF, LAYER_NOTE, _final_note(log=True)], width
+        ),
         log=True,
+        width=width,
     )
 
 
-def final_layer_mmr(metrics: pd.DataFrame) -> alt.Chart:
+def final_layer_mmr(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart:
     """Max-median ratio against layer at each run's last logged (finite) step; colour = label, log y."""
     return _final_per_layer(
         metrics,
         metric="max_median_ratio",
         y_title="MMR",
-        title=_title("Max-median ratio per layer at the end of training", [MMR_DEF, LAYER_NOTE, _final_note(log=True)]),
+        title=_title(
+            "Max-median ratio per layer at the end of training", [MMR_DEF, LAYER_NOTE, _final_note(log=True)], width
+        ),
         log=True,
+        width=width,
     )
 
 
-def final_layer_token_correlation(metrics: pd.DataFrame) -> alt.Chart:
+def final_layer_token_correlation(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart:
     """Signal propagation (average token correlation) against layer at each run's last logged step."""
     return _final_per_layer(
         metrics,
@@ -132,8 +158,10 @@ def final_layer_token_correlation(metrics: pd.DataFrame) -> alt.Chart:
         title=_title(
             "Signal propagation per layer at the end of training",
             [TOKEN_CORRELATION_DEF, LAYER_NOTE, _final_note(log=False)],
+            width,
         ),
         log=False,
+        width=width,
     )
 
 
@@ -207,8 +235,9 @@ def quant_degradation_scatter(quant: pd.DataFrame, protocol: str = "static_per_t
                 scale=y_scale,
                 axis=alt.Axis(format="~%"),
             ),
-            color=alt.Color("bits:O", scale=alt.Scale(scheme="dark2", domain=bits_domain), legend=bits_legend),
-            shape=alt.Shape("bits:O", scale=alt.Scale(domain=bits_domain), legend=bits_legend),
+            # Nominal, ordered by the domain: a shape on an ordinal field makes Vega-Lite warn.
+            color=alt.Color("bits:N", scale=alt.Scale(scheme="dark2", domain=bits_domain), legend=bits_legend),
+            shape=alt.Shape("bits:N", scale=alt.Scale(domain=bits_domain), legend=bits_legend),
             opacity=alt.condition(pick, alt.value(0.9), alt.value(FADED)),
             tooltip=_tooltip(
                 points,
@@ -219,6 +248,113 @@ def quant_degradation_scatter(quant: pd.DataFrame, protocol: str = "static_per_t
         .add_params(pick)
         .properties(title=_title(title_text, notes), width=WIDE_WIDTH, height=WIDE_HEIGHT)
     )
+
+
+def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.FacetChart | alt.Chart:
+    """Peak and final mean kurtosis against a swept axis `x` (one panel each, log y): one line per
+    `label` (the study's other swept axes) through the mean over the runs sharing a value (the seeds),
+    every run as a point (shape = status).
+
+    `runs` is runs.parquet's rows of one study with a `label` column (without one, all runs are one
+    series). Runs without a finite, positive value (failed, missing) are left out of that panel.
+    `log_x` defaults to `log_axis(x, values)`.
+    """
+    notes = [PEAK_KURTOSIS_DEF, f"final mean Kurt = {MEAN_KURTOSIS_DEF}; {KURTOSIS_DEF}"]
+    title_text = f"Kurtosis against {x}"
+    points = sweep_points(runs, x)
+    if points.empty:
+        return _no_data(_title(title_text, notes))
+    if log_x is None:
+        log_x = log_axis(x, points[x])
+    notes.append(
+        "lines: mean over the runs at each value (seeds); points: the individual runs, shape = status; "
+        f"x {'log' if log_x else 'linear'} scale, y log scale"
+    )
+    notes.append("colour = the study's other swept axes; click a legend entry to highlight it")
+    means = (
+        points.groupby([x, "label", "measure"], sort=False, dropna=False)["value"]
+        .agg(["mean", "size"])
+        .reset_index()
+        .rename(columns={"mean": "value", "size": "n"})
+        .assign(kind="mean")
+    )
+    df = pd.concat([points.assign(kind="run"), means], ignore_index=True)
+    x_field = _field(x)
+    pick = alt.selection_point(fields=["label"], bind="legend")
+    base = alt.Chart().encode(
+        x=alt.X(
+            f"{x_field}:Q",
+            title=x,
+            # Padding keeps the points at the first and last value clear of the panel's edges.
+            scale=alt.Scale(type="log", nice=False, padding=14) if log_x
+            else alt.Scale(zero=False, nice=False, padding=14),
+            axis=alt.Axis(format="~g", values=sorted(points[x].unique().tolist())),
+        ),
+        y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
+        color=_label_color(),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
+    )
+    line = (
+        base.transform_filter(alt.datum.kind == "mean")
+        .mark_line(strokeWidth=2)
+        .encode(
+            tooltip=[
+                alt.Tooltip("label:N", title="label"),
+                alt.Tooltip(f"{x_field}:Q", title=x, format="~g"),
+                alt.Tooltip("measure:N", title="measure"),
+                alt.Tooltip("value:Q", title="mean", format=".4~g"),
+                alt.Tooltip("n:Q", title="runs"),
+            ]
+        )
+        .add_params(pick)
+    )
+    run_points = (
+        base.transform_filter(alt.datum.kind == "run")
+        .mark_point(filled=True, size=55)
+        .encode(
+            shape=alt.Shape("status:N", title="status"),
+            tooltip=_tooltip(points, ["status", "measure", "value", "final_val_loss"], _RUN_MEASURE_COLUMNS),
+        )
+    )
+    panels = alt.Column("measure:N", title=None, sort=[name for _, name in SWEEP_MEASURES])
+    return (
+        alt.layer(line, run_points, data=df)
+        .properties(width=PANEL_WIDTH + 60, height=PANEL_HEIGHT + 30)
+        .facet(column=panels)
+        .resolve_scale(y="independent")
+        .properties(title=_title(title_text, notes, width=2 * (PANEL_WIDTH + 80)))
+    )
+
+
+def sweep_points(runs: pd.DataFrame, x: str) -> pd.DataFrame:
+    """One row per run and plottable measure (finite, positive): the run's configuration columns, `label`,
+    `status`, `final_val_loss`, `measure` (as named in SWEEP_MEASURES) and `value`."""
+    needed = {x, "run_id", *(column for column, _ in SWEEP_MEASURES)}
+    if runs is None or runs.empty or not needed <= set(runs.columns):
+        return pd.DataFrame()
+    runs = runs[pd.to_numeric(runs[x], errors="coerce").notna()]
+    if "label" not in runs.columns:
+        runs = runs.assign(label="all runs")
+    keep = [c for c in runs.columns if c not in _RUN_MEASURE_COLUMNS or c in ("run_id", "label", "status",
+                                                                                 "final_val_loss")]
+    frames = []
+    for column, name in SWEEP_MEASURES:
+        value = pd.to_numeric(runs[column], errors="coerce")
+        ok = np.isfinite(value.to_numpy(dtype=float)) & (value.to_numpy(dtype=float) > 0)
+        frames.append(runs.loc[ok, keep].assign(measure=name, value=value[ok].astype(float)))
+    points = pd.concat(frames, ignore_index=True)
+    return points.astype({x: float})
+
+
+def log_axis(name: str, values: pd.Series | np.ndarray | list) -> bool:
+    """Whether a swept axis reads best on a log scale: every value positive, and the axis is a learning
+    rate, an epsilon or a weight decay (by the last part of its dotted name), or its values span at least
+    two orders of magnitude."""
+    v = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size == 0 or (v <= 0).any():
+        return False
+    return name.rsplit(".", 1)[-1] in LOG_AXES or v.max() / v.min() >= 100
 
 
 def quant_points(quant: pd.DataFrame, protocol: str) -> pd.DataFrame:
@@ -288,7 +424,9 @@ def _loss_encoding(df: pd.DataFrame, pick: alt.Parameter) -> dict:
     )
 
 
-def _final_per_layer(metrics: pd.DataFrame, metric: str, y_title: str, title: alt.TitleParams, log: bool) -> alt.Chart:
+def _final_per_layer(
+    metrics: pd.DataFrame, metric: str, y_title: str, title: alt.TitleParams, log: bool, width: int = WIDE_WIDTH
+) -> alt.Chart:
     """`metric` at LAYER_SITES against layer, at each run's last step where every layer's value is plottable."""
     df = _select(metrics, metric, LAYER_SITES, finite_only=False)
     if not df.empty:
@@ -312,7 +450,7 @@ def _final_per_layer(metrics: pd.DataFrame, metric: str, y_title: str, title: al
             tooltip=_tooltip(df, ["site", "layer", "step", "tokens", "value"]),
         )
         .add_params(pick)
-        .properties(title=title, width=WIDE_WIDTH, height=WIDE_HEIGHT)
+        .properties(title=title, width=width, height=WIDE_HEIGHT)
     )
 
 
@@ -382,8 +520,12 @@ def _label_color() -> alt.Color:
     return alt.Color("label:N", title="configuration", legend=alt.Legend(labelLimit=300))
 
 
-def _title(text: str, subtitle: list[str]) -> alt.TitleParams:
-    return alt.TitleParams(text=text, subtitle=subtitle, anchor="start", subtitleColor="#555")
+def _title(text: str, subtitle: list[str], width: int = WIDE_WIDTH) -> alt.TitleParams:
+    """A title whose subtitle lines are wrapped to about the chart's width (`width`: its plot area; the
+    legend adds about LEGEND_WIDTH), so a long definition never makes the chart wider than its plot."""
+    chars = max(60, int((width + LEGEND_WIDTH) / SUBTITLE_CHAR_WIDTH))
+    lines = [line for note in subtitle for line in textwrap.wrap(note, chars, break_on_hyphens=False) or [""]]
+    return alt.TitleParams(text=text, subtitle=lines, anchor="start", subtitleColor="#555")
 
 
 def _no_data(title: alt.TitleParams) -> alt.Chart:

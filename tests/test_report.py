@@ -15,6 +15,7 @@ import pytest
 import vl_convert
 
 from ofe import plots
+from ofe.__main__ import main
 from ofe.report import FIGURES, build_report, studies
 from ofe.results import METRIC_SCHEMA, write_parquet
 
@@ -191,12 +192,22 @@ def quant(synthetic) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="module")
-def page(synthetic, quant, tmp_path_factory) -> str:
-    results = tmp_path_factory.mktemp("results")
+def report(synthetic, quant, tmp_path_factory) -> Path:
+    """The report (SVG and PNG exports) of the synthetic results, in `<tmp>/reports/index.html`; the run
+    folders of the runs that produced results exist under `<tmp>/results/runs/`."""
+    root = tmp_path_factory.mktemp("report")
+    results = root / "results"
     _write_results(results, *synthetic, quant)
-    out = build_report(results, results / "report" / "index.html")
+    for run_id in synthetic[0].loc[synthetic[0]["status"] != "missing", "run_id"]:
+        (results / "runs" / run_id).mkdir(parents=True)
+    out = build_report(results, root / "reports" / "index.html", png=True)
     assert out.exists()
-    return out.read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def page(report: Path) -> str:
+    return report.read_text()
 
 
 def test_report_is_self_contained(page: str) -> None:
@@ -207,7 +218,8 @@ def test_report_is_self_contained(page: str) -> None:
 
 def test_report_has_one_rendered_spec_per_figure(page: str) -> None:
     div_ids = re.findall(r'<div class="chart" id="([^"]+)">', page)
-    assert len(div_ids) == len(STUDIES) * len(FIGURES) + 2  # + one int8 scatter per protocol
+    # + the lr study's sweep over lr (numeric, two values) + one int8 scatter per protocol
+    assert len(div_ids) == len(STUDIES) * len(FIGURES) + 1 + 2
     specs = _spec_blocks(page)
     assert sorted(specs) == sorted(div_ids)
     for spec in specs.values():
@@ -227,9 +239,9 @@ def test_report_lists_runs_and_provenance(page: str) -> None:
 
 def test_study_sections_hold_only_their_runs(page: str) -> None:
     specs = _spec_blocks(page)
-    blocks_runs = {row["run_id"] for row in _values(specs["fig-0-final-layer-kurtosis"])}
+    blocks_runs = {row["run_id"] for row in _values(specs["fig-blocks-final-layer-kurtosis"])}
     assert blocks_runs == {RUNS[0][0], RUNS[1][0]}
-    lr_labels = {row["label"] for row in _values(specs["fig-1-final-layer-kurtosis"])}
+    lr_labels = {row["label"] for row in _values(specs["fig-lr-final-layer-kurtosis"])}
     assert lr_labels == {"block=pre_ln, lr=0.01"}  # the missing run has no metrics
 
 
@@ -262,10 +274,10 @@ def test_empty_metrics_give_a_no_data_chart(slug, figure) -> None:
 def test_report_renders_with_empty_metrics(synthetic, tmp_path) -> None:
     runs, metrics = synthetic
     _write_results(tmp_path, runs, metrics.iloc[:0])
-    page = build_report(tmp_path, tmp_path / "index.html").read_text()
+    page = build_report(tmp_path, tmp_path / "index.html", png=False).read_text()
     specs = _spec_blocks(page)
-    assert len(specs) == len(STUDIES) * len(FIGURES)
-    assert all(spec["mark"]["type"] == "text" for spec in specs.values())
+    assert len(specs) == len(STUDIES) * len(FIGURES) + 1  # the sweep reads runs.parquet, not metrics
+    assert all(spec["mark"]["type"] == "text" for stem, spec in specs.items() if "sweep" not in stem)
     assert 'id="int8"' not in page and "<h3>int8" not in page  # no quant.parquet: results from before it existed
 
 
@@ -296,7 +308,7 @@ def test_study_sections_have_their_own_int8_table(page: str) -> None:
 
 def test_int8_scatter_states_the_spearman_correlation(page: str) -> None:
     specs = _spec_blocks(page)
-    static, dynamic = specs["fig-quant-static_per_tensor"], specs["fig-quant-dynamic_per_token"]
+    static, dynamic = specs["fig-int8-degradation-static_per_tensor"], specs["fig-int8-degradation-dynamic_per_token"]
     completed = [run_id for run_id, (_, ppl_fp, _) in QUANT.items() if math.isfinite(ppl_fp)]
     for bits, expected in ((8, 1.0), (4, 0.8)):  # planted
         kurtosis = [QUANT[r][0] for r in completed]
@@ -337,11 +349,195 @@ def test_empty_quant_gives_a_no_data_scatter(quant) -> None:
 def test_report_renders_with_an_empty_quant_table(synthetic, quant, tmp_path) -> None:
     runs, metrics = synthetic
     _write_results(tmp_path, runs, metrics, quant.iloc[:0])
-    page = build_report(tmp_path, tmp_path / "index.html").read_text()
+    page = build_report(tmp_path, tmp_path / "index.html", png=False).read_text()
     assert 'id="int8"' not in page and "<h3>int8" not in page
-    assert len(_spec_blocks(page)) == len(STUDIES) * len(FIGURES)
+    assert len(_spec_blocks(page)) == len(STUDIES) * len(FIGURES) + 1
 
 
 def test_studies_listed_as_a_list_keep_their_order() -> None:
     meta = {"studies": [{"name": "z_last", "axes": []}, {"name": "a_first", "axes": []}]}
     assert [name for name, _ in studies(meta)] == ["z_last", "a_first"]
+
+
+def _figure_ids(section_html: str) -> list[str]:
+    return re.findall(r'<div class="chart" id="([^"]+)">', section_html)
+
+
+def test_front_page_lists_the_grid_status_counts_and_wall_time(page: str) -> None:
+    front = page[: page.index('<section id="study-')]
+    assert "6 runs: 4 completed, 1 diverged, 1 missing." in front  # completed first, missing last
+    assert "Wall time: 5.0 min summed over runs, longest run 1.0 min" in front
+    grid = re.search(r'<table class="grid">(.*?)</table>', front, re.S).group(1)
+    rows = re.findall(r"<tr><td>(.*?)</tr>", grid, re.S)
+    assert [re.search(r"<code>(.*?)</code>", row).group(1) for row in rows] == ["blocks", "lr"]  # study order
+    cells = [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", "<td>" + rows[1], re.S)]
+    assert cells[2:] == ["block: pre_ln" + "lr: 0.003, 0.01", "2", "1 completed, 1 missing"]
+    assert 'href="#study-lr"' in rows[1] and "Does a higher LR raise kurtosis?" in rows[1]
+    # a partial grid says so first; provenance names git, libraries, machine and date
+    assert "<b>Partial results:</b> 1 of 6 runs have no results (1 missing)" in front
+    provenance = re.search(r'<table class="provenance">(.*?)</table>', front, re.S).group(1)
+    assert f"{REVISION} (clean)" in provenance and "altair " in provenance and "testhost" in provenance
+    assert "2025-01-01T00:00:00+00:00" in provenance
+
+
+def test_each_study_opens_with_its_headline_figure(page: str) -> None:
+    blocks, lr = _section(page, "study-blocks"), _section(page, "study-lr")
+    # categorical study: per-layer kurtosis over training, one panel per block (the paper's figs. 2 and 4)
+    assert _figure_ids(blocks)[0] == "fig-blocks-kurtosis-over-steps"
+    assert blocks.index('<figure class="headline">') < blocks.index("fig-blocks-kurtosis-over-steps")
+    assert blocks.count('class="headline"') == 1 and "Figure 1.1 (headline)." in blocks
+    # numeric sweep: kurtosis against lr first, then the rest
+    assert _figure_ids(lr) == [
+        "fig-lr-sweep-lr", "fig-lr-kurtosis-over-steps", "fig-lr-final-layer-kurtosis",
+        "fig-lr-final-layer-token-correlation", "fig-lr-final-layer-mmr", "fig-lr-loss-curves",
+    ]
+    assert "Figure 2.1 (headline)." in lr
+    # kurtosis and signal propagation sit side by side in one row
+    row = re.search(r'<div class="row">(.*?)</div>\n(?=<figure|<h3|</section)', blocks, re.S).group(1)
+    assert _figure_ids(row) == ["fig-blocks-final-layer-kurtosis", "fig-blocks-final-layer-token-correlation"]
+
+
+def test_sweep_chart_of_the_report(page: str) -> None:
+    spec = _spec_blocks(page)["fig-lr-sweep-lr"]
+    assert spec["facet"]["column"]["field"] == "measure"
+    layer = spec["spec"]["layer"]
+    assert layer[0]["encoding"]["x"]["field"] == "lr" and layer[0]["encoding"]["x"]["scale"]["type"] == "log"
+    assert layer[0]["encoding"]["y"]["scale"]["type"] == "log"
+    rows = _values(spec)
+    # only the completed run has kurtosis; the missing one is left out (no NaN reaches the spec)
+    assert {r["run_id"] for r in rows if r["kind"] == "run"} == {RUNS[0][0]}
+    assert {(r["measure"], r["value"]) for r in rows if r["kind"] == "mean"} == {
+        ("peak Kurt", 40.0), ("final mean Kurt", QUANT[RUNS[0][0]][0])
+    }
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "peak Kurt = maximum of Kurt over logged steps and layers" in subtitle
+    assert "final mean Kurt = Kurt averaged over layers" in subtitle and "x log scale" in subtitle
+
+
+def _sweep_runs() -> pd.DataFrame:
+    """Two blocks x three eps x two seeds; one diverged run, one failed (no kurtosis)."""
+    rows = []
+    for block, eps, seed in itertools.product(["pre_ln", "op"], [1e-8, 1e-4, 1e-3], [0, 1]):
+        peak = (100.0 if block == "pre_ln" else 4.0) * (1 + seed) / (1 + 1e4 * eps)
+        status = "completed"
+        if (block, eps, seed) == ("op", 1e-3, 1):
+            status, peak = "failed", math.nan
+        if (block, eps, seed) == ("pre_ln", 1e-3, 0):
+            status = "diverged"
+        rows.append({"run_id": f"{block}/eps{eps}/seed{seed}", "block": block, "optim.eps": eps, "seed": seed,
+                     "studies": ["eps"], "status": status, "peak_kurtosis": peak,
+                     "final_mean_kurtosis": peak / 2, "final_val_loss": 3.0, "error": None})
+    runs = pd.DataFrame(rows)
+    return runs.assign(label="block=" + runs["block"])
+
+
+def test_sweep_lines_average_seeds_and_keep_each_run_as_a_point() -> None:
+    runs = _sweep_runs()
+    spec = plots.sweep_lines(runs, "optim.eps").to_dict()
+    rows = _values(spec)
+    points = [r for r in rows if r["kind"] == "run"]
+    means = {(r["label"], r["optim.eps"], r["measure"]): (r["value"], r["n"]) for r in rows if r["kind"] == "mean"}
+    assert len(points) == 2 * (len(runs) - 1)  # every run with kurtosis, in both panels
+    assert means[("block=pre_ln", 1e-8, "peak Kurt")] == (pytest.approx((100.0 + 200.0) / 2 / (1 + 1e-4)), 2)
+    assert means[("block=op", 1e-3, "final mean Kurt")] == (pytest.approx(4.0 / 11 / 2), 1)  # the failed seed is out
+    assert {p["status"] for p in points} == {"completed", "diverged"}
+    line, dots = spec["spec"]["layer"]
+    assert line["encoding"]["x"]["field"] == "optim\\.eps" and line["encoding"]["x"]["scale"]["type"] == "log"
+    assert line["encoding"]["color"]["field"] == "label"
+    assert spec["params"][0]["bind"] == "legend" and spec["params"][0]["views"] == [line["name"]]
+    assert dots["encoding"]["shape"]["field"] == "status"
+    assert any(t["field"] == "seed" for t in dots["encoding"]["tooltip"])  # the run's config in its tooltip
+    assert "<svg" in vl_convert.vegalite_to_svg(spec)
+    # beta reads linearly; no plottable run gives "no data"
+    beta = runs.rename(columns={"optim.eps": "beta"}).assign(beta=lambda df: df["beta"] * 1e3 + 0.1)
+    assert plots.sweep_lines(beta, "beta").to_dict()["spec"]["layer"][0]["encoding"]["x"]["scale"].get("type") is None
+    empty = plots.sweep_lines(runs.assign(peak_kurtosis=math.nan, final_mean_kurtosis=math.nan), "optim.eps")
+    assert _values(empty.to_dict()) == [{"text": "no data"}]
+
+
+def test_log_axis() -> None:
+    assert plots.log_axis("lr", [3e-3, 1e-2]) and plots.log_axis("optim.eps", [1e-8, 1e-4])
+    assert not plots.log_axis("beta", [0.1, 0.2, 0.5, 1.0])
+    assert plots.log_axis("model.width", [1, 100])  # two orders of magnitude
+    assert not plots.log_axis("lr", [0.0, 1e-2])  # a log axis cannot show 0
+
+
+def test_runs_table_links_each_run_folder_relative_to_the_page(report: Path, page: str) -> None:
+    runs_section = _section(page, "runs")
+    links = dict(re.findall(r"<tr><td>([^<]+)</td>.*?<td class=\"files\">(.*?)</td>", runs_section))
+    href = re.search(r'href="([^"]+)"', links[RUNS[0][0]]).group(1)
+    assert href == "../results/runs/tiny/pre_ln/beta1/adamw/lr0.01/seed0/"  # from reports/ to results/
+    assert (report.parent / href).resolve() == (report.parent.parent / "results" / "runs" / RUNS[0][0]).resolve()
+    assert links[RUNS[2][0]] == "-"  # the missing run has no folder
+
+
+def test_figures_are_exported_beside_the_page_and_linked_from_their_captions(report: Path, page: str) -> None:
+    figures = report.parent / "figures"
+    stems = [div.removeprefix("fig-") for div in _figure_ids(page)]
+    assert sorted(p.name for p in figures.iterdir()) == sorted(f"{s}.{ext}" for s in stems for ext in ("svg", "png"))
+    svg = (figures / "lr-sweep-lr.svg").read_text()
+    assert svg.startswith("<svg") and "Kurtosis against lr" in svg
+    assert (figures / "lr-sweep-lr.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for stem in stems:
+        caption = re.search(rf'id="fig-{re.escape(stem)}">.*?<figcaption>(.*?)</figcaption>', page, re.S).group(1)
+        assert f'href="figures/{stem}.svg"' in caption and f'href="figures/{stem}.png"' in caption
+
+
+def test_svg_only_export_removes_stale_files(synthetic, tmp_path) -> None:
+    runs, metrics = synthetic
+    _write_results(tmp_path, runs, metrics)
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    (figures / "removed-study-loss-curves.svg").write_text("<svg/>")
+    (figures / "blocks-loss-curves.png").write_bytes(b"old")
+    (figures / "notes.txt").write_text("kept")
+    page = build_report(tmp_path, tmp_path / "index.html", png=False).read_text()
+    names = {p.name for p in figures.iterdir()}
+    assert "notes.txt" in names and not any(n.endswith(".png") for n in names)
+    assert "removed-study-loss-curves.svg" not in names and "blocks-loss-curves.svg" in names
+    assert ".png" not in re.sub(r"<script.*?</script>", "", page, flags=re.S)
+
+
+def test_a_study_whose_runs_are_all_missing_renders(synthetic, tmp_path) -> None:
+    """While the grid runs (or after failures) a study can have no result at all: no error, "no data"."""
+    runs, metrics = synthetic
+    ghost = {"run_id": "tiny/post_ln/beta1/adamw/lr0.01/seed0", "block": "post_ln", "scale": "tiny",
+             "optimizer": "adamw", "beta": 1.0, "lr": 0.01, "seed": 0, "optim.eps": 1e-8, "studies": ["ghost"],
+             "status": "failed", "error": "Traceback\nRuntimeError: CUDA out of memory", "steps_done": 0}
+    runs = pd.concat([runs, pd.DataFrame([ghost])], ignore_index=True)
+    results = tmp_path / "results"
+    _write_results(results, runs, metrics)
+    studies_meta = dict(STUDIES, ghost={"title": "Ghost", "question": "?", "axes": ["block", "lr"]})
+    write_parquet(runs, results / "runs.parquet", metadata={"studies": studies_meta, "grid_columns": GRID})
+    page = build_report(results, tmp_path / "reports" / "index.html", png=False).read_text()
+    ghost_section = _section(page, "study-ghost")
+    assert "No run of this study has finished yet" in ghost_section and "1 failed" in ghost_section
+    specs = _spec_blocks(ghost_section)
+    assert len(specs) == len(FIGURES)  # lr has one value here: no sweep
+    assert all(_values(spec) == [{"text": "no data"}] for spec in specs.values())
+    assert "RuntimeError: CUDA out of memory" in _section(page, "runs")
+    # every spec still renders
+    for spec in specs.values():
+        assert "<svg" in vl_convert.vegalite_to_svg(spec)
+
+
+def test_partial_tables_link_the_run_folders_beside_them(synthetic, tmp_path) -> None:
+    """The workflow's onerror report reads results/partial/*.parquet; the run folders are results/runs/."""
+    runs, metrics = synthetic
+    _write_results(tmp_path / "results" / "partial", runs, metrics)
+    (tmp_path / "results" / "runs" / RUNS[0][0]).mkdir(parents=True)
+    page = build_report(tmp_path / "results" / "partial", tmp_path / "reports" / "index.html", png=False).read_text()
+    assert f'href="../results/runs/{RUNS[0][0]}/"' in page
+
+
+def test_report_command_writes_page_figures_and_manifest(synthetic, tmp_path) -> None:
+    runs, metrics = synthetic
+    _write_results(tmp_path / "results", runs, metrics)
+    out, manifest = tmp_path / "reports" / "index.html", tmp_path / "results" / "report.json"
+    code = main(["report", "--results", str(tmp_path / "results"), "--out", str(out), "--no-png",
+                 "--manifest", str(manifest)])
+    assert code == 0 and out.exists()
+    written = json.loads(manifest.read_text())
+    assert written["runs"] == len(runs) and written["status"]["completed"] == 4
+    assert written["figures"] == sorted(p.name for p in (out.parent / "figures").iterdir())
+    assert written["figures"] and all(name.endswith(".svg") for name in written["figures"])

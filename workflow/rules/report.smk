@@ -1,4 +1,7 @@
 # Plan -> aggregate -> report. These are cheap and run on the head node.
+report: "../report/workflow.rst"
+
+
 localrules:
     plan,
     aggregate,
@@ -35,16 +38,35 @@ rule aggregate:
         "python -m ofe aggregate --plan {input.plan} --results {RESULTS} > {log} 2>&1"
 
 
+# The report's figures, each as <study>-<figure>.svg and .png (vl-convert), beside the page.
+FIGURES = str(Path(REPORT).parent / "figures")
+
+
 # The manifest is the rule's completion mark: a partial report written to REPORT by `onerror` (see
 # Snakefile) never writes it, so the next invocation still rebuilds everything behind the report.
+#
+# The page and its figures are also marked for Snakemake's own report, for those who prefer its archive
+# (runtime statistics, the rule graph, the config, each file with its caption from workflow/report/):
+#
+#     snakemake --report report.zip      # after a run; or --report report.html
+#
+# The figure files' names depend on the studies, hence one directory() output with patterns.
 rule report:
     input:
         rules.aggregate.output,
     output:
-        html=REPORT,
+        html=report(REPORT, caption="../report/report.rst", category="Report"),
+        figures=report(
+            directory(FIGURES),
+            patterns=["{figure}.{format}"],
+            caption="../report/figure.rst",
+            category="Figures",
+            subcategory="{format}",
+            labels={"figure": "{figure}", "format": "{format}"},
+        ),
         manifest=f"{RESULTS}/report.json",
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "python -m ofe report --results {RESULTS} --out {output.html} --manifest {output.manifest}"
-        " > {log} 2>&1"
+        "python -m ofe report --results {RESULTS} --out {output.html} --figures {output.figures}"
+        " --manifest {output.manifest} > {log} 2>&1"
