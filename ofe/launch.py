@@ -81,10 +81,15 @@ def _echo_new(path: Path, offset: int) -> int:
 
 
 def _slurm_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"],
-                         capture_output=True, text=True)
-    states = out.stdout.split()
-    return states[0].split()[0] if states else "UNKNOWN"
+    """The job's state: the controller's queue first (sacct lags a just-submitted job by seconds),
+    then accounting for jobs that have left the queue."""
+    for cmd in (["squeue", "-h", "-j", str(job_id), "-o", "%T"],
+                ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"]):
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        states = out.stdout.split()
+        if out.returncode == 0 and states:
+            return states[0]
+    return "UNKNOWN"
 
 
 def _pid_alive(pid: int) -> bool:
