@@ -109,6 +109,8 @@ def live_job(out: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     info = json.loads(path.read_text())
+    if (Path(info["folder"]) / f"{info['job_id']}_0_result.pkl").exists():
+        return None  # the job has returned (or failed): a job still COMPLETING in squeue is not live
     if info["cluster"] == "slurm":
         return info if _slurm_state(info["job_id"]) in LIVE_SLURM_STATES else None
     return info if info.get("pid") and _pid_alive(int(info["pid"])) else None

@@ -5,8 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from ofe.config import RunConfig
 
 # No test may reach a hub: fail fast instead of hanging on the closed network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

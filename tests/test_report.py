@@ -57,7 +57,7 @@ def _runs_frame() -> pd.DataFrame:
     rows = []
     extra = [(run_id, block, 0.01, [], "completed", None) for run_id, block, _ in QUANT_ONLY_RUNS]
     optimizers = {run_id: optimizer for run_id, _, optimizer in QUANT_ONLY_RUNS}
-    for run_id, block, lr, studies, status, error in RUNS + extra:
+    for run_id, block, lr, run_studies, status, error in RUNS + extra:
         done = status != "missing"
         rows.append(
             {
@@ -69,7 +69,7 @@ def _runs_frame() -> pd.DataFrame:
                 "lr": lr,
                 "seed": 0,
                 "optim.eps": 1e-8,
-                "studies": studies,
+                "studies": run_studies,
                 "status": status,
                 "final_train_loss": 3.1 if done else math.nan,
                 "final_val_loss": 3.2 if status == "completed" else math.nan,

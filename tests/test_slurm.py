@@ -17,7 +17,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from ofe.launch import launch
 from ofe.train import train
 from tests.conftest import REPO, require_service, tiny_run
 
@@ -54,14 +53,15 @@ def queued_jobs(name_prefix: str) -> list[str]:
     return [line.split("|")[1] for line in out.splitlines() if line.startswith(name_prefix)]
 
 
-def settled_jobs(name_prefix: str, timeout: float = 60) -> pd.DataFrame:
-    """sacct's view once no job of the prefix is still pending, running or completing (the result
-    file can appear a moment before SLURM marks the job done)."""
+def settled_jobs(name_prefix: str, expected: int = 1, timeout: float = 60) -> pd.DataFrame:
+    """sacct's view once at least `expected` jobs of the prefix are recorded and none is still pending,
+    running or completing (the result file can appear a moment before SLURM marks the job done, and
+    accounting lags the controller by seconds)."""
     deadline = time.time() + timeout
     while True:
         jobs = sacct_jobs(name_prefix)
         live = jobs.state.isin(["PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"])
-        if not live.any() or time.time() > deadline:
+        if (len(jobs) >= expected and not live.any()) or time.time() > deadline:
             return jobs
         time.sleep(1)
 
@@ -104,7 +104,7 @@ def test_two_run_grid_completes_on_slurm(tmp_path):
     out = run_snakemake(wd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training jobs go to slurm" in out.stderr
-    jobs = settled_jobs(prefix)
+    jobs = settled_jobs(prefix, expected=2)
     assert len(jobs) == 2 and set(jobs.state) == {"COMPLETED"}, jobs
     runs = pd.read_parquet(wd / "results" / "runs.parquet")
     assert set(runs.status) == {"completed"}
@@ -153,7 +153,7 @@ def test_only_the_failed_run_reruns(tmp_path):
     (broken / "checkpoint.pt").unlink()
     second = run_snakemake(wd)
     assert second.returncode == 0, second.stderr[-3000:]
-    jobs = settled_jobs(prefix)
+    jobs = settled_jobs(prefix, expected=4)
     # pre_ln ran once; op ran (and failed) twice in the first invocation (retries: 1), then once more
     per_run = jobs.name.str.contains("_op_").value_counts().to_dict()
     assert per_run.get(False) == 1, jobs
@@ -183,7 +183,7 @@ def test_killed_head_reattaches_instead_of_resubmitting(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     logs = "".join(p.read_text() for p in (wd / "results" / "logs" / "train").rglob("*.log"))
     assert "re-attaching to SLURM job" in logs
-    jobs = settled_jobs(prefix)
+    jobs = settled_jobs(prefix, expected=2)
     assert len(jobs) == 2 and set(jobs.state) == {"COMPLETED"}, jobs
 
 
