@@ -61,12 +61,16 @@ def kurtosis_summary(metrics: pa.Table) -> tuple[float, float]:
     return float(values.max()), float(values[steps == steps.max()].mean())
 
 
+def _repeat(value: Any, typ: pa.DataType, n: int) -> pa.Array:
+    """A column of n copies of one value."""
+    return pa.array([value], typ).take(np.zeros(n, dtype=np.int64))
+
+
 def _with_grid(table: pa.Table, run: dict[str, Any], grid_columns: list[str]) -> pa.Table:
     """Prepend run_id and the grid columns (constant within a run) to one run's table."""
     for c, typ in reversed([("run_id", pa.string())] + _grid_schema(grid_columns)):
         value = run["run_id"] if c == "run_id" else run["grid"].get(c)
-        column = pa.array([value], typ).take(np.zeros(len(table), dtype=np.int64))  # repeat one value
-        table = table.add_column(0, pa.field(c, typ), column)
+        table = table.add_column(0, pa.field(c, typ), _repeat(value, typ, len(table)))
     return table
 
 
@@ -96,9 +100,9 @@ def aggregate(plan: dict[str, Any], results_dir: Path | str,
             metric_tables.append(_with_grid(table, run, grid_columns))
         if (run_dir / "quant.parquet").exists():
             q = pq.read_table(run_dir / "quant.parquet", schema=QUANT_SCHEMA)
-            q = q.append_column("mean_kurtosis", pa.array([final_mean] * len(q), pa.float64()))
-            q = q.append_column("peak_kurtosis", pa.array([peak] * len(q), pa.float64()))
-            q = q.append_column("status", pa.array([status] * len(q), pa.string()))
+            for name, value, typ in (("mean_kurtosis", final_mean, pa.float64()),
+                                     ("peak_kurtosis", peak, pa.float64()), ("status", status, pa.string())):
+                q = q.append_column(pa.field(name, typ), _repeat(value, typ, len(q)))
             quant_tables.append(_with_grid(q, run, grid_columns))
         run_rows.append({
             "run_id": run["run_id"], **{c: run["grid"].get(c) for c in grid_columns},

@@ -95,7 +95,8 @@ def resolve_run(config: dict, point: dict[str, Any]) -> Run:
             raise ConfigError(f"grid axis {key!r}: unknown; sweepable keys are "
                               f"{[f'{s}.{f}' for s in SECTIONS for f in section_fields(s)]}")
     data = build_section(DataConfig, config.get("data", {}), "data.")
-    base = RunConfig.from_dict({**_merge(sections, axis_values), "data": data.__dict__})
+    # the config without the extra axes, needed only to tell which of them change the run
+    base = RunConfig.from_dict({**_merge(sections, axis_values), "data": data.__dict__}) if extras else None
     for key, value in extras.items():
         section, name = key.split(".", 1)
         axis_values[section][name] = value
