@@ -208,6 +208,12 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
+    def config_hash(self) -> str:
+        """The run's identity: a hash of everything training reads, in canonical JSON. The grid labels
+        and the token cache's path are left out (labels are not read by training; the cache folder is
+        already content-addressed by the data config, which is in)."""
+        return config_hash(self.to_dict())
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         sections = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "data": DataConfig}
@@ -219,6 +225,13 @@ class RunConfig:
             else:
                 kwargs[key] = value
         return cls(**kwargs)
+
+
+def config_hash(run_config: dict[str, Any]) -> str:
+    """`RunConfig.config_hash` of a config in its dict form (as stored in checkpoints and summaries)."""
+    identity = {k: v for k, v in run_config.items() if k not in ("grid", "data_dir")}
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 def _reject_unknown(prefix: str, d: dict[str, Any], allowed: list[str]) -> None:
