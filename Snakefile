@@ -20,11 +20,12 @@ include: "workflow/rules/report.smk"
 # rule's outputs, so the next invocation still reruns the failed runs, then aggregates.
 onerror:
     if Path(f"{RESULTS}/plan.json").exists():
+        partial, logs = f"{RESULTS}/partial", f"{RESULTS}/logs"
         shell(
-            "python -m ofe aggregate --plan {RESULTS}/plan.json --results {RESULTS} "
-            "--out {RESULTS}/partial > {RESULTS}/logs/aggregate-partial.log 2>&1 && "
-            "python -m ofe report --results {RESULTS}/partial --out {REPORT} "
-            "> {RESULTS}/logs/report-partial.log 2>&1 && echo 'ofe: partial report: {REPORT}' || true"
+            "python -m ofe aggregate --plan {RESULTS:q}/plan.json --results {RESULTS:q} "
+            "--out {partial:q} > {logs:q}/aggregate-partial.log 2>&1 && "
+            "python -m ofe report --results {partial:q} --out {REPORT:q} "
+            "> {logs:q}/report-partial.log 2>&1 && echo ofe: partial report: {REPORT:q} || true"
         )
 
 

@@ -13,22 +13,25 @@ wiped can never pick up an old result.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import submitit
 
 from ofe.config import RunConfig
 from ofe.results import atomic_write_json, atomic_write_text
 
-ERROR, JOB = "error.txt", "job.json"
+ERROR, JOB, LOCK = "error.txt", "job.json", ".launch.lock"
 LIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                      "COMPLETING", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING"}
 # Cluster-specific settings a site sets in the environment rather than in any file of this repo.
@@ -80,27 +83,68 @@ def _echo_new(path: Path, offset: int) -> int:
     return offset + len(chunk)
 
 
-def _slurm_state(job_id: str) -> str:
+class SchedulerUnavailable(RuntimeError):
+    """squeue/sacct kept failing: the job's state is unknown, which is never the same as "gone"."""
+
+
+def _query(cmd: list[str]) -> subprocess.CompletedProcess | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def _slurm_state(job_id: str, tries: int = 6, backoff_s: float = 2.0) -> str:
     """The job's state: the controller's queue first (sacct lags a just-submitted job by seconds),
-    then accounting for jobs that have left the queue."""
-    for cmd in (["squeue", "-h", "-j", str(job_id), "-o", "%T"],
-                ["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"]):
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        states = out.stdout.split()
-        if out.returncode == 0 and states:
-            return states[0]
-    return "UNKNOWN"
+    then accounting for jobs that have left the queue. 'UNKNOWN' only when both answered and neither
+    knows the job. A failing command is retried with exponential back-off, then SchedulerUnavailable:
+    reading a failed query as "job gone" would submit a duplicate of a job that is still running."""
+    delay, last_error = backoff_s, ""
+    for attempt in range(tries):
+        squeue = _query(["squeue", "-h", "-j", str(job_id), "-o", "%T"])
+        # squeue exits 1 with "Invalid job id" once the controller has purged a finished job
+        purged = squeue is not None and "invalid job id" in squeue.stderr.lower()
+        if squeue is not None and (squeue.returncode == 0 or purged):
+            if squeue.returncode == 0 and squeue.stdout.split():
+                return squeue.stdout.split()[0]
+            sacct = _query(["sacct", "-n", "-X", "-P", "-j", str(job_id), "-o", "State"])
+            if sacct is not None and sacct.returncode == 0:
+                states = sacct.stdout.split()
+                return states[0] if states else "UNKNOWN"
+            last_error = "sacct: " + (sacct.stderr.strip() if sacct is not None else "did not run")
+        else:
+            last_error = "squeue: " + (squeue.stderr.strip() if squeue is not None else "did not run")
+        if attempt < tries - 1:
+            print(f"[ofe] querying SLURM for job {job_id} failed ({last_error}); retrying in {delay:.0f} s",
+                  flush=True)
+            time.sleep(delay)
+            delay *= 2
+    raise SchedulerUnavailable(f"cannot tell the state of SLURM job {job_id} after {tries} tries "
+                               f"({last_error}); not resubmitting. Check the scheduler, then rerun.")
 
 
-def _pid_alive(pid: int) -> bool:
+def process_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid it
+    identifies a process, since pids are reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # fields after the command name, which may hold spaces
+
+
+def _pid_alive(pid: int, start_time: int | None = None) -> bool:
+    """Whether the process is running and, when its start time was recorded, is the same process."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
     try:  # a zombie is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     except OSError:
         return True
+    return start_time is None or process_start_time(pid) == start_time
 
 
 def live_job(out: Path) -> dict[str, Any] | None:
@@ -113,13 +157,16 @@ def live_job(out: Path) -> dict[str, Any] | None:
         return None  # the job has returned (or failed): a job still COMPLETING in squeue is not live
     if info["cluster"] == "slurm":
         return info if _slurm_state(info["job_id"]) in LIVE_SLURM_STATES else None
-    return info if info.get("pid") and _pid_alive(int(info["pid"])) else None
+    if not info.get("pid"):
+        return None
+    # a record without a start time (older ofe) can only be checked by pid
+    return info if _pid_alive(int(info["pid"]), info.get("pid_start")) else None
 
 
 def _wait_local_pid(info: dict[str, Any], out: Path, poll: float) -> dict[str, Any]:
     """Wait for a local job started by an earlier (killed) head process, then read its summary."""
     log, offset = Path(info["stdout"]), 0
-    while _pid_alive(int(info["pid"])):
+    while _pid_alive(int(info["pid"]), info.get("pid_start")):
         offset = _echo_new(log, offset)
         time.sleep(poll)
     _echo_new(log, offset)
@@ -134,14 +181,43 @@ def _fail(out: Path, job_id: str, e: BaseException) -> RuntimeError:
     return RuntimeError(f"training job {job_id} for {out} failed:\n{e}")
 
 
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold RUN/.launch.lock while a head submits and waits, so two heads (two Snakemake invocations
+    with --nolock, or from two working copies) never train one run. flock is released by the kernel
+    when the holder dies, so a killed head leaves no stale lock."""
+    path = out / LOCK
+    with path.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RuntimeError(f"{out} is being launched by another ofe process ({holder}); "
+                               f"wait for it, or stop it, then rerun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any]) -> dict[str, Any]:
     """Write the run's config.json, submit the training job (or re-attach to the recorded one),
-    stream its log, and return its summary.
+    stream its log, and return its summary; the run folder is locked meanwhile (`run_lock`).
 
     Raises RuntimeError with the job's traceback (also saved to DIR/error.txt) if the job fails.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _launch(cfg, out, launcher)
+
+
+def _launch(cfg: RunConfig, out: Path, launcher: dict[str, Any]) -> dict[str, Any]:
     poll = float(launcher.get("poll_s", 2.0))
     cluster = launcher.get("cluster", "local")
     info = live_job(out)
@@ -167,6 +243,8 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any]) -> dic
                   "stdout": str(job.paths.stdout), "submitted": time.time()}
         if cluster == "local":
             record["pid"] = int(job.job_id)  # the local executor's job id is the process id
+            # -1: the job had already ended, so no later process with this pid is taken for it
+            record["pid_start"] = process_start_time(record["pid"]) or -1
         atomic_write_json(out / JOB, record)
         print(f"[ofe] submitted {cluster} job {job.job_id} for {out} (log: {job.paths.stdout})", flush=True)
     offset = 0

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from ofe.launch import launch
+import ofe.launch as launch_module
+from ofe.launch import SchedulerUnavailable, launch, live_job, run_lock
 from tests.conftest import tiny_run
 
 LOCAL = {"cluster": "local", "poll_s": 0.2, "timeout_min": 5}
@@ -30,3 +33,76 @@ def test_failing_job_raises_with_its_traceback(tmp_path):
     assert "meta.json is missing" in str(err.value)
     assert "meta.json is missing" in (tmp_path / "run" / "error.txt").read_text()
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ---- job liveness ---------------------------------------------------------------------------------
+
+def _start_ticks(pid: int) -> int:
+    """Field 22 of /proc/PID/stat (proc(5)), read here independently of ofe.launch."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[19])  # field 3 is fields[0]
+
+
+def _record(out: Path, **info) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps({"job_id": "123", "folder": str(out / "submitit"), **info}))
+
+
+def test_a_reused_pid_is_not_taken_for_the_job(tmp_path):
+    me = os.getpid()
+    _record(tmp_path / "same", cluster="local", pid=me, pid_start=_start_ticks(me))
+    _record(tmp_path / "reused", cluster="local", pid=me, pid_start=_start_ticks(me) + 1)
+    assert live_job(tmp_path / "same") is not None
+    assert live_job(tmp_path / "reused") is None  # same pid, another process
+
+
+def _fake_slurm(tmp_path: Path, monkeypatch, squeue: str, sacct: str) -> Path:
+    """squeue and sacct scripts on PATH that log each call to calls.txt and run the given body."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", squeue), ("sacct", sacct)):
+        path = bin_dir / name
+        path.write_text(f"#!/bin/sh\necho {name} >> {tmp_path}/calls.txt\n{body}\n")
+        path.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setattr(launch_module.time, "sleep", lambda s: None)
+    return tmp_path / "calls.txt"
+
+
+def test_a_failing_scheduler_is_retried_and_never_read_as_job_gone(tmp_path, monkeypatch):
+    calls = _fake_slurm(tmp_path, monkeypatch, "echo 'slurm_load_jobs error: Socket timed out' >&2; exit 1",
+                        "exit 1")
+    out = tmp_path / "run"
+    _record(out, cluster="slurm")
+    with pytest.raises(SchedulerUnavailable, match="not resubmitting"):
+        launch(tiny_run(tmp_path), out, {"cluster": "slurm"})
+    assert calls.read_text().split().count("squeue") == 6  # retried, with back-off
+    assert not (out / "submitit").exists()  # nothing was submitted
+
+
+def test_a_transient_scheduler_failure_then_running_is_live(tmp_path, monkeypatch):
+    counter = tmp_path / "n"
+    squeue = (f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; "
+              "if [ $n -lt 2 ]; then exit 1; fi; echo RUNNING")
+    calls = _fake_slurm(tmp_path, monkeypatch, squeue, "exit 1")
+    _record(tmp_path / "run", cluster="slurm")
+    assert live_job(tmp_path / "run")["job_id"] == "123"
+    assert calls.read_text().split() == ["squeue"] * 3
+
+
+def test_a_purged_job_is_looked_up_in_accounting(tmp_path, monkeypatch):
+    _fake_slurm(tmp_path, monkeypatch, "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
+                "echo COMPLETED")
+    _record(tmp_path / "run", cluster="slurm")
+    assert live_job(tmp_path / "run") is None
+
+
+def test_a_run_folder_is_locked_while_a_head_waits_on_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    with run_lock(out):
+        with pytest.raises(RuntimeError, match="being launched by another ofe process"):
+            launch(tiny_run(tmp_path, train={"steps": 4}), out, LOCAL)
+    assert not (out / "job.json").exists()
+    with run_lock(out):  # released on exit
+        pass

@@ -9,4 +9,4 @@ rule prepare_data:
     log:
         f"{RESULTS}/logs/prepare_data.log",
     shell:
-        "python -m ofe prepare --data-json {params.data:q} --out {DATA_DIR} > {log} 2>&1"
+        "python -m ofe prepare --data-json {params.data:q} --out {DATA_DIR:q} > {log:q} 2>&1"

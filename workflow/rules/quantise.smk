@@ -12,4 +12,4 @@ rule quantise:
     log:
         f"{RESULTS}/logs/quantise/{{run}}.log",
     shell:
-        "python -m ofe quantise --run {params.run} --quant-json {params.quant:q} > {log} 2>&1"
+        "python -m ofe quantise --run {params.run:q} --quant-json {params.quant:q} > {log:q} 2>&1"

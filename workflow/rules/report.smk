@@ -17,8 +17,8 @@ rule plan:
     log:
         f"{RESULTS}/logs/plan.log",
     shell:
-        "python -m ofe plan --config-json {params.config:q} --schema {SCHEMA} "
-        "--data-root {params.data_root} --out {output} > {log} 2>&1"
+        "python -m ofe plan --config-json {params.config:q} --schema {SCHEMA:q} "
+        "--data-root {params.data_root:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule aggregate:
@@ -35,7 +35,7 @@ rule aggregate:
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
-        "python -m ofe aggregate --plan {input.plan} --results {RESULTS} > {log} 2>&1"
+        "python -m ofe aggregate --plan {input.plan:q} --results {RESULTS:q} > {log:q} 2>&1"
 
 
 # The report's figures, each as <study>-<figure>.svg and .png (vl-convert), beside the page.
@@ -68,5 +68,5 @@ rule report:
     log:
         f"{RESULTS}/logs/report.log",
     shell:
-        "python -m ofe report --results {RESULTS} --out {output.html} --figures {output.figures}"
-        " --manifest {output.manifest} > {log} 2>&1"
+        "python -m ofe report --results {RESULTS:q} --out {output.html:q} --figures {output.figures:q}"
+        " --manifest {output.manifest:q} > {log:q} 2>&1"

@@ -17,4 +17,4 @@ rule train:
         f"{RESULTS}/logs/train/{{run}}.log",
     shell:
         "python -m ofe launch --run-json {params.run:q} --launcher-json {LAUNCHER_JSON:q}"
-        " --out {params.out} > {log} 2>&1"
+        " --out {params.out:q} > {log:q} 2>&1"
