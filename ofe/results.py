@@ -1,17 +1,21 @@
 """Parquet schemas, atomic writes and provenance.
 
 Every file `ofe` writes goes through `atomic_write_*`: the bytes land in a temporary file beside the
-target and are renamed over it, so a reader (or Snakemake) never sees a half-written file.
+target, are flushed to disk, and are renamed over it, so a reader (or Snakemake) never sees a
+half-written file, and a power cut or node crash leaves either the old file or the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import importlib.metadata
 import json
+import math
 import os
 import platform
+import secrets
 import socket
 import subprocess
 import tempfile
@@ -43,8 +47,12 @@ LIBRARIES = ("torch", "numpy", "pandas", "pyarrow", "datasets", "submitit", "sna
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temp path in the target's folder; rename it over `path` only if the body succeeds."""
+def atomic_path(path: Path, previous: Path | None = None) -> Iterator[Path]:
+    """Yield a temp path in the target's folder; rename it over `path` only if the body succeeds.
+
+    The temp file is fsynced before the rename (else a crash can leave the new name pointing at an
+    empty or partial file) and the folder after it (else the rename itself can be lost). With
+    `previous`, the file being replaced is kept under that name first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -54,10 +62,46 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield Path(tmp)
+        _fsync_file(tmp)
+        if previous is not None and path.exists():
+            _keep_previous(path, Path(previous))
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _fsync_file(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some network filesystems cannot sync a folder; the rename still happened
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _keep_previous(path: Path, previous: Path) -> None:
+    """Make `previous` a second name of the current `path`. A hard link, renamed into place, keeps
+    `path` present throughout (a reader never finds it missing); a filesystem without hard links
+    rotates by rename instead, which leaves only `previous` until the new file is renamed in."""
+    link = previous.parent / f".{previous.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        os.link(path, link)
+    except OSError:
+        os.replace(path, previous)
+        return
+    os.replace(link, previous)
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -65,14 +109,28 @@ def atomic_write_text(path: Path | str, text: str) -> None:
         tmp.write_text(text)
 
 
+def finite_or_none(obj: Any) -> Any:
+    """`obj` with every NaN or infinite float (in nested dicts, lists and tuples) replaced by None."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(path: Path | str, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    """Strict JSON: Python's NaN/Infinity tokens are not JSON, and strict parsers (browsers, jq, most
+    languages' libraries) reject the whole file, so non-finite numbers are written as null."""
+    text = json.dumps(finite_or_none(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
+    atomic_write_text(path, text + "\n")
 
 
-def atomic_torch_save(obj: Any, path: Path | str) -> None:
+def atomic_torch_save(obj: Any, path: Path | str, previous: Path | str | None = None) -> None:
     import torch
 
-    with atomic_path(Path(path)) as tmp:
+    with atomic_path(Path(path), Path(previous) if previous is not None else None) as tmp:
         torch.save(obj, tmp)
 
 

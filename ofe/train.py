@@ -1,11 +1,13 @@
 """The training loop: resume, step, log, checkpoint, divergence, summary.
 
-Outputs in the run folder, each written atomically:
-- checkpoint.pt   model + optimiser + step + the metric rows so far (resume point, then final model)
+Outputs in the run folder, each written atomically and fsynced:
+- checkpoint.pt   model + optimiser + step + the metric rows so far + status + config hash (resume
+                  point, then final model); checkpoint.prev.pt is the one before it
 - metrics.parquet long rows (step, tokens, layer, site, metric, value); config + provenance in metadata
-- summary.json    written last: its presence means the run is finished (completed or diverged)
+- summary.json    written last: with this config's hash, its presence means the run is finished
 A run killed at any point and started again resumes from its last checkpoint and ends with the same
-metrics as an uninterrupted run: batches and the LR are pure functions of the step.
+metrics as an uninterrupted run: batches and the LR are pure functions of the step. Outputs of another
+config in the folder are moved aside first (`ofe.checkpoint`).
 """
 
 from __future__ import annotations
@@ -23,14 +25,18 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from ofe import checkpoint
+from ofe.checkpoint import METRICS, SUMMARY
 from ofe.config import RunConfig
 from ofe.data import TokenData
 from ofe.model import GPT
 from ofe.optim import build_optimizer, lr_at
 from ofe.probe import probe
-from ofe.results import METRIC_SCHEMA, atomic_torch_save, atomic_write_json, provenance, write_parquet
+from ofe.results import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
 
-CHECKPOINT, METRICS, SUMMARY = "checkpoint.pt", "metrics.parquet", "summary.json"
+# A non-finite gradient norm with a finite loss skips the update (one bad batch, an overflow); this
+# many in a row means the weights cannot recover, so the run is recorded as diverged.
+MAX_CONSECUTIVE_SKIPS = 10
 
 
 class _Interrupted(Exception):
@@ -79,7 +85,9 @@ class Trainer:
             self.forward = torch.compile(self.forward)
         self.opt = build_optimizer(self.model, cfg.optim)
         self.step, self.rows, self.seconds, self.status = 0, [], 0.0, "running"
+        self.skipped_steps = self.consecutive_skips = 0
         self.tokens_per_step = tc.batch_size * cfg.model.context
+        self.config_hash = cfg.config_hash()
         self._resume()
 
     def _autocast(self):
@@ -88,22 +96,32 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _resume(self) -> None:
-        path = self.out / CHECKPOINT
-        if not path.exists():
+        # rank 0 alone cleans the folder and picks the checkpoint; the others wait, then load that one
+        found = checkpoint.prepare_run_dir(self.out, self.config_hash, self.device) if not self.rank else None
+        if self.world > 1:
+            dist.barrier()
+            if self.rank:
+                found = checkpoint.load_checkpoint(self.out, self.device)
+        if found is None:
             return
-        ck = torch.load(path, map_location=self.device, weights_only=True)
+        name, ck = found
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck["optimizer"])
         self.step, self.rows, self.seconds = ck["step"], [tuple(r) for r in ck["rows"]], ck["seconds"]
-        print(f"[ofe] resumed {self.out} at step {self.step}", flush=True)
+        self.status, self.skipped_steps, self.consecutive_skips = (
+            ck["status"], ck["skipped_steps"], ck["consecutive_skips"])
+        done = "; final metrics already logged" if self.status == "completed" else ""
+        print(f"[ofe] resumed {self.out} at step {self.step} from {name}{done}", flush=True)
 
     def save_checkpoint(self) -> None:
         if self.rank:
             return
-        atomic_torch_save(
+        checkpoint.save_checkpoint(
             {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-             "rows": self.rows, "seconds": self.seconds, "config": self.cfg.to_dict()},
-            self.out / CHECKPOINT,
+             "rows": self.rows, "seconds": self.seconds, "status": self.status,
+             "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+             "config": self.cfg.to_dict(), "config_hash": self.config_hash},
+            self.out,
         )
 
     # ---- logging --------------------------------------------------------------------------------
@@ -135,7 +153,8 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------------
     def train_step(self) -> tuple[float, float, float]:
-        """One optimiser step; returns (loss, grad norm, lr). A non-finite loss skips the update."""
+        """One optimiser step; returns (loss, grad norm, lr). A non-finite loss or gradient norm skips
+        the update (every rank sees the same all-reduced values, so all skip together)."""
         tc = self.cfg.train
         lr = lr_at(self.step, tc.steps, self.cfg.optim)
         for group in self.opt.param_groups:
@@ -155,7 +174,7 @@ class Trainer:
             dist.all_reduce(loss)
             loss /= self.world
         loss_value = loss.item()
-        if math.isfinite(loss_value):
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.opt.step()
         return loss_value, grad_norm, lr
 
@@ -177,6 +196,18 @@ class Trainer:
                 self.status = "diverged"
                 print(f"[ofe] step {self.step}: loss {loss}: diverged", flush=True)
                 break
+            if math.isfinite(grad_norm):
+                self.consecutive_skips = 0
+            else:
+                self.skipped_steps += 1
+                self.consecutive_skips += 1
+                print(f"[ofe] step {self.step}: grad norm {grad_norm}: update skipped "
+                      f"({self.consecutive_skips} in a row)", flush=True)
+                if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                    self.status = "diverged"
+                    print(f"[ofe] step {self.step}: {self.consecutive_skips} updates skipped in a row: "
+                          f"diverged", flush=True)
+                    break
             self.step += 1
             self.seconds = seconds_before + time.perf_counter() - t_start
             if (self.step % tc.log_every == 0 or self.step == tc.steps) and not self.rank:
@@ -187,7 +218,7 @@ class Trainer:
                 self.save_checkpoint()
                 if stop_after is not None and self.step >= stop_after:
                     raise _Interrupted(self.step)
-        if self.status == "running":
+        if self.status == "running":  # a checkpoint saved after this says so: a rerun never logs it twice
             self.status = "completed"
             if not self.rank:
                 self.log_probe()
@@ -202,16 +233,19 @@ class Trainer:
         if self.rank:  # rank 0 writes the run's files
             return {"status": self.status, "rank": self.rank, "steps_done": self.step}
         df = pd.DataFrame(self.rows, columns=METRIC_SCHEMA.names)
-        meta = {"config": self.cfg.to_dict(), "provenance": provenance(), "status": self.status}
+        meta = {"config": self.cfg.to_dict(), "config_hash": self.config_hash, "provenance": provenance(),
+                "status": self.status}
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
         train_loss = df[(df.site == "train") & (df.metric == "loss")].value
         val_loss = df[(df.site == "val") & (df.metric == "loss")].value
+        done = self.status == "completed"  # a diverged run has no final loss: its finite tail is not one
         summary = {
             "status": self.status,
             "steps_done": self.step,
             "steps": self.cfg.train.steps,
-            "final_train_loss": float(train_loss.tail(10).mean()) if len(train_loss) else None,
-            "final_val_loss": float(val_loss.iloc[-1]) if len(val_loss) else None,
+            "skipped_steps": self.skipped_steps,
+            "final_train_loss": float(train_loss.tail(10).mean()) if done and len(train_loss) else None,
+            "final_val_loss": float(val_loss.iloc[-1]) if done and len(val_loss) else None,
             "tokens": self.step * self.tokens_per_step,
             "wall_s": round(self.seconds, 3),
             "tokens_per_s": round(self.step * self.tokens_per_step / max(self.seconds, 1e-9), 1),
@@ -223,6 +257,7 @@ class Trainer:
             "peak_cuda_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                              if self.device.type == "cuda" else None),
             "config": self.cfg.to_dict(),
+            "config_hash": self.config_hash,
             "provenance": provenance(),
         }
         atomic_write_json(self.out / SUMMARY, summary)  # last: marks the run finished
@@ -230,10 +265,13 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) -> dict[str, Any]:
-    """Train one run into `out_dir`, resuming if a checkpoint exists; idempotent once finished."""
+    """Train one run into `out_dir`, resuming from its checkpoint if it has one of this config;
+    idempotent once finished. A summary of another config is no answer: it is moved aside and the run
+    trains (every rank reads the same summary, so all return or all train)."""
     out = Path(out_dir)
-    if (out / SUMMARY).exists():
-        return json.loads((out / SUMMARY).read_text())
+    summary = checkpoint.finished_summary(out, cfg.config_hash())
+    if summary is not None:
+        return summary
     out.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, out).run(stop_after=stop_after)
 

@@ -107,8 +107,11 @@ def test_absurd_lr_diverges_and_is_recorded(data_dir, tmp_path):
     summary = train(cfg, tmp_path)
     assert summary["status"] == "diverged"
     assert summary["steps_done"] < 50
-    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_train_loss"] is None and summary["final_val_loss"] is None
+    reject = lambda c: pytest.fail(f"summary.json holds {c}, which strict JSON parsers reject")  # noqa: E731
+    saved = json.loads((tmp_path / "summary.json").read_text(), parse_constant=reject)
     assert saved["status"] == "diverged"
+    assert saved["final_train_loss"] is None and saved["final_val_loss"] is None
     df = _metrics(tmp_path)
     losses = df[(df.site == "train") & (df.metric == "loss")].value
     assert not math.isfinite(losses.iloc[-1])  # the diverging step is logged, then the run stops

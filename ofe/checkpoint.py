@@ -1,0 +1,148 @@
+"""A run folder's durable state: which checkpoint to resume from, and what must not be trusted.
+
+A run folder holds the outputs of exactly one config (`RunConfig.config_hash`). Before training starts,
+`prepare_run_dir` (rank 0 alone) makes it so:
+- temporary files a hard kill left behind (`.<name>.*.tmp`) are removed;
+- outputs of another config (a reused folder, an edited config.yaml) are moved, never deleted, into
+  `stale/<UTC time>/`, so training neither resumes from them nor stops at their summary;
+- the checkpoint to resume from is `checkpoint.pt`, else the one before it, `checkpoint.prev.pt`
+  (kept by every save), when the latest is unreadable; if neither is usable the run starts fresh.
+Every such decision is printed as one `[ofe]` line in the run's log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ofe.config import config_hash
+from ofe.results import atomic_torch_save, read_metadata
+
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
+METRICS, SUMMARY, QUANT = "metrics.parquet", "summary.json", "quant.parquet"
+STALE = "stale"
+# Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
+# being written by its head process at the very moment the job starts.
+OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT)
+# What a resumable checkpoint holds besides the model; one without them cannot be resumed exactly.
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "rows", "seconds", "status", "skipped_steps", "consecutive_skips"}
+
+
+def remove_temp_files(out: Path) -> list[str]:
+    """Delete `.<name>.*.tmp` files of this run's outputs: the half-written bytes of a killed process,
+    never renamed into place, and never read again."""
+    removed = []
+    for name in OWN_FILES:
+        for tmp in sorted(out.glob(f".{name}.*.tmp")):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp.name)
+    return removed
+
+
+def recorded_hash(record: dict[str, Any]) -> str | None:
+    """The config hash a summary or a Parquet file's metadata records, or that of the config it
+    records (outputs written before hashes were recorded); None when it records neither."""
+    if record.get("config_hash"):
+        return record["config_hash"]
+    return config_hash(record["config"]) if isinstance(record.get("config"), dict) else None
+
+
+def finished_summary(out: Path, want: str) -> dict[str, Any] | None:
+    """The run's summary if it exists and belongs to config `want`: only then is the run finished."""
+    try:
+        summary = json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) and recorded_hash(summary) == want else None
+
+
+def _mismatch(have: str | None, want: str) -> str | None:
+    if have is None:
+        return f"records no config hash, this run is {want}"
+    return None if have == want else f"belongs to config {have}, this run is {want}"
+
+
+def _brief(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first[:160]}"
+
+
+class _Aside:
+    """Moves files into one `stale/<UTC time>/` folder per start, created on first use."""
+
+    def __init__(self, out: Path) -> None:
+        self.out, self.folder = out, None
+
+    def move(self, path: Path) -> str:
+        if self.folder is None:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            folder, n = self.out / STALE / stamp, 1
+            while folder.exists():  # two starts within a second
+                folder, n = self.out / STALE / f"{stamp}-{n}", n + 1
+            folder.mkdir(parents=True)
+            self.folder = folder
+        os.replace(path, self.folder / path.name)
+        return str(self.folder.relative_to(self.out))
+
+
+def _load(path: Path, map_location: Any) -> dict[str, Any]:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu") -> tuple[str, dict[str, Any]] | None:
+    """Clean the run folder for config hash `want` (see the module docstring); return the checkpoint
+    to resume from as (file name, contents), or None to start fresh."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in remove_temp_files(out):
+        print(f"[ofe] removed {name}, left by an interrupted write", flush=True)
+    aside = _Aside(out)
+    for name in (SUMMARY, METRICS, QUANT):
+        path = out / name
+        if not path.exists():
+            continue
+        try:
+            record = json.loads(path.read_text()) if name == SUMMARY else read_metadata(path)
+            why = _mismatch(recorded_hash(record), want)
+        except Exception as e:  # noqa: BLE001 - unreadable is as untrustworthy as foreign
+            why = f"is unreadable ({_brief(e)})"
+        if why:
+            print(f"[ofe] {name} {why}: moved to {aside.move(path)}", flush=True)
+
+    chosen, rejected = None, []
+    for name in (CHECKPOINT, PREVIOUS):
+        if not (out / name).exists():
+            continue
+        try:
+            ck = _load(out / name, map_location)
+            why = _mismatch(ck.get("config_hash"), want)
+            if why is None and CHECKPOINT_KEYS - set(ck):
+                why = f"is incomplete (no {sorted(CHECKPOINT_KEYS - set(ck))})"
+        except Exception as e:  # noqa: BLE001 - torn zip, empty file, not a checkpoint at all
+            why = f"is unreadable ({_brief(e)})"
+        if why is None:
+            chosen = (name, ck)
+            break
+        rejected.append((name, why))
+    # a rejected latest goes too: left in place, the next save would rotate it over the good previous
+    then = f"resuming from {chosen[0]}" if chosen else "starting fresh"
+    for name, why in rejected:
+        print(f"[ofe] {name} {why}: moved to {aside.move(out / name)}; {then}", flush=True)
+    return chosen
+
+
+def load_checkpoint(out: Path, map_location: Any = "cpu") -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint `prepare_run_dir` left to resume from (for ranks other than 0, which run after it)."""
+    for name in (CHECKPOINT, PREVIOUS):
+        if (out / name).exists():
+            return name, _load(out / name, map_location)
+    return None
+
+
+def save_checkpoint(state: dict[str, Any], out: Path) -> None:
+    """Write `checkpoint.pt` durably, keeping the one it replaces as `checkpoint.prev.pt`."""
+    atomic_torch_save(state, out / CHECKPOINT, previous=out / PREVIOUS)

@@ -1,0 +1,255 @@
+"""The run folder survives what happens to real jobs: a folder reused by another config, a torn checkpoint,
+a crash just before the summary, non-finite gradients, NaN in a summary."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+
+import pandas as pd
+import pytest
+import torch
+
+from ofe import train as train_mod
+from ofe.results import atomic_write_json, atomic_write_text, write_parquet
+from ofe.train import Trainer, train
+from tests.conftest import tiny_run
+
+KEY = ["step", "layer", "site", "metric"]
+
+
+def _metrics(path) -> pd.DataFrame:
+    return pd.read_parquet(path / "metrics.parquet")
+
+
+def _losses(rows) -> dict[int, float]:
+    return {r[0]: r[5] for r in rows if r[3] == "train" and r[4] == "loss"}
+
+
+def _stale(run) -> list:
+    """The folders outputs were moved aside into (one per start that moved something)."""
+    return sorted((run / "stale").iterdir()) if (run / "stale").exists() else []
+
+
+def _config_a(data_dir):
+    return tiny_run(data_dir)
+
+
+def _config_b(data_dir):
+    return tiny_run(data_dir, optim={"lr": 1e-2})
+
+
+@pytest.fixture(scope="module")
+def straight_a(data_dir, tmp_path_factory) -> pd.DataFrame:
+    """Config A's metrics from one uninterrupted run in a folder of its own."""
+    out = tmp_path_factory.mktemp("straight_a")
+    train(_config_a(data_dir), out)
+    return _metrics(out)
+
+
+@pytest.fixture(scope="module")
+def fresh_b(data_dir, tmp_path_factory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("fresh_b")
+    train(_config_b(data_dir), out)
+    return _metrics(out)
+
+
+# ---- run identity -------------------------------------------------------------------------------
+@pytest.mark.parametrize("a_left", ["checkpoint", "finished run"])
+def test_another_configs_outputs_are_moved_aside_and_training_starts_fresh(
+        data_dir, tmp_path, capsys, fresh_b, a_left):
+    a, b = _config_a(data_dir), _config_b(data_dir)
+    assert a.config_hash() != b.config_hash()
+    run = tmp_path / "run"
+    if a_left == "checkpoint":
+        with pytest.raises(train_mod._Interrupted):
+            train(a, run, stop_after=8)
+        expected_aside = {"checkpoint.pt", "checkpoint.prev.pt"}
+    else:  # a finished run of A: its early return must not answer for B
+        train(a, run)
+        write_parquet(pd.DataFrame({"bits": [8]}), run / "quant.parquet", metadata={"config": a.to_dict()})
+        expected_aside = {"checkpoint.pt", "checkpoint.prev.pt", "metrics.parquet", "summary.json", "quant.parquet"}
+    a_rows = torch.load(run / "checkpoint.pt", weights_only=True)["rows"]
+    capsys.readouterr()
+
+    summary = train(b, run)
+
+    log = capsys.readouterr().out
+    assert summary["status"] == "completed" and summary["config"]["optim"]["lr"] == 1e-2
+    pd.testing.assert_frame_equal(_metrics(run), fresh_b)
+    b_loss = _losses(_metrics(run).itertuples(index=False))
+    a_loss = _losses(a_rows)
+    assert all(b_loss[s] != a_loss[s] for s in a_loss if s > 0)  # B really is another run
+    (aside,) = _stale(run)
+    assert {p.name for p in aside.iterdir()} == expected_aside
+    moved = torch.load(aside / "checkpoint.pt", weights_only=True)
+    assert moved["config_hash"] == a.config_hash() and moved["rows"] == a_rows
+    assert (f"[ofe] checkpoint.pt belongs to config {a.config_hash()}, this run is {b.config_hash()}: "
+            f"moved to stale/{aside.name}; starting fresh") in log
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["config_hash"] == b.config_hash()
+    assert json.loads((run / "summary.json").read_text())["config_hash"] == b.config_hash()
+
+
+def test_checkpoint_without_a_config_hash_is_moved_aside(data_dir, tmp_path, capsys, straight_a):
+    cfg = _config_a(data_dir)
+    with pytest.raises(train_mod._Interrupted):
+        train(cfg, tmp_path, stop_after=8)
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # as an older ofe wrote them
+        ck = torch.load(tmp_path / name, weights_only=True)
+        del ck["config_hash"]
+        torch.save(ck, tmp_path / name)
+    capsys.readouterr()
+    train(cfg, tmp_path)
+    log = capsys.readouterr().out
+    assert "checkpoint.pt records no config hash" in log and "starting fresh" in log
+    assert "resumed" not in log
+    (aside,) = _stale(tmp_path)
+    assert {p.name for p in aside.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt"}
+    pd.testing.assert_frame_equal(_metrics(tmp_path), straight_a)
+
+
+# ---- durable checkpoints -------------------------------------------------------------------------
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_truncated_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, capsys, straight_a):
+    cfg = _config_a(data_dir)
+    with pytest.raises(train_mod._Interrupted):
+        train(cfg, tmp_path, stop_after=8)
+    assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["step"] == 4
+    _truncate(tmp_path / "checkpoint.pt")
+    capsys.readouterr()
+    train(cfg, tmp_path)
+    log = capsys.readouterr().out
+    assert "checkpoint.pt is unreadable" in log and "resuming from checkpoint.prev.pt" in log
+    assert f"resumed {tmp_path} at step 4" in log
+    pd.testing.assert_frame_equal(_metrics(tmp_path), straight_a)
+    (aside,) = _stale(tmp_path)
+    assert [p.name for p in aside.iterdir()] == ["checkpoint.pt"]  # kept for a post-mortem
+
+
+def test_both_checkpoints_unreadable_start_fresh(data_dir, tmp_path, capsys, straight_a):
+    cfg = _config_a(data_dir)
+    with pytest.raises(train_mod._Interrupted):
+        train(cfg, tmp_path, stop_after=8)
+    _truncate(tmp_path / "checkpoint.pt")
+    (tmp_path / "checkpoint.prev.pt").write_bytes(b"")
+    capsys.readouterr()
+    train(cfg, tmp_path)
+    log = capsys.readouterr().out
+    assert log.count("is unreadable") == 2 and log.count("starting fresh") == 2
+    pd.testing.assert_frame_equal(_metrics(tmp_path), straight_a)
+    (aside,) = _stale(tmp_path)
+    assert {p.name for p in aside.iterdir()} == {"checkpoint.pt", "checkpoint.prev.pt"}
+
+
+def test_temp_files_left_by_a_hard_kill_are_removed_at_start(data_dir, tmp_path):
+    left = [".checkpoint.pt.k2j3h4ab.tmp", ".checkpoint.prev.pt.9a8b7c6d.tmp", ".metrics.parquet.x9y8z7w6.tmp",
+            ".summary.json.q1w2e3r4.tmp", ".quant.parquet.zz11yy22.tmp"]
+    for name in left:
+        (tmp_path / name).write_bytes(b"half a file")
+    # the launcher's own file: its head process may be writing it while the job starts
+    (tmp_path / ".job.json.a1b2c3d4.tmp").write_text("{")
+    Trainer(tiny_run(data_dir), tmp_path)
+    assert [name for name in left if (tmp_path / name).exists()] == []
+    assert (tmp_path / ".job.json.a1b2c3d4.tmp").exists()
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync", "dir" if stat.S_ISDIR(st.st_mode) else "file", st.st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", "file", os.stat(src).st_ino))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(tmp_path / "x.txt", "hello")
+    ino = (tmp_path / "x.txt").stat().st_ino
+    assert events == [("fsync", "file", ino), ("replace", "file", ino), ("fsync", "dir", tmp_path.stat().st_ino)]
+    assert (tmp_path / "x.txt").read_text() == "hello"
+
+
+# ---- a crash between the final checkpoint and the summary ----------------------------------------
+def test_crash_before_the_summary_never_duplicates_rows(data_dir, tmp_path, monkeypatch, straight_a):
+    cfg = _config_a(data_dir)
+
+    def killed(self):
+        raise RuntimeError("killed before writing metrics and summary")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "finish", killed)
+        with pytest.raises(RuntimeError, match="killed"):
+            train(cfg, tmp_path)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 12
+    assert not (tmp_path / "summary.json").exists()
+    summary = train(cfg, tmp_path)
+    assert summary["status"] == "completed" and summary["steps_done"] == 12
+    df = _metrics(tmp_path)
+    assert not df.duplicated(KEY).any(), df[df.duplicated(KEY, keep=False)]
+    pd.testing.assert_frame_equal(df, straight_a)
+
+
+# ---- non-finite gradients ------------------------------------------------------------------------
+def _poison(trainer: Trainer, when) -> None:
+    """Make one parameter's gradient infinite (the loss stays finite) at the steps `when` selects."""
+    param = next(trainer.model.parameters())
+    param.register_hook(lambda g: torch.full_like(g, math.inf) if when(trainer.step) else g)
+
+
+def test_non_finite_gradient_skips_the_update(data_dir, tmp_path):
+    trainer = Trainer(_config_a(data_dir), tmp_path)
+    _poison(trainer, lambda step: step == 5)
+    weights, real_step = {}, trainer.train_step
+
+    def spy():
+        before = [p.detach().clone() for p in trainer.model.parameters()]
+        out = real_step()
+        weights[trainer.step] = (before, [p.detach().clone() for p in trainer.model.parameters()])
+        return out
+
+    trainer.train_step = spy
+    summary = trainer.run()
+    unchanged = lambda step: all(torch.equal(x, y) for x, y in zip(*weights[step]))  # noqa: E731
+    assert unchanged(5)
+    assert not unchanged(4) and not unchanged(6)  # ordinary steps do update
+    assert summary["status"] == "completed" and summary["steps_done"] == 12
+    assert summary["skipped_steps"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped_steps"] == 1
+    norms = _metrics(tmp_path).query("site == 'train' and metric == 'grad_norm'").set_index("step").value
+    assert norms[5] == math.inf and norms.drop(5).map(math.isfinite).all()
+
+
+def test_ten_skipped_steps_in_a_row_are_a_divergence(data_dir, tmp_path):
+    trainer = Trainer(tiny_run(data_dir, train={"steps": 20}), tmp_path)
+    _poison(trainer, lambda step: step >= 3)
+    summary = trainer.run()
+    assert summary["status"] == "diverged"
+    assert summary["skipped_steps"] == 10 and summary["steps_done"] == 12  # steps 3..12, the 10th stops it
+    assert summary["final_train_loss"] is None and summary["final_val_loss"] is None
+
+
+# ---- strict JSON ---------------------------------------------------------------------------------
+def _strict(text: str):
+    def reject(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=reject)
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    atomic_write_json(tmp_path / "summary.json",
+                      {"loss": math.nan, "curve": [1.5, math.inf, {"low": -math.inf}], "pair": (math.nan, 2),
+                       "status": "diverged", "none": None})
+    assert _strict((tmp_path / "summary.json").read_text()) == {
+        "loss": None, "curve": [1.5, None, {"low": None}], "pair": [None, 2], "status": "diverged", "none": None}
