@@ -1,47 +1,28 @@
-"""Typed, validated configuration of one run: model, optimiser, training, data.
+"""Typed, validated configuration of one run: model, optimiser, training, data, int8 evaluation.
 
 Frozen dataclasses with docstrings; every ablation is a field. `RunConfig.from_dict` rejects unknown
 keys and bad values with a message naming the field and the allowed values, so a typo fails before
 any job starts. JSON in and out (`to_dict` / `from_dict`) is what travels between workflow steps.
+
+Each field is checked in __post_init__ against its type hint, range and choices (`ofe.fields`): a wrong
+value fails here, by name, not as a TypeError deep inside training.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
+
+from ofe.fields import (SECTIONS, ConfigError, _checkers, _validate, check_field, field_kind,  # noqa: F401
+                        number_from_text)
 
 NormKind = Literal["layernorm", "rmsnorm", "srms", "none"]  # srms: RMSNorm without a gain
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the key and what is allowed."""
-
-
-@functools.lru_cache(maxsize=None)
-def _choices(cls: type) -> dict[str, tuple]:
-    """Field name -> allowed values, for every Literal-typed field of a config class (resolving the
-    annotations is slow, and a 10,000-run grid validates 50,000 configs)."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: typing.get_args(hints[f.name]) for f in dataclasses.fields(cls)
-            if typing.get_origin(hints[f.name]) is Literal}
-
-
-def _check_choices(obj: Any, prefix: str) -> None:
-    """Validate every Literal-typed field of a dataclass instance against its allowed values."""
-    for name, allowed in _choices(type(obj)).items():
-        if getattr(obj, name) not in allowed:
-            raise ConfigError(f"{prefix}{name}: {getattr(obj, name)!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _positive(prefix: str, **values: float) -> None:
-    for name, v in values.items():
-        if not v > 0:
-            raise ConfigError(f"{prefix}{name}: must be > 0, got {v!r}")
+PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
 
 
 @dataclass(frozen=True)
@@ -76,13 +57,9 @@ class ModelConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        _check_choices(self, "model.")
-        _positive("model.", vocab_size=self.vocab_size, context=self.context, n_layer=self.n_layer,
-                  n_head=self.n_head, d_model=self.d_model)
+        _validate(self, "model")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model: {self.d_model} is not divisible by n_head={self.n_head}")
-        if self.logit_cap is not None:
-            _positive("model.", logit_cap=self.logit_cap)
 
     @property
     def n_params_approx(self) -> int:
@@ -115,12 +92,7 @@ class OptimConfig:
     """EMA rate of the G G^T and G^T G statistics; None uses betas[1]."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "betas", tuple(self.betas))
-        _check_choices(self, "optim.")
-        _positive("optim.", lr=self.lr, eps=self.eps, precondition_frequency=self.precondition_frequency,
-                  max_precond_dim=self.max_precond_dim)
-        if not 0 <= self.warmup_frac < 1:
-            raise ConfigError(f"optim.warmup_frac: must be in [0, 1), got {self.warmup_frac!r}")
+        _validate(self, "optim")
 
 
 @dataclass(frozen=True)
@@ -142,17 +114,14 @@ class TrainConfig:
     threads: int = 1
     """torch CPU threads; resume reproduces an uninterrupted run exactly with the same threads."""
     device: str = "auto"
-    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'auto': bf16 autocast on CUDA (TF32 matmuls too), fp32 on CPU. Metrics are always fp32."""
     compile: bool = False
     """torch.compile the training forward/backward (the probe runs on the uncompiled module)."""
 
     def __post_init__(self) -> None:
-        _positive("train.", steps=self.steps, batch_size=self.batch_size, log_every=self.log_every,
-                  probe_batch_size=self.probe_batch_size,
-                  eval_every=self.eval_every, eval_batches=self.eval_batches,
-                  checkpoint_every=self.checkpoint_every, threads=self.threads)
+        _validate(self, "train")  # device too: its value reaches a shell command and torch
 
 
 @dataclass(frozen=True)
@@ -175,11 +144,9 @@ class DataConfig:
     max_documents: int | None = None
 
     def __post_init__(self) -> None:
-        _check_choices(self, "data.")
+        _validate(self, "data")
         if self.source == "datasets" and not self.path:
             raise ConfigError("data.path: required when data.source is 'datasets' (e.g. 'text' or a hub name)")
-        if not 0 < self.val_fraction < 1:
-            raise ConfigError(f"data.val_fraction: must be in (0, 1), got {self.val_fraction!r}")
 
     @property
     def cache_id(self) -> str:
@@ -187,6 +154,33 @@ class DataConfig:
         digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
         stem = "stdlib" if self.source == "stdlib" else str(self.path).replace("/", "_")
         return f"{stem}-{digest[:10]}"
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Which int8 protocols and bit widths to evaluate (`ofe.quant`), and how ranges are set. Here, not in
+    ofe.quant, so that planning a grid never imports torch."""
+
+    protocols: tuple[str, ...] = PROTOCOLS
+    bits: tuple[int, ...] = (8,)
+    """8 is W8A8; 6 and 4 expose the effect at tiny scale, where 8 bits may hide it."""
+    weight_range: Literal["mse", "absmax"] = "mse"
+    percentile: float = 99.999
+    """Static activation ranges: running min-max of this percentile over the calibration batches."""
+    calib_batches: int = 4
+    eval_batches: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocols", tuple(self.protocols))
+        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
+        for p in self.protocols:
+            if p not in PROTOCOLS:
+                raise ConfigError(f"quant.protocols: {p!r} is not allowed; choose from {list(PROTOCOLS)}")
+        for b in self.bits:
+            if not 2 <= b <= 16:
+                raise ConfigError(f"quant.bits: {b} is outside 2..16")
+        if self.weight_range not in ("mse", "absmax"):
+            raise ConfigError(f"quant.weight_range: {self.weight_range!r}; choose 'mse' or 'absmax'")
 
 
 @dataclass(frozen=True)
@@ -203,7 +197,16 @@ class RunConfig:
     """The prepared token cache (see `ofe.data.prepare`)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain dicts, as `dataclasses.asdict` gives, at a fifth of its cost (a 10,000-run plan
+        serialises every run): sections are flat, so only their list, tuple and dict values are copied."""
+        out: dict[str, Any] = {}
+        for name in _field_names(RunConfig):
+            value = getattr(self, name)
+            if name in SECTIONS:
+                value = {k: v if isinstance(v, (str, int, float, type(None))) else copy.deepcopy(v)
+                         for k, v in vars(value).items()}
+            out[name] = copy.deepcopy(value) if isinstance(value, (dict, list)) and name not in SECTIONS else value
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -216,12 +219,11 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        sections = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "data": DataConfig}
         _reject_unknown("", d, [f.name for f in dataclasses.fields(cls)])
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
-            if key in sections:
-                kwargs[key] = build_section(sections[key], value or {}, key + ".")
+            if key in SECTIONS:
+                kwargs[key] = build_section(SECTIONS[key], value or {}, key + ".")
             else:
                 kwargs[key] = value
         return cls(**kwargs)
@@ -234,7 +236,7 @@ def config_hash(run_config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _reject_unknown(prefix: str, d: dict[str, Any], allowed: list[str]) -> None:
+def _reject_unknown(prefix: str, d: dict[str, Any], allowed: Iterable[str]) -> None:
     if not isinstance(d, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {d!r}")
     for key in d:
@@ -242,16 +244,27 @@ def _reject_unknown(prefix: str, d: dict[str, Any], allowed: list[str]) -> None:
             raise ConfigError(f"{prefix}{key}: unknown key; allowed keys are {sorted(allowed)}")
 
 
+@functools.lru_cache(maxsize=None)
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def build_section(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    """Build one config dataclass from a mapping, naming the bad key on error."""
-    _reject_unknown(prefix, d, [f.name for f in dataclasses.fields(cls)])
+    """Build one config dataclass from a mapping, naming the bad key on error. A class that does not
+    validate itself (QuantConfig) gets the same type and range checks here."""
+    _reject_unknown(prefix, d, _field_names(cls))
+    if cls not in SECTIONS.values():
+        checkers = _checkers(cls, prefix.rstrip("."))
+        d = {k: checkers[k](v, f"{prefix}{k}") for k, v in d.items()}
     try:
         return cls(**d)
-    except TypeError as e:  # e.g. a list where a number belongs
-        raise ConfigError(f"{prefix}: {e}") from e
+    except TypeError as e:  # a check above should have caught it; still name the section
+        raise ConfigError(f"{prefix.rstrip('.')}: {e}") from e
+
+
+SECTIONS.update(model=ModelConfig, optim=OptimConfig, train=TrainConfig, data=DataConfig)
 
 
 def section_fields(section: str) -> list[str]:
     """Field names of a section ('model', 'optim', 'train', 'data'): the keys a study may sweep."""
-    cls = {"model": ModelConfig, "optim": OptimConfig, "train": TrainConfig, "data": DataConfig}[section]
-    return [f.name for f in dataclasses.fields(cls)]
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]

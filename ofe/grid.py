@@ -2,26 +2,26 @@
 
 A study is a named sub-grid over the axes block x beta x optimizer x lr x scale x seed, plus any
 dotted config key (e.g. `optim.eps`). A run shared by two studies is one run. Every run is resolved
-to a full `RunConfig` here, so any bad value fails before a job starts.
+to a full `RunConfig` here, so any bad value fails before a job starts, naming its key.
+
+Run ids are folder paths built from the grid values, exactly (a float by its shortest round-trip
+repr), from a safe character set; two different configs never share one (`expand` refuses).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
-
 from ofe import presets
+from ofe.config import SECTIONS as SECTIONS_BY_NAME
 from ofe.config import ConfigError, DataConfig, RunConfig, build_section, section_fields
-
-AXES = ("scale", "block", "beta", "optimizer", "lr", "seed")  # in run-path order
-SECTIONS = ("model", "optim", "train")
-DEFAULT_SCHEMA = Path("workflow/schemas/config.schema.yaml")
+from ofe.validate import AXES, DEFAULT_SCHEMA, SECTIONS, TOKENIZER_VOCAB, _segment, format_value, validate
+# re-exported: the workflow reaches the config checks through ofe.grid
+from ofe.validate import check_launcher, launcher_settings, load_config  # noqa: F401
 
 
 @dataclass
@@ -33,39 +33,7 @@ class Run:
     config: RunConfig
     studies: list[str] = field(default_factory=list)
 
-
-def _fmt(value: Any) -> str:
-    return format(value, "g") if isinstance(value, float) else str(value)
-
-
-def _json_path(path) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "(top level)"
-
-
-def validate_schema(config: dict, schema_path: Path | str = DEFAULT_SCHEMA) -> None:
-    """Check config.yaml against the JSON schema; the error names the key and the allowed values."""
-    schema = yaml.safe_load(Path(schema_path).read_text())
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(e.absolute_path))
-    if not errors:
-        return
-    lines = []
-    for e in errors:
-        msg = e.message
-        if e.validator == "additionalProperties":
-            allowed = sorted(e.schema.get("properties", {}))
-            patterns = list(e.schema.get("patternProperties", {}))
-            unknown = [k for k in e.instance
-                       if k not in allowed and not any(re.search(p, k) for p in patterns)]
-            msg = f"unknown key {', '.join(map(repr, unknown))}; allowed keys are {allowed}"
-            if patterns:
-                msg += " or a dotted config key such as 'optim.eps' (model.*, optim.*, train.*)"
-        lines.append(f"config.yaml: {_json_path(e.absolute_path)}: {msg}")
-    raise ConfigError("\n".join(lines))
-
+# ---- expansion ---------------------------------------------------------------------------------------
 
 def _merge(base: dict, over: dict) -> dict:
     out = {k: dict(v) for k, v in base.items()}
@@ -74,7 +42,25 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def resolve_run(config: dict, point: dict[str, Any]) -> Run:
+def _frozen(value: Any) -> Any:
+    """A hashable stand-in for a section value (lists become tuples, which the section accepts as is)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+@functools.lru_cache(maxsize=4096)
+def _section(name: str, items: tuple) -> Any:
+    return build_section(SECTIONS_BY_NAME[name], dict(items), f"{name}.")
+
+
+def _run_config(sections: dict[str, dict], data: DataConfig) -> RunConfig:
+    """RunConfig of the merged sections. Each distinct section is built (and validated) once: the runs
+    of a grid share most of them, and checking every field of every run dominates a 10,000-run plan."""
+    parts = {name: _section(name, tuple((k, _frozen(v)) for k, v in values.items()))
+             for name, values in sections.items()}
+    return RunConfig(**parts, data=data)
+
+
+def resolve_run(config: dict, point: dict[str, Any], data: DataConfig | None = None) -> Run:
     """The full RunConfig of one grid point: scale preset <- block preset <- defaults <- axis values."""
     defaults = config.get("defaults", {})
     if point["scale"] not in presets.SCALES:
@@ -82,7 +68,7 @@ def resolve_run(config: dict, point: dict[str, Any]) -> Run:
     if point["block"] not in presets.BLOCKS:
         raise ConfigError(f"block: {point['block']!r} is not one of {list(presets.BLOCKS)}")
     sections = _merge(presets.SCALES[point["scale"]](), presets.BLOCKS[point["block"]]())
-    sections = _merge(sections, {s: defaults.get(s, {}) for s in SECTIONS})
+    sections = _merge(sections, {s: defaults.get(s) or {} for s in SECTIONS})
     axis_values: dict[str, dict] = {
         "optim": {"name": point["optimizer"], "lr": point["lr"]},
         "train": {"seed": point["seed"]},
@@ -94,20 +80,28 @@ def resolve_run(config: dict, point: dict[str, Any]) -> Run:
         if section not in SECTIONS or name not in section_fields(section):
             raise ConfigError(f"grid axis {key!r}: unknown; sweepable keys are "
                               f"{[f'{s}.{f}' for s in SECTIONS for f in section_fields(s)]}")
-    data = build_section(DataConfig, config.get("data", {}), "data.")
+    if data is None:
+        data = build_section(DataConfig, config.get("data") or {}, "data.")
     # the config without the extra axes, needed only to tell which of them change the run
-    base = RunConfig.from_dict({**_merge(sections, axis_values), "data": data.__dict__}) if extras else None
+    base = _run_config(_merge(sections, axis_values), data) if extras else None
     for key, value in extras.items():
         section, name = key.split(".", 1)
         axis_values[section][name] = value
-    cfg = RunConfig.from_dict({**_merge(sections, axis_values), "data": data.__dict__})
+    cfg = _run_config(_merge(sections, axis_values), data)
+    vocab = TOKENIZER_VOCAB.get(data.tokenizer)
+    if vocab and cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({vocab} for data.tokenizer {data.tokenizer!r}); must be >= {vocab}")
     grid = {**{a: point[a] for a in AXES if a != "beta"}, "beta": cfg.model.beta, **extras}
     # An extra axis joins the path only where it changes the run, so the eps study's 1e-8 run is the
     # same run (and folder) as the default Pre-LN run of the other studies.
     changed = {k: v for k, v in extras.items() if config_value(cfg, k) != config_value(base, k)}
-    leaf = f"seed{grid['seed']}" + "".join(f"_{k}{_fmt(v)}" for k, v in sorted(changed.items()))
-    run_id = "/".join([grid["scale"], grid["block"], f"beta{_fmt(grid['beta'])}", grid["optimizer"],
-                       f"lr{_fmt(grid['lr'])}", leaf])  # a leaf folder: no run is inside another
+    fmt = format_value
+    leaf = f"seed{fmt(grid['seed'])}" + "".join(f"_{k}{_segment(fmt(v), f'grid.{k}')}"
+                                                for k, v in sorted(changed.items()))
+    segments = [(grid["scale"], "scale"), (grid["block"], "block"), (f"beta{fmt(grid['beta'])}", "beta"),
+                (grid["optimizer"], "optimizer"), (f"lr{fmt(grid['lr'])}", "lr"), (leaf, "seed")]
+    run_id = "/".join(_segment(s, f"grid.{what}") for s, what in segments)  # a leaf: no run inside another
     return Run(run_id, grid, replace(cfg, grid=grid))
 
 
@@ -119,10 +113,16 @@ def config_value(cfg: RunConfig, key: str) -> Any:
 
 def expand(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> dict[str, Run]:
     """Validate `config` and return every run of every study, keyed by run id, in study order."""
-    if schema_path is not None:
-        validate_schema(config, schema_path)
+    return expand_valid(validate(config, schema_path))
+
+
+def expand_valid(config: dict) -> dict[str, Run]:
+    """`expand` of a config `validate` has returned. Two grid points with one run id are one run if
+    their configs are equal (a run shared by studies); if they differ, ConfigError names both."""
     defaults = config.get("defaults", {})
+    data = build_section(DataConfig, config.get("data") or {}, "data.")
     runs: dict[str, Run] = {}
+    origin: dict[str, tuple[str, dict, str]] = {}  # run id -> (study, point, config hash)
     for study, spec in config["studies"].items():
         grid = spec.get("grid", {})
         axes = list(dict.fromkeys([*AXES, *grid]))
@@ -130,19 +130,30 @@ def expand(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> dic
         for combo in itertools.product(*values):
             point = dict(zip(axes, combo))
             try:
-                run = resolve_run(config, point)
+                run = resolve_run(config, point, data)
             except ConfigError as e:
                 raise ConfigError(f"config.yaml: studies.{study}: {e}") from None
-            run = runs.setdefault(run.run_id, run)
-            if study not in run.studies:
-                run.studies.append(study)
+            first = runs.get(run.run_id)
+            if first is None:
+                runs[run.run_id] = first = run
+                origin[run.run_id] = (study, point, "")
+            else:
+                first_study, first_point, first_hash = origin[run.run_id]
+                first_hash = first_hash or first.config.config_hash()
+                origin[run.run_id] = (first_study, first_point, first_hash)
+                if run.config.config_hash() != first_hash:
+                    raise ConfigError(
+                        f"config.yaml: studies.{first_study} and studies.{study}: two different configs "
+                        f"would share the run folder {run.run_id!r}: {first_point} in {first_study} and "
+                        f"{point} in {study}; make the grids differ in an axis of the folder name")
+            if study not in first.studies:
+                first.studies.append(study)
     # every run gets a value in every extra grid column: the one its config has
     extra_keys = sorted({k for r in runs.values() for k in r.grid if k not in AXES})
     for r in runs.values():
         for k in extra_keys:
             r.grid.setdefault(k, config_value(r.config, k))
     return runs
-
 
 def studies_metadata(config: dict) -> list[dict]:
     """Per study, in config order: name, title, question and the axes it sweeps (more than one
@@ -157,7 +168,3 @@ def studies_metadata(config: dict) -> list[dict]:
             "axes": [a for a, v in grid.items() if len(v) > 1] or list(grid)[:1],
         })
     return out
-
-
-def load_config(path: Path | str) -> dict:
-    return yaml.safe_load(Path(path).read_text())

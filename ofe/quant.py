@@ -25,38 +25,10 @@ import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
+from ofe.config import PROTOCOLS, QuantConfig  # noqa: F401 (QuantConfig: re-exported)
 from ofe.model import GPT
 
 Protocol = Literal["static_per_tensor", "dynamic_per_token"]
-PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Which protocols and bit widths to evaluate, and how ranges are set."""
-
-    protocols: tuple[str, ...] = PROTOCOLS
-    bits: tuple[int, ...] = (8,)
-    """8 is W8A8; 6 and 4 expose the effect at tiny scale, where 8 bits may hide it."""
-    weight_range: Literal["mse", "absmax"] = "mse"
-    percentile: float = 99.999
-    """Static activation ranges: running min-max of this percentile over the calibration batches."""
-    calib_batches: int = 4
-    eval_batches: int = 16
-
-    def __post_init__(self) -> None:
-        from ofe.config import ConfigError
-
-        object.__setattr__(self, "protocols", tuple(self.protocols))
-        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
-        for p in self.protocols:
-            if p not in PROTOCOLS:
-                raise ConfigError(f"quant.protocols: {p!r} is not allowed; choose from {list(PROTOCOLS)}")
-        for b in self.bits:
-            if not 2 <= b <= 16:
-                raise ConfigError(f"quant.bits: {b} is outside 2..16")
-        if self.weight_range not in ("mse", "absmax"):
-            raise ConfigError(f"quant.weight_range: {self.weight_range!r}; choose 'mse' or 'absmax'")
 
 
 # ---- primitives -------------------------------------------------------------------------------------

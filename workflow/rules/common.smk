@@ -1,39 +1,41 @@
 # config.yaml -> validated plan (the union of every study's runs). Validation happens here, at parse
-# time, so a typo fails before any job starts, with the key and the allowed values in the message.
+# time, so a typo fails before any job starts, with the key and the allowed values in the message:
+# duplicate keys in the config files, types, ranges, paths, the grid's size, run folder names, the
+# launcher settings and whether each run's batch splits over its processes.
+import functools
 import json
 import sys
 from pathlib import Path
 
 from ofe.__main__ import plan_from_config
 from ofe.config import ConfigError
+from ofe.grid import check_launcher, launcher_settings, load_config, validate
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
-RESULTS = config.get("results_dir", "results")
-REPORT = config.get("report", "reports/index.html")
-
 
 
 def load_launcher(config):
     """config.yaml's `launcher`, updated from the file a profile names in `launcher_file` (how jobs run
-    belongs to the profile; what they compute to config.yaml)."""
-    import yaml
+    belongs to the profile; what they compute to config.yaml), validated by the schema's
+    $defs/launcher. A missing file or a bad key is a ConfigError naming it."""
+    return launcher_settings(config, SCHEMA)
 
-    launcher = dict(config.get("launcher") or {"cluster": "local"})
-    if config.get("launcher_file"):
-        launcher.update(yaml.safe_load(Path(config["launcher_file"]).read_text()) or {})
-    return launcher
-
-
-LAUNCHER = load_launcher(config)
-# Passed to `ofe launch` inside the shell command, not as params: switching local <-> slurm, or a
-# partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
-LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
 
 try:
-    PLAN = plan_from_config(config, SCHEMA, Path(RESULTS) / "data")
+    # Snakemake reads config files keeping the last of duplicate keys; read them again strictly
+    for path in workflow.configfiles:
+        load_config(path)
+    LAUNCHER = load_launcher(validate(config, SCHEMA))  # the launcher before expanding the grid
+    PLAN = plan_from_config(config, SCHEMA)
+    check_launcher(PLAN["runs"], LAUNCHER)
 except ConfigError as e:
     sys.exit(f"ofe: configuration error:\n{e}")
 
+RESULTS = PLAN["config"].get("results_dir", "results")
+REPORT = PLAN["config"].get("report", "reports/index.html")
+# Passed to `ofe launch` inside the shell command, not as params: switching local <-> slurm, or a
+# partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
+LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
 RUNS = {r["run_id"]: r for r in PLAN["runs"]}
 print(f"ofe: {len(RUNS)} runs in {len(PLAN['studies'])} studies; training jobs go to "
       f"{LAUNCHER.get('cluster', 'local')} (submitit)", file=sys.stderr)
@@ -44,9 +46,20 @@ wildcard_constraints:
     run=".+",
 
 
+@functools.lru_cache(maxsize=None)  # Snakemake expands a job's params more than once
+def config_json(run_id):
+    return json.dumps(RUNS[run_id]["config"], sort_keys=True)
+
+
 def run_config_json(wildcards):
-    return json.dumps(RUNS[wildcards.run]["config"], sort_keys=True)
+    return config_json(wildcards.run)
 
 
 def run_threads(wildcards):
     return RUNS[wildcards.run]["config"]["train"]["threads"]
+
+
+# A constant where every run uses the same number of threads (the usual grid): Snakemake inspects a
+# function's signature for every job, seconds for a 10,000-run grid.
+THREADS = {r["config"]["train"]["threads"] for r in PLAN["runs"]}
+RUN_THREADS = THREADS.pop() if len(THREADS) == 1 else run_threads
