@@ -1,14 +1,15 @@
 """One self-contained HTML report of an ablation, as a researcher reads it.
 
 - Front page: the grid (each study, its question, swept axes and their values, run counts by status),
-  total wall time, a banner while results are partial (runs failed or missing), and provenance.
+  total wall time, a banner while results are partial (runs failed, corrupt or missing), and provenance.
 - One section per study: a headline figure that answers the study's question first (for a study that
   sweeps a numeric axis, peak and final mean kurtosis against it, seeds averaged; otherwise per-layer
   kurtosis over training, one panel per configuration, as in the paper's figures 2 and 4), then
   kurtosis over training, kurtosis beside signal propagation per layer, max-median ratio, loss curves
   and the study's int8 table when quantisation results exist.
 - int8 quantisation over every run (when `quant.parquet` has rows), then the runs table: configuration,
-  status, final loss, kurtosis, the last line of a failed run's error, a relative link to the run folder.
+  status, final loss, kurtosis, the last line of a failed run's error (a corrupt run's reason), a relative
+  link to the run folder.
 
 The page opens offline (also from a file:// URL): the Vega, Vega-Lite and vega-embed JavaScript is
 inlined once (the bundle `vl_convert.javascript_bundle()` builds, a classic script that sets
@@ -80,7 +81,7 @@ SWEEP_CAPTION = (
 )
 
 KNOWN_GRID_COLUMNS = ("block", "scale", "optimizer", "beta", "lr", "seed")
-STATUS_ORDER = ("completed", "diverged", "failed", "missing")
+STATUS_ORDER = ("completed", "diverged", "failed", "corrupt", "missing")
 DONE_STATUSES = ("completed", "diverged")  # runs that finished and have results
 
 # Quantisation protocols in page order (others follow alphabetically) and their short column names.
@@ -130,7 +131,7 @@ th { background: #f4f4f4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 .rel { color: #666; font-size: .9em; }
 .status-completed { color: #1a7f37; } .status-diverged { color: #b35900; }
-.status-failed, .status-missing { color: #c62828; }
+.status-failed, .status-corrupt, .status-missing { color: #c62828; }
 .error { font-family: monospace; min-width: 16em; max-width: 30em; word-break: break-word; }
 td.files { white-space: nowrap; }
 """
@@ -512,8 +513,8 @@ def _partial_banner(runs: pd.DataFrame) -> str:
         return ""
     return (
         f'<p class="banner"><b>Partial results:</b> {len(pending)} of {len(runs)} runs have no results '
-        f"({_status_counts(pending)}); the figures show the runs that finished. Failed runs list their error "
-        'in the <a href="#runs">runs table</a>.</p>'
+        f"({_status_counts(pending)}); the figures show the runs that finished. Failed and corrupt runs list their "
+        'error in the <a href="#runs">runs table</a>.</p>'
     )
 
 

@@ -521,6 +521,26 @@ def test_a_study_whose_runs_are_all_missing_renders(synthetic, tmp_path) -> None
         assert "<svg" in vl_convert.vegalite_to_svg(spec)
 
 
+def test_a_corrupt_run_is_shown_like_a_failed_one_with_its_reason(synthetic, tmp_path) -> None:
+    """`ofe aggregate` marks a run whose files cannot be trusted `corrupt`: red, its reason in the runs
+    table, counted among the runs without results, ordered after failed and before missing."""
+    runs, metrics = synthetic
+    reason = "corrupt: metrics.parquet: Parquet magic bytes not found in footer"
+    bad = {"run_id": "tiny/post_ln/beta1/adamw/lr0.01/seed0", "block": "post_ln", "scale": "tiny",
+           "optimizer": "adamw", "beta": 1.0, "lr": 0.01, "seed": 0, "optim.eps": 1e-8, "studies": ["blocks"],
+           "status": "corrupt", "error": reason, "steps_done": None}
+    runs = pd.concat([runs, pd.DataFrame([bad])], ignore_index=True)
+    _write_results(tmp_path / "results", runs, metrics)
+    page = build_report(tmp_path / "results", tmp_path / "reports" / "index.html", png=False).read_text()
+    assert re.search(r"\.status-corrupt[^{}]*\{ color: #c62828; \}", page)
+    row = next(r for r in re.findall(r"<tr>.*?</tr>", _section(page, "runs")) if bad["run_id"] in r)
+    assert '<td class="status-corrupt">corrupt</td>' in row and f'<td class="error">{reason}</td>' in row
+    front = page[: page.index('<section id="study-')]
+    assert "7 runs: 4 completed, 1 diverged, 1 corrupt, 1 missing." in front
+    assert "<b>Partial results:</b> 2 of 7 runs have no results (1 corrupt, 1 missing)" in front
+    assert "Failed and corrupt runs list their error" in front
+
+
 def test_partial_tables_link_the_run_folders_beside_them(synthetic, tmp_path) -> None:
     """The workflow's onerror report reads results/partial/*.parquet; the run folders are results/runs/."""
     runs, metrics = synthetic
