@@ -11,7 +11,6 @@ configfile: "config.yaml"
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/train.smk"
-include: "workflow/rules/quantise.smk"
 include: "workflow/rules/report.smk"
 
 

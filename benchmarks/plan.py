@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/plan.py [--runs-per-block 1440]
 
 The grid: 7 blocks x 5 betas x 4 optimisers x 6 learning rates x 2 scales x 6 seeds = 10,080 runs,
-i.e. 10,080 train + 10,080 quantise jobs in the DAG.
+i.e. 10,080 jobs (each trains and quantises one run) in the DAG. Runs three times: the spread is about
+half a second on 2 cores.
 """
 
 from __future__ import annotations
@@ -41,15 +42,18 @@ def main() -> None:
     runs = grid.expand(config, REPO / "workflow" / "schemas" / "config.schema.yaml")
     t_expand = time.perf_counter() - t0
     snakemake = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
-    t0 = time.perf_counter()
-    out = subprocess.run([snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(work),
-                          "--profile", str(REPO / "profiles" / "local"), "-n", "--quiet"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    t_dry = time.perf_counter() - t0
-    if out.returncode:
-        sys.exit(out.stderr[-2000:])
-    print(f"{len(runs):,} runs: validate + expand {t_expand:.2f} s; "
-          f"`snakemake -n` (parse, plan, DAG of {2 * len(runs):,} jobs) {t_dry:.1f} s (target <= 10 s)")
+    times = []
+    for _ in range(3):
+        shutil.rmtree(work / ".snakemake", ignore_errors=True)
+        t0 = time.perf_counter()
+        out = subprocess.run([snakemake, "-s", str(REPO / "Snakefile"), "--directory", str(work),
+                              "--profile", str(REPO / "profiles" / "local"), "-n", "--quiet"],
+                             capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        times.append(time.perf_counter() - t0)
+        if out.returncode:
+            sys.exit(out.stderr[-2000:])
+    print(f"{len(runs):,} runs: validate + expand {t_expand:.2f} s; `snakemake -n` (parse, plan, DAG of "
+          f"{len(runs):,} jobs) {min(times):.1f} s best, {max(times):.1f} s worst of 3 (target <= 10 s)")
     shutil.rmtree(work)
 
 

@@ -4,8 +4,10 @@
   plan          write the plan (runs, studies, config) the aggregation reads
   prepare       tokenise a dataset once into a shared cache
   train         train one run from its RUN.json (resumes from its checkpoint)
-  launch        submit `train` through submitit (local or slurm) and wait for it
+  launch        submit `train` (+ `quantise`) through submitit (local or slurm) and wait for it
   cancel        cancel every pending or running job of this workflow
+  status        where every run of the grid stands
+  install-profile  install profiles/slurm as the global Snakemake profile `slurm`
   quantise      int8 (W8A8) perplexity of a finished run
   aggregate     per-run files -> results/runs.parquet and results/metrics.parquet
   report        tables -> self-contained reports/index.html
@@ -26,18 +28,20 @@ def _json_arg(text: str) -> dict:
     return json.loads(text)
 
 
-def plan_from_config(config: dict, schema: Path | None, data_root: Path) -> dict:
-    """The plan: every run (id, grid labels, studies, full config) plus study metadata."""
-    from ofe import grid
-    from ofe.config import DataConfig, build_section
-
-    runs = grid.expand(config, schema)
+def plan_from_config(config: dict, schema: Path | None, data_root: Path | None = None) -> dict:
+    """The plan: every run (id, grid labels, studies, full config) plus study metadata. Validates first
+    (`ofe.grid.validate`: numbers read, schema, paths, values, grid size), so nothing heavy is imported
+    for a config that fails. `data_root` defaults to results_dir/data."""
     from dataclasses import asdict
 
-    from ofe.quant import QuantConfig
+    from ofe import grid
+    from ofe.config import DataConfig, QuantConfig, build_section
 
-    data = build_section(DataConfig, config.get("data", {}), "data.")
-    quant = build_section(QuantConfig, config.get("quant", {}), "quant.")
+    config = grid.validate(config, schema)
+    runs = grid.expand_valid(config)
+    data = build_section(DataConfig, config.get("data") or {}, "data.")
+    quant = build_section(QuantConfig, config.get("quant") or {}, "quant.")
+    data_root = data_root if data_root is not None else Path(config.get("results_dir", "results")) / "data"
     data_dir = str(data_root / data.cache_id)
     extras = sorted({k for r in runs.values() for k in r.grid if k not in grid.AXES})
     return {
@@ -82,11 +86,22 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("launch", help="train one run through submitit and wait for it")
     p.add_argument("--run-json", type=_json_arg, required=True, help="the run's full config (RunConfig)")
     p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"})
+    p.add_argument("--status-dir", type=Path, help="the workflow's shared SLURM status cache (RESULTS/.ofe-status)")
+    p.add_argument("--quant-json", type=_json_arg, help="also quantise the run in the job (the quant section)")
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("cancel", help="cancel every pending or running job of the run folders")
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--dry-run", action="store_true", help="list the jobs, cancel nothing")
+
+    p = sub.add_parser("status", help="where every run of the grid stands (no Snakemake needed)")
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--max-age", type=float, default=60.0,
+                   help="query SLURM (one batched call) when the shared status cache is older (s)")
+    p.add_argument("--no-query", dest="query", action="store_false", help="never query SLURM; cached states only")
+
+    p = sub.add_parser("install-profile", help="install profiles/slurm as a global Snakemake profile")
+    p.add_argument("--name", default="slurm", help="the profile's name: `snakemake --profile NAME`")
 
     p = sub.add_parser("quantise", help="int8 (W8A8) perplexity of a finished run -> RUN/quant.parquet")
     p.add_argument("--run", type=Path, required=True, help="the run folder")
@@ -119,10 +134,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "check-config":
         from ofe import grid
 
-        runs = grid.expand(grid.load_config(args.config), args.schema)
+        config = grid.validate(grid.load_config(args.config), args.schema)
+        runs = grid.expand_valid(config)
+        launcher = grid.launcher_settings(config, args.schema)  # and its launcher_file, if any
+        grid.check_launcher(runs.values(), launcher)
         for r in runs.values():
             print(f"{r.run_id}  ({', '.join(r.studies)})")
-        print(f"{len(runs)} runs")
+        print(f"{len(runs)} runs; training jobs go to {launcher.get('cluster', 'local')}")
     elif args.cmd == "plan":
         from ofe import grid
 
@@ -147,7 +165,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ofe.config import RunConfig
         from ofe.launch import launch
 
-        summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json)
+        summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json, args.status_dir,
+                         args.quant_json)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
     elif args.cmd == "cancel":
         from ofe.launch import cancel
@@ -155,13 +174,29 @@ def _dispatch(args: argparse.Namespace) -> int:
         jobs = cancel(args.results, args.dry_run)
         verb = "would cancel" if args.dry_run else "cancelled"
         print("\n".join(f"[ofe] {verb} {j}" for j in jobs) or "[ofe] no pending or running jobs")
+    elif args.cmd == "status":
+        from ofe.status import format_table, grid_status
+
+        try:
+            rows = grid_status(args.results, args.max_age, args.query)
+        except FileNotFoundError as e:
+            print(f"ofe: {e}", file=sys.stderr)
+            return 1
+        print(format_table(rows))
+    elif args.cmd == "install-profile":
+        from ofe.profile import install_profile
+
+        try:
+            dest = install_profile(args.name)
+        except (FileExistsError, FileNotFoundError, ValueError) as e:
+            print(f"ofe: {e}", file=sys.stderr)
+            return 1
+        print(f"[ofe] installed {dest / 'config.yaml'}; from the project root run: snakemake --profile {args.name}")
     elif args.cmd == "quantise":
-        from ofe.quant import QuantConfig, quantise_run
+        from ofe.launch import quantise_in_process
 
-        from ofe.config import build_section
-
-        df = quantise_run(args.run, build_section(QuantConfig, args.quant_json, "quant."))
-        print(f"[ofe] {args.run}: {len(df)} quantisation rows")
+        result = quantise_in_process(args.run, args.quant_json)
+        print(f"[ofe] {args.run}: {result['rows']} quantisation rows")
     elif args.cmd == "aggregate":
         from ofe.aggregate import aggregate
 

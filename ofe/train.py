@@ -239,11 +239,15 @@ class Trainer:
         train_loss = df[(df.site == "train") & (df.metric == "loss")].value
         val_loss = df[(df.site == "val") & (df.metric == "loss")].value
         done = self.status == "completed"  # a diverged run has no final loss: its finite tail is not one
+        kurt = df[df.metric == "kurtosis"]
+        last_kurt = kurt[kurt.step == kurt.step.max()].value if len(kurt) else pd.Series(dtype=float)
         summary = {
             "status": self.status,
             "steps_done": self.step,
             "steps": self.cfg.train.steps,
             "skipped_steps": self.skipped_steps,
+            # the largest kurtosis over sites and layers at the last probe (`ofe status` shows it)
+            "max_kurtosis_last": float(last_kurt.max()) if len(last_kurt) else None,
             "final_train_loss": float(train_loss.tail(10).mean()) if done and len(train_loss) else None,
             "final_val_loss": float(val_loss.iloc[-1]) if done and len(val_loss) else None,
             "tokens": self.step * self.tokens_per_step,
@@ -270,7 +274,8 @@ def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) ->
     trains (every rank reads the same summary, so all return or all train)."""
     out = Path(out_dir)
     summary = checkpoint.finished_summary(out, cfg.config_hash())
-    if summary is not None:
+    if summary is not None and (out / METRICS).exists():  # else the final checkpoint rewrites both
+        print(f"[ofe] {out}: already finished ({summary['status']}, this config); nothing to train", flush=True)
         return summary
     out.mkdir(parents=True, exist_ok=True)
     return Trainer(cfg, out).run(stop_after=stop_after)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import ofe.launch as launch_module
-from ofe.launch import SchedulerUnavailable, launch, live_job, run_lock
+import ofe.jobstate as jobstate
+from ofe.jobstate import SchedulerUnavailable
+from ofe.launch import launch, run_lock
 from tests.conftest import tiny_run
 
 LOCAL = {"cluster": "local", "poll_s": 0.2, "timeout_min": 5}
@@ -43,6 +44,10 @@ def _start_ticks(pid: int) -> int:
     return int(fields[19])  # field 3 is fields[0]
 
 
+def live_job(out: Path) -> dict | None:
+    return jobstate.live_job(out / "job.json")
+
+
 def _record(out: Path, **info) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.json").write_text(json.dumps({"job_id": "123", "folder": str(out / "submitit"), **info}))
@@ -65,7 +70,7 @@ def _fake_slurm(tmp_path: Path, monkeypatch, squeue: str, sacct: str) -> Path:
         path.write_text(f"#!/bin/sh\necho {name} >> {tmp_path}/calls.txt\n{body}\n")
         path.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setattr(launch_module.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobstate.time, "sleep", lambda s: None)
     return tmp_path / "calls.txt"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
+from ofe import grid
 from ofe.train import train
 from tests.conftest import REPO, require_service, tiny_run
 
@@ -87,6 +90,12 @@ def workflow_dir(tmp_path: Path, prefix: str, steps: int = 20) -> Path:
     return tmp_path
 
 
+def planned_hash(workdir: Path, run_id: str) -> str:
+    """The config hash of one planned run of the workflow in `workdir` (its plan, computed here)."""
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    return grid.expand(config, REPO / "workflow" / "schemas" / "config.schema.yaml")[run_id].config.config_hash()
+
+
 def snakemake_cmd(workdir: Path, *extra: str) -> list[str]:
     # the test's own launcher file replaces the profile's (same key), keeping the profile's other settings
     return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--profile",
@@ -98,10 +107,22 @@ def run_snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(snakemake_cmd(workdir, *extra), capture_output=True, text=True, timeout=900)
 
 
-def test_two_run_grid_completes_on_slurm(tmp_path):
+def test_two_run_grid_completes_on_slurm_with_the_literal_profile_command(tmp_path):
+    """`python -m ofe install-profile`, then `snakemake --profile slurm` from the project root, as the
+    README says; HOME is a fresh folder, and the installed profile is pointed at this test's folder and
+    launcher file as a user would edit their own."""
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
-    wd = workflow_dir(tmp_path, prefix)
-    out = run_snakemake(wd)
+    (tmp_path / "work").mkdir()
+    wd = workflow_dir(tmp_path / "work", prefix)
+    env = {**{k: v for k, v in os.environ.items() if k != "XDG_CONFIG_HOME"}, "HOME": str(tmp_path / "home")}
+    install = subprocess.run([sys.executable, "-m", "ofe", "install-profile"], cwd=REPO, env=env,
+                             capture_output=True, text=True, check=True)
+    assert "snakemake --profile slurm" in install.stdout
+    profile = tmp_path / "home" / ".config" / "snakemake" / "slurm" / "config.yaml"
+    text = re.sub(r"launcher_file=\S+", f"launcher_file={wd / 'launcher.yaml'}", profile.read_text())
+    profile.write_text(text + f"directory: {wd}\nlatency-wait: 5\n")
+    out = subprocess.run([SNAKEMAKE, "--profile", "slurm"], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "training jobs go to slurm" in out.stderr
     jobs = settled_jobs(prefix, expected=2)
@@ -111,7 +132,13 @@ def test_two_run_grid_completes_on_slurm(tmp_path):
     for run_id in runs.run_id:
         info = json.loads((wd / "results" / "runs" / run_id / "job.json").read_text())
         assert info["cluster"] == "slurm" and info["job_id"] in set(jobs.job_id)
+        # quantisation ran inside the SLURM job, on the compute node, not in the head's rule
+        assert "W8A8: ppl" in Path(info["stdout"]).read_text()
+    assert len(pd.read_parquet(wd / "results" / "quant.parquet")) == 2 * 2  # 2 runs x 2 protocols x W8
     assert (wd / "reports" / "index.html").exists()
+    status = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(wd / "results")],
+                            cwd=REPO, capture_output=True, text=True, check=True)
+    assert "2 runs: 2 done" in status.stdout
 
 
 def test_requeued_job_resumes_to_identical_metrics(data_dir, tmp_path):
@@ -143,7 +170,11 @@ def test_only_the_failed_run_reruns(tmp_path):
     wd = workflow_dir(tmp_path, prefix)
     broken = wd / "results" / "runs" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0"
     broken.mkdir(parents=True)
-    (broken / "checkpoint.pt").write_text("not a checkpoint")  # the job fails when it resumes from it
+    # a checkpoint of this very config whose weights do not fit the model: the job fails on resume
+    # (an unreadable or foreign checkpoint would be moved aside and the run would start fresh)
+    torch.save({"model": {"nonsense": torch.zeros(1)}, "optimizer": {}, "step": 5, "rows": [], "seconds": 0.0,
+                "status": "running", "skipped_steps": 0, "consecutive_skips": 0,
+                "config_hash": planned_hash(wd, "tiny/op/beta0.2/adamw/lr0.01/seed0")}, broken / "checkpoint.pt")
     first = run_snakemake(wd)
     assert first.returncode != 0
     runs = pd.read_parquet(wd / "results" / "partial" / "runs.parquet").set_index("block")  # the partial report's

@@ -55,8 +55,8 @@ def test_dry_run_lists_one_job_per_unique_run(workdir):
     out = snakemake(workdir, "-n")
     assert out.returncode == 0, out.stderr
     counts = job_counts(out.stdout + out.stderr)
-    assert counts["train"] == 2  # the union: the `seeds` study adds no run
-    assert counts["quantise"] == 2
+    assert counts["train"] == 2  # the union: the `seeds` study adds no run; each job also quantises
+    assert "quantise" not in counts
     assert counts["prepare_data"] == 1 and counts["aggregate"] == 1 and counts["report"] == 1
     assert "tiny/op/beta0.2/adamw/lr0.01/seed0" in out.stdout + out.stderr
 
@@ -117,3 +117,14 @@ def test_two_run_grid_end_to_end(workdir):
     # a second invocation has nothing to do
     again = snakemake(workdir, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # changing only the quant settings reruns only the quantisation: no training step is taken again
+    before = pd.read_parquet(run_dir / "metrics.parquet")
+    (workdir / "config.yaml").write_text(yaml.safe_dump({**TEST_CONFIG, "quant": {**TEST_CONFIG["quant"], "bits": [6]}}))
+    rerun = snakemake(workdir)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = (workdir / "results" / "logs" / "train" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0.log").read_text()
+    assert "nothing to train" in log and "[ofe] step " not in log
+    pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "metrics.parquet"), before)
+    quant = pd.read_parquet(workdir / "results" / "quant.parquet")
+    assert sorted(quant.bits.unique()) == [6] and len(quant) == 2 * 2

@@ -1,20 +1,33 @@
-# One training job per run, submitted through submitit (launcher.cluster: local or slurm); the rule
-# waits for the job (re-attaching to one a killed head left running) and fails with its traceback if
-# it fails. params.run is the run's full config, so a config change reruns exactly the runs it touches.
+# One job per run, submitted through submitit (launcher.cluster: local or slurm): it trains the run,
+# then measures its int8 perplexity (ofe.quant) on the same node, so no model is ever loaded on a login
+# node and a run waits in the queue once. The rule waits for the job (re-attaching to one a killed head
+# left running) and fails with its traceback if it fails.
+# params are the run's full config and the quant settings: a change reruns exactly the runs it touches.
+# A change of `quant:` alone reruns the job, which finds the run's final checkpoint, rewrites its files
+# without training and quantises again (seconds per run).
+# Waiting rules share one squeue/sacct per poll through the status cache in STATUS_DIR.
+STATUS_DIR = f"{RESULTS}/.ofe-status"
+QUANT_JSON = json.dumps(PLAN["quant"], sort_keys=True)
+
+
 rule train:
     input:
         data=rules.prepare_data.output.meta,
+    # The job writes metrics.parquet, then summary.json, then quant.parquet, each atomically: the last
+    # one is the run's completion mark and its only declared output (each output costs plan time on a
+    # large grid). A run whose other files go missing is reported as missing or corrupt by the
+    # aggregation, and a rerun moves files of another config aside (ofe.checkpoint).
     output:
-        summary=f"{RESULTS}/runs/{{run}}/summary.json",
-        metrics=f"{RESULTS}/runs/{{run}}/metrics.parquet",
+        quant=f"{RESULTS}/runs/{{run}}/quant.parquet",
     params:
         run=run_config_json,
-        out=lambda wildcards: f"{RESULTS}/runs/{wildcards.run}",
-    threads: run_threads
+        quant=QUANT_JSON,
+        out=f"{RESULTS}/runs/{{run}}",
+    threads: RUN_THREADS
     resources:
         ofe_jobs=1,  # a profile caps the jobs in flight with `resources: [ofe_jobs=N]`
     log:
         f"{RESULTS}/logs/train/{{run}}.log",
     shell:
         "python -m ofe launch --run-json {params.run:q} --launcher-json {LAUNCHER_JSON:q}"
-        " --out {params.out:q} > {log:q} 2>&1"
+        " --quant-json {params.quant:q} --status-dir {STATUS_DIR:q} --out {params.out:q} > {log:q} 2>&1"

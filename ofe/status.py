@@ -1,0 +1,154 @@
+"""`python -m ofe status`: where every run of the grid stands, from the run folders alone.
+
+It needs no Snakemake head: it reads results/plan.json, each run folder (summary.json, error.txt,
+job.json and the tail of the job's log) and the workflow's shared SLURM status cache. When that cache
+is older than `max_age_s` (no head is polling), it refreshes it with one batched squeue/sacct for all
+recorded jobs, never one query per run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+from ofe.config import config_hash
+from ofe.jobstate import StatusCache, is_live, pid_alive, query
+from ofe.launch import ERROR, JOB
+
+STATUSES = ("done", "running", "pending", "failed", "diverged", "corrupt", "missing")
+PROGRESS = re.compile(rb"\[ofe\] step (\d+)/(\d+) .*?max-kurtosis (\S+)")
+TAIL_BYTES = 8192
+
+
+def _tail(path: Path, n: int = TAIL_BYTES) -> bytes:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(f.tell() - n, 0))
+            return f.read()
+    except OSError:
+        return b""
+
+
+def _progress(log: bytes) -> tuple[int | None, float | None]:
+    """The last `[ofe] step N/M ... max-kurtosis K` line of a training log."""
+    found = PROGRESS.findall(log)
+    if not found:
+        return None, None
+    step, _, kurt = found[-1]
+    try:
+        value = float(kurt)
+    except ValueError:
+        value = math.nan
+    return int(step), value
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) -> dict[str, Any]:
+    """One run's row: status, step/steps, latest max kurtosis, job id and, for failures, the last line."""
+    steps = run["config"]["train"]["steps"]
+    row = {"run_id": run["run_id"], "status": "missing", "step": None, "steps": steps, "max_kurtosis": None,
+           "job": None, "detail": ""}
+    record = run_dir / JOB
+    info: dict[str, Any] = {}
+    if record.exists():
+        try:
+            info = json.loads(record.read_text())
+        except ValueError:
+            info = {}
+        row["job"] = info.get("job_id")
+    log = _tail(Path(info["stdout"])) if info.get("stdout") else b""
+    row["step"], row["max_kurtosis"] = _progress(log)
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        try:
+            s = json.loads(summary.read_text())
+            row["status"] = "done" if s["status"] == "completed" else s["status"]
+            row["step"] = s.get("steps_done", row["step"])
+            row["max_kurtosis"] = s.get("max_kurtosis_last", row["max_kurtosis"])
+            if config_hash(s["config"]) != config_hash(run["config"]):
+                row["status"], row["detail"] = "corrupt", "summary.json belongs to another config"
+        except (ValueError, KeyError, TypeError) as e:
+            row["status"], row["detail"] = "corrupt", f"summary.json: {e}"
+        return row
+    if (run_dir / ERROR).exists():
+        row["status"], row["detail"] = "failed", _last_line((run_dir / ERROR).read_text())
+        return row
+    if not info:
+        return row
+    if info.get("cluster") == "slurm":
+        state = slurm_states.get(str(info.get("job_id")), "UNKNOWN")
+        row["detail"] = f"slurm {state}"
+        if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING"):
+            row["status"] = "pending"
+        elif is_live(state):
+            row["status"] = "running"
+        else:  # ended without a summary: the head has not (yet) recorded the failure
+            row["status"], row["detail"] = "failed", f"slurm {state}; " + _last_line(log.decode(errors="replace"))
+    elif info.get("pid") and pid_alive(int(info["pid"]), info.get("pid_start")):
+        row["status"] = "running"
+    else:
+        row["status"], row["detail"] = "failed", "local job ended without a summary; " + _last_line(
+            log.decode(errors="replace"))
+    return row
+
+
+def slurm_states(results_dir: Path, job_ids: list[str], max_age_s: float, query_scheduler: bool) -> dict[str, str]:
+    """The shared cache's states, refreshed by one batched query when it is older than `max_age_s`."""
+    cache = StatusCache(results_dir / ".ofe-status", max_age_s=max_age_s)
+    data = cache.read()
+    states = dict(data.get("states", {}))
+    missing = [j for j in job_ids if j not in states]
+    if query_scheduler and job_ids and (time.time() - data.get("time", 0.0) > max_age_s or missing):
+        try:
+            states.update(query(job_ids))
+        except RuntimeError as e:
+            print(f"[ofe] SLURM query failed ({e}); showing the cached states", flush=True)
+    return states
+
+
+def grid_status(results_dir: Path | str, max_age_s: float = 60.0, query_scheduler: bool = True) -> list[dict]:
+    """Every planned run's row, in plan order."""
+    results_dir = Path(results_dir)
+    plan_path = results_dir / "plan.json"
+    if not plan_path.exists():
+        raise FileNotFoundError(f"{plan_path} does not exist: run `snakemake -n` or `python -m ofe plan` first")
+    plan = json.loads(plan_path.read_text())
+    slurm_ids = []
+    for run in plan["runs"]:
+        record = results_dir / "runs" / run["run_id"] / JOB
+        if record.exists() and not (record.parent / "summary.json").exists():
+            try:
+                info = json.loads(record.read_text())
+            except ValueError:
+                continue
+            if info.get("cluster") == "slurm":
+                slurm_ids.append(str(info["job_id"]))
+    states = slurm_states(results_dir, slurm_ids, max_age_s, query_scheduler) if slurm_ids else {}
+    return [run_row(run, results_dir / "runs" / run["run_id"], states) for run in plan["runs"]]
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table and a count per status."""
+    def cell(v: Any) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    header = ("run", "status", "step", "max kurt", "job", "detail")
+    body = [(r["run_id"], r["status"], f"{cell(r['step'])}/{r['steps']}", cell(r["max_kurtosis"]), cell(r["job"]),
+             r["detail"][:100]) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    lines.append(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""`python -m ofe status`: every run's state read from its folder, with no Snakemake head."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ofe.train import train
+from tests.conftest import REPO, tiny_run
+
+
+def _start_ticks(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+@pytest.fixture
+def grid(data_dir, tmp_path):
+    """A results folder whose plan has one run in each state, and the expected row of each."""
+    results = tmp_path / "results"
+    cfgs = {
+        "done": tiny_run(data_dir, train={"steps": 8}),
+        "diverged": tiny_run(data_dir, optim={"lr": 1e6, "warmup_frac": 0.0, "clip": None},
+                             model={"norm": "none", "final_norm": "none"}, train={"steps": 50}),
+        "failed": tiny_run(data_dir, train={"steps": 9}),
+        "missing": tiny_run(data_dir, train={"steps": 10}),
+        "running": tiny_run(data_dir, train={"steps": 300}),
+        "pending": tiny_run(data_dir, train={"steps": 11}),
+        "corrupt": tiny_run(data_dir, train={"steps": 13}),
+    }
+    plan = {"runs": [{"run_id": f"tiny/{name}/seed0", "grid": {}, "studies": ["s"], "config": c.to_dict()}
+                     for name, c in cfgs.items()]}
+    results.mkdir()
+    (results / "plan.json").write_text(json.dumps(plan))
+    run = {name: results / "runs" / "tiny" / name / "seed0" for name in cfgs}
+    done = train(cfgs["done"], run["done"])
+    train(cfgs["diverged"], run["diverged"])
+    run["failed"].mkdir(parents=True)
+    (run["failed"] / "error.txt").write_text("Traceback...\nRuntimeError: CUDA out of memory\n")
+    # a live local job: this test's own process stands in for it, its log says where it is
+    log = tmp_path / "running.out"
+    log.write_text("[ofe] step 25/300 loss 3.100 lr 1.00e-02 max-kurtosis 4.21 900 tok/s\n"
+                   "[ofe] step 50/300 loss 2.900 lr 1.00e-02 max-kurtosis 5.37 910 tok/s\n")
+    run["running"].mkdir(parents=True)
+    (run["running"] / "job.json").write_text(json.dumps({
+        "job_id": "4242", "cluster": "local", "pid": os.getpid(), "pid_start": _start_ticks(os.getpid()),
+        "stdout": str(log), "folder": str(tmp_path)}))
+    run["pending"].mkdir(parents=True)
+    (run["pending"] / "job.json").write_text(json.dumps({
+        "job_id": "77", "cluster": "slurm", "stdout": str(tmp_path / "none.out"), "folder": str(tmp_path)}))
+    run["corrupt"].mkdir(parents=True)
+    (run["corrupt"] / "summary.json").write_text("")
+    metrics = pd.read_parquet(run["done"] / "metrics.parquet")
+    kurt = metrics[metrics.metric == "kurtosis"]
+    expected_kurt = kurt[kurt.step == kurt.step.max()].value.max()
+    assert done["status"] == "completed"
+    return results, expected_kurt
+
+
+def _fake_squeue(tmp_path: Path) -> dict:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho squeue >> {tmp_path}/calls.txt\necho '77|PENDING'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+
+def test_status_table_lists_every_run_with_its_state(grid, tmp_path):
+    results, expected_kurt = grid
+    out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(results)], cwd=REPO,
+                         capture_output=True, text=True, env=_fake_squeue(tmp_path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0].split("/")[1]: line.split() for line in out.stdout.splitlines()
+            if line.startswith("tiny/")}
+    assert {name: r[1] for name, r in rows.items()} == {
+        "done": "done", "diverged": "diverged", "failed": "failed", "missing": "missing",
+        "running": "running", "pending": "pending", "corrupt": "corrupt"}
+    assert rows["done"][2] == "8/8" and float(rows["done"][3]) == pytest.approx(expected_kurt, abs=0.006)
+    assert rows["running"][2:5] == ["50/300", "5.37", "4242"]  # the job's latest progress line
+    assert rows["pending"][4] == "77"
+    assert "CUDA out of memory" in " ".join(rows["failed"])
+    assert int(rows["diverged"][2].split("/")[0]) < 50
+    assert rows["missing"][2] == "-/10"
+    assert "7 runs: 1 done, 1 running, 1 pending, 1 failed, 1 diverged, 1 corrupt, 1 missing" in out.stdout
+    # one batched query for the one SLURM job; none with --no-query
+    assert (tmp_path / "calls.txt").read_text().split() == ["squeue"]
+    again = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(results), "--no-query"],
+                           cwd=REPO, capture_output=True, text=True, env=_fake_squeue(tmp_path), timeout=60)
+    assert again.returncode == 0 and (tmp_path / "calls.txt").read_text().split() == ["squeue"]
+
+
+def test_status_without_a_plan_says_what_to_do(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "snakemake -n" in out.stderr
