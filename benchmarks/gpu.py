@@ -33,8 +33,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark measures the GPU path")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    p = presets.SCALES[args.scale]()
-    cfg = ModelConfig(**p["model"], **presets.BLOCKS[args.block]()["model"])
+    p = presets.resolve(args.scale, args.block)  # the block at the scale's depth (OP's beta)
+    cfg = ModelConfig(**p["model"])
     batch = args.batch or p["train"]["batch_size"]
     model = GPT(cfg).cuda()
     opt = build_optimizer(model, OptimConfig(lr=1e-4))

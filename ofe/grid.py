@@ -67,7 +67,10 @@ def resolve_run(config: dict, point: dict[str, Any], data: DataConfig | None = N
         raise ConfigError(f"scale: {point['scale']!r} is not one of {list(presets.SCALES)}")
     if point["block"] not in presets.BLOCKS:
         raise ConfigError(f"block: {point['block']!r} is not one of {list(presets.BLOCKS)}")
-    sections = _merge(presets.SCALES[point["scale"]](), presets.BLOCKS[point["block"]]())
+    # the block preset at the model's depth (OP's beta shrinks past 12 layers): a swept or default
+    # model.n_layer wins over the scale's own
+    depth = point.get("model.n_layer", (defaults.get("model") or {}).get("n_layer"))
+    sections = presets.resolve(point["scale"], point["block"], depth)
     sections = _merge(sections, {s: defaults.get(s) or {} for s in SECTIONS})
     axis_values: dict[str, dict] = {
         "optim": {"name": point["optimizer"], "lr": point["lr"]},

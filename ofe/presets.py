@@ -1,66 +1,97 @@
-"""Named presets: block variants (PAPER.md section 2) and model scales (sections 4 and CPU calibration).
+"""Named presets: block variants (He et al. 2024, section 2) and model scales (section 4 and CPU calibration).
 
 Each preset is a small function returning config overrides, so a new variant is a few lines here
-and never a new code path in the model.
+and never a new code path in the model. Block presets take the model's depth, since OP's beta depends
+on it (the others ignore it); `resolve` combines a scale with a block at that scale's depth.
+
+What the paper's public code does, and these presets follow unless their docstring says otherwise:
+its attention's query-key projection always has a trainable bias, whatever the block, so
+`ModelConfig.qk_bias` defaults to True and every block preset keeps it; its norm-free blocks
+(`norm_type: none`: OP and no-norm alike) keep one LayerNorm, on block 0's attention input; its HF
+GPT-2 base always ends in a final LayerNorm; every matrix starts from N(0, 0.02^2).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 Overrides = dict[str, dict[str, Any]]  # {"model": {...}, "train": {...}}
 
+REFERENCE_DEPTH = 12
+"""The public code's depth; its OP config's beta of 0.2 is the value for 12 layers."""
+
 
 # ---- blocks: the norm ablations -----------------------------------------------------------------
 
-def pre_ln() -> Overrides:
-    """Pre-LN: x + f(LN(x)) for both branches, final LN before the unembedding."""
+def pre_ln(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Pre-LN: x + f(LN(x)) for both branches, final LN before the unembedding; Q/K bias as in the
+    public code (its `norm_type: ln`)."""
     return {"model": {"norm": "layernorm", "norm_position": "pre", "final_norm": "layernorm"}}
 
 
-def post_ln() -> Overrides:
-    """Post-LN: LN(x + f(x)); the last block's output is already normalised, so no final norm."""
+def post_ln(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Post-LN: LN(x + f(x)); the last block's output is already normalised, so no final norm. Q/K bias
+    as in the public code."""
     return {"model": {"norm": "layernorm", "norm_position": "post", "final_norm": "none"}}
 
 
-def pre_rms() -> Overrides:
-    """Pre-RMS: RMSNorm (with gain) instead of LayerNorm."""
+def pre_rms(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Pre-RMS: RMSNorm (with gain) instead of LayerNorm; Q/K bias as in the public code (its default
+    block). The norm here is torch's nn.RMSNorm, not the public code's formula."""
     return {"model": {"norm": "rmsnorm", "norm_position": "pre", "final_norm": "rmsnorm"}}
 
 
-def pre_srms() -> Overrides:
-    """Pre-SRMS: RMSNorm without a trainable gain, showing the gains are not the cause."""
+def pre_srms(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Pre-SRMS: RMSNorm without a trainable gain, showing the gains are not the cause. Q/K bias, as
+    every attention of the public code has."""
     return {"model": {"norm": "srms", "norm_position": "pre", "final_norm": "srms"}}
 
 
-def no_norm() -> Overrides:
-    """Both block norms removed (the final LN stays); diverges at high LR without entropy regulation."""
-    return {"model": {"norm": "none", "final_norm": "layernorm"}}
+def no_norm(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Both block norms removed (the final LN stays); diverges at high LR without entropy regulation.
+    As in the public code (`norm_type: none`, which does not look at the QK-norm), block 0 keeps a
+    LayerNorm on its attention input; Q/K bias."""
+    return {"model": {"norm": "none", "final_norm": "layernorm", "first_norm": "block0_attn_input"}}
 
 
-def op() -> Overrides:
-    """Outlier Protected block (PAPER.md section 2): no pre-norms, QK-RMSNorm with a learnable gain,
-    downweighted branches x + beta f(x) with beta 0.2 (the paper's 12-layer value; the calibrated CPU
-    runs used it at 4 layers too), no final norm, a LayerNorm on the embeddings as in the public code."""
+def op_beta(n_layer: int) -> float:
+    """OP's residual gain: the public code's 0.2 up to its 12 layers, 0.2 * sqrt(12 / n_layer) deeper
+    (its op.yaml: "change for different depths: O(1/sqrt(depth))"). Shallower models keep 0.2: the
+    calibrated CPU runs used it at 4 layers."""
+    return 0.2 * math.sqrt(min(1.0, REFERENCE_DEPTH / n_layer))
+
+
+def op(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Outlier Protected block (He et al. 2024, section 2), as in the public code's OP config: no block
+    norms, a LayerNorm on block 0's attention input only (the residual stream carries the raw embedding
+    sum), trainable Q/K biases, QK-RMSNorm with a learnable gain in the public code's formula
+    (gain * x / (rms(x) + 1e-5)), and both branches downweighted, x + beta f(x), with beta `op_beta`:
+    0.2 up to 12 layers, 0.2 * sqrt(12 / n_layer) deeper (0.141 at the 24-layer scales).
+    No final norm, as the paper describes OP; the public code keeps HF GPT-2's final LayerNorm, which
+    is `op_final_norm`."""
     return {
         "model": {
             "norm": "none",
             "qk_norm": "rms",
-            "beta": 0.2,
+            "qk_bias": True,
+            "beta": op_beta(n_layer),
             "final_norm": "none",
-            "embed_norm": "layernorm",
+            "first_norm": "block0_attn_input",
         }
     }
 
 
-def op_final_norm() -> Overrides:
-    """OP with a final LayerNorm added back: raises kurtosis in late layers (PAPER.md section 2)."""
-    out = op()
+def op_final_norm(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """OP with a final LayerNorm added back: raises kurtosis in late layers (He et al. 2024, section 2).
+    This is the public code's OP model exactly (its GPT-2 base keeps the final LN); tests/test_reference.py
+    checks its forward pass against a transcription of that code."""
+    out = op(n_layer)
     out["model"]["final_norm"] = "layernorm"
     return out
 
 
-BLOCKS: dict[str, Callable[[], Overrides]] = {
+BLOCKS: dict[str, Callable[..., Overrides]] = {
     f.__name__: f for f in (pre_ln, post_ln, pre_rms, pre_srms, no_norm, op, op_final_norm)
 }
 
@@ -80,20 +111,20 @@ def small() -> Overrides:
 
 
 def m130() -> Overrides:
-    """The paper's CodeParrot model (PAPER.md section 4): 12 layers, d 768, 12 heads, context 128,
-    128 sequences per step."""
+    """The paper's CodeParrot model (He et al. 2024, section 4): 12 layers, d 768, 12 heads, context
+    128, 128 sequences per step; the public code's depth, so OP's beta is its 0.2."""
     return {"model": {"n_layer": 12, "d_model": 768, "n_head": 12, "context": 128},
             "train": {"batch_size": 128}}
 
 
 def m350() -> Overrides:
-    """GPU: the paper's 320M Languini scale, context 512."""
+    """GPU: the paper's 320M Languini scale, context 512; 24 layers, so OP's beta is 0.2 * sqrt(1/2)."""
     return {"model": {"n_layer": 24, "d_model": 1024, "n_head": 16, "context": 512},
             "train": {"batch_size": 64}}
 
 
 def b1_2() -> Overrides:
-    """GPU: the paper's 1.2B Languini scale, context 512."""
+    """GPU: the paper's 1.2B Languini scale, context 512; 24 layers, so OP's beta is 0.2 * sqrt(1/2)."""
     return {"model": {"n_layer": 24, "d_model": 2048, "n_head": 16, "context": 512},
             "train": {"batch_size": 64}}
 
@@ -101,3 +132,13 @@ def b1_2() -> Overrides:
 SCALES: dict[str, Callable[[], Overrides]] = {
     "tiny": tiny, "small": small, "130m": m130, "350m": m350, "1.2b": b1_2,
 }
+
+
+def resolve(scale: str, block: str, n_layer: int | None = None) -> Overrides:
+    """The scale preset's overrides with the block preset's on top, the block built for the model's
+    depth: `n_layer`, or the scale's own if None (pass it where a config overrides the scale's depth)."""
+    out = {section: dict(values) for section, values in SCALES[scale]().items()}
+    depth = out["model"]["n_layer"] if n_layer is None else n_layer
+    for section, values in BLOCKS[block](depth).items():
+        out.setdefault(section, {}).update(values)
+    return out
