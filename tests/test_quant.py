@@ -144,3 +144,44 @@ def test_diverged_run_gets_nan_rows(data_dir, tmp_path):
     assert train(cfg, tmp_path)["status"] == "diverged"
     df = quantise_run(tmp_path, QuantConfig(eval_batches=1, calib_batches=1))
     assert len(df) == 2 and df.ppl_q.isna().all()
+
+
+def test_static_protocol_quantises_linear_outputs_attention_scores_and_probabilities():
+    """Every tensor the protocol names leaves its hook on a grid of at most 2^bits values, and the copy
+    computes attention explicitly (the fused kernel hides scores and probabilities); the original
+    model keeps the fused path."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, d_model=32, n_head=2, context=16))
+    idx = torch.randint(0, 256, (2, 16))
+    bits = 3
+    q = quantised_copy(model, "static_per_tensor", bits, QuantConfig(), [idx])
+    assert all(b.attn.explicit for b in q.blocks) and not any(b.attn.explicit for b in model.blocks)
+    seen: dict[str, torch.Tensor] = {}
+    for name, module in [("scores", q.blocks[1].attn.scores), ("probs", q.blocks[1].attn.probs),
+                         ("qkv out", q.blocks[1].attn.qkv_out), ("attn proj out", q.blocks[0].attn.proj),
+                         ("mlp fc out", q.blocks[0].mlp.fc), ("mlp proj out", q.blocks[1].mlp.proj)]:
+        # registered after the quantisation hook, so it sees the tensor as the next layer does
+        module.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out.detach()))
+    with torch.no_grad():
+        q(idx)
+    assert set(seen) == {"scores", "probs", "qkv out", "attn proj out", "mlp fc out", "mlp proj out"}
+    for name, tensor in seen.items():
+        assert tensor.unique().numel() <= 2**bits, name
+    # and in full precision the same taps carry many distinct values (the check above is not vacuous)
+    model.blocks[1].attn.explicit = True
+    fp: dict[str, torch.Tensor] = {}
+    model.blocks[1].attn.scores.register_forward_hook(lambda _m, _a, out: fp.__setitem__("scores", out))
+    with torch.no_grad():
+        model(idx)
+    assert fp["scores"].unique().numel() > 2**bits
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 100_003])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99999, 1.0])
+def test_upper_quantile_equals_torch_quantile(n, q):
+    """The partial-selection percentile equals torch.quantile (linear interpolation, fp32) at both tails."""
+    from ofe.quant import upper_quantile
+
+    x = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    assert upper_quantile(x, q) == pytest.approx(torch.quantile(x, q).item(), rel=1e-5, abs=1e-6)
+    assert -upper_quantile(-x, q) == pytest.approx(torch.quantile(x, 1 - q).item(), rel=1e-5, abs=1e-6)
