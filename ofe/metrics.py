@@ -39,9 +39,47 @@ def rms_sq_variance_centred(x: Tensor) -> float:
 
 
 def max_median_ratio(x: Tensor) -> float:
-    """MMR: mean over tokens of max_j |X[t, j]| / median_j |X[t, j]| (about 5 for Gaussian, d=768)."""
+    """MMR as the public code computes it: centre each token across the width, then the mean over tokens
+    of max_j |X[t, j]| / median_j |X[t, j]|."""
+    xt = _tokens_by_width(x)
+    return max_median_ratio_uncentred(xt - xt.mean(dim=1, keepdim=True))
+
+
+def max_median_ratio_uncentred(x: Tensor) -> float:
+    """MMR without centring: mean over tokens of max_j |X[t, j]| / median_j |X[t, j]| (about 5 for
+    Gaussian, d=768). Differs from the centred one on spiky activations; kept under its own name."""
     a = _tokens_by_width(x).abs()
     return (a.max(dim=1).values / a.median(dim=1).values).mean().item()
+
+
+def _width_centred_normalised(x: Tensor, max_tokens: int) -> Tensor:
+    """The public code's normalisation for its Gram statistics: width-centred, divided by global RMS."""
+    xt = subsample_tokens(x, max_tokens)
+    xc = xt - xt.mean(dim=1, keepdim=True)
+    return xc / (xc.pow(2).mean().sqrt() + 1e-8)
+
+
+def _off_diagonal_rms(gram: Tensor) -> float:
+    n = gram.shape[0]
+    if n < 2:
+        return math.nan
+    off = gram.pow(2).sum() - gram.diagonal().pow(2).sum()
+    return (off / (n * (n - 1))).sqrt().item()
+
+
+def feature_correlation_rms(x: Tensor, max_tokens: int = 1024) -> float:
+    """RMS of the off-diagonal entries of the feature Gram Xn^T Xn / n (the public code's
+    `feat_corr_rms`, Xn as in `token_correlation`): how strongly neurons co-activate. d x d, so it
+    costs d^2 n: fine at the probe's cadence up to d of a few thousand."""
+    xn = _width_centred_normalised(x, max_tokens)
+    return _off_diagonal_rms(xn.T @ xn / xn.shape[0])
+
+
+def token_correlation_rms(x: Tensor, max_tokens: int = 256) -> float:
+    """RMS of the off-diagonal entries of the token Gram Xn Xn^T / d (the public code's
+    `batch_corr_rms`); `token_correlation` is their mean."""
+    xn = _width_centred_normalised(x, max_tokens)
+    return _off_diagonal_rms(xn @ xn.T / xn.shape[1])
 
 
 def rms(x: Tensor) -> float:
@@ -97,6 +135,9 @@ STREAM_METRICS = {
     "kurtosis": kurtosis,
     "rms_sq_variance_centred": rms_sq_variance_centred,
     "max_median_ratio": max_median_ratio,
+    "max_median_ratio_uncentred": max_median_ratio_uncentred,
     "token_correlation": token_correlation,
+    "token_correlation_rms": token_correlation_rms,
+    "feature_correlation_rms": feature_correlation_rms,
     "rms": rms,
 }

@@ -65,8 +65,8 @@ def test_centred_variant_relation_to_kurtosis():
 
 def test_max_median_ratio_of_known_matrix():
     x = torch.tensor([[1.0, -2.0, 3.0, 4.0, 100.0], [2.0, 2.0, 2.0, 2.0, 2.0]])
-    # row 1: max 100 / median 3; row 2: 2 / 2 = 1
-    assert metrics.max_median_ratio(x) == pytest.approx((100 / 3 + 1) / 2)
+    # uncentred: row 1: max 100 / median 3; row 2: 2 / 2 = 1
+    assert metrics.max_median_ratio_uncentred(x) == pytest.approx((100 / 3 + 1) / 2)
 
 
 def test_rms():
@@ -106,3 +106,28 @@ def test_attention_entropy_collapses_with_peaked_logits():
     assert metrics.attention_entropy(q, k) == pytest.approx(0.0, abs=1e-4)
     # the tanh cap bounds the logits, so entropy rises again
     assert metrics.attention_entropy(q, k, logit_cap=1.0) > 0.5
+
+
+def test_max_median_ratio_centres_each_token_across_the_width():
+    """One token [1, 1, 1, 5]: uncentred max/median = 5/1; centred (mean 2) = |3| / median(1,1,1,3) = 3."""
+    from ofe.metrics import max_median_ratio, max_median_ratio_uncentred
+
+    x = torch.tensor([[1.0, 1.0, 1.0, 5.0]])
+    assert max_median_ratio_uncentred(x) == pytest.approx(5.0)
+    assert max_median_ratio(x) == pytest.approx(3.0)
+
+
+def test_correlation_rms_closed_forms():
+    """Features f1 = a, f2 = -a, f3 = 0 across 4 tokens (each token width-centred already):
+    feature Gram off-diagonals are exactly +-1 for (1,2) and 0 elsewhere after normalisation."""
+    from ofe.metrics import feature_correlation_rms, token_correlation, token_correlation_rms
+
+    a = torch.tensor([1.0, -1.0, 2.0, -2.0])
+    x = torch.stack([a, -a, torch.zeros(4)], dim=1)  # (4 tokens, 3 features); each row sums to 0
+    # Xn = x / rms(x), rms^2 = mean(x^2) = 2 * mean(a^2) / 3 = 5/3; Gram_12 = -mean(a^2)/rms^2 = -1.5
+    g12 = -2.5 / (5 / 3)
+    assert feature_correlation_rms(x) == pytest.approx(math.sqrt(2 * g12**2 / 6), rel=1e-6)
+    # identical tokens (up to a common shape) -> every token Gram entry equal -> rms == |mean|
+    same = torch.tensor([[1.0, -1.0, 0.0]]).repeat(5, 1)
+    assert token_correlation_rms(same) == pytest.approx(abs(token_correlation(same)), rel=1e-6)
+    assert token_correlation_rms(same) == pytest.approx(1.0, rel=1e-6)
