@@ -14,7 +14,7 @@ import torch
 from ofe import presets
 from ofe.config import ModelConfig
 from ofe.model import GPT
-from ofe.optim import OPTIMIZERS, make_optimizer, param_groups
+from ofe.optim import OPTIMIZERS, make_optimizer, muon_param_groups, param_groups
 
 
 def sync(device: str) -> None:
@@ -29,7 +29,8 @@ def measure(scale: str, name: str, steps: int, device: str) -> tuple[float, floa
     p = presets.SCALES[scale]()
     cfg = ModelConfig(**p["model"], **presets.pre_ln()["model"])
     model = GPT(cfg).to(device)
-    opt = make_optimizer(name, param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+    groups = muon_param_groups if name == "muon" else param_groups  # Muon takes the hidden matrices only
+    opt = make_optimizer(name, groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
                          precondition_frequency=10)
     batch = p["train"]["batch_size"]
     idx = torch.randint(0, cfg.vocab_size, (batch, cfg.context + 1), device=device)

@@ -27,7 +27,7 @@ PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A GPT-style causal decoder (PAPER.md section 2); every block variant is a field here."""
+    """A GPT-style causal decoder (He et al. 2024, section 2); every block variant is a field here."""
 
     vocab_size: int = 256
     context: int = 128
@@ -38,28 +38,41 @@ class ModelConfig:
     """Norm inside the blocks ('none' for OP and no-norm blocks)."""
     norm_position: Literal["pre", "post"] = "pre"
     """pre: x + f(norm(x)); post: norm(x + f(x)) (Post-LN)."""
-    qk_norm: Literal["none", "rms"] = "none"
-    """RMSNorm of queries and keys over the head dimension, with a learnable gain (entropy regulation)."""
+    qk_norm: Literal["none", "rms", "rms_torch"] = "none"
+    """RMSNorm of queries and keys over the head dimension, with a learnable gain (entropy regulation).
+    'rms': He et al. 2024's public code, gain * x / (rms(x) + 1e-5) (eps outside the root);
+    'rms_torch': torch's nn.RMSNorm, x * rsqrt(mean(x^2) + eps)."""
+    qk_bias: bool = True
+    """Trainable (zero-initialised) biases on the query and key projections, as in the public code,
+    whose attention always has them; the value and output projections have none."""
     logit_cap: float | None = None
-    """tanh soft-cap of attention logits (30 in PAPER.md section 2), the alternative to QK-norm."""
+    """tanh soft-cap of attention logits (30 in He et al. 2024, section 2), the alternative to QK-norm."""
     beta: float = 1.0
     """Residual branch gain: x + beta * f(x). OP uses 0.2 at 12 layers, O(1/sqrt(depth))."""
     beta_trainable: bool = False
     """Make beta a trainable scalar per branch (initialised at `beta`)."""
     final_norm: NormKind = "layernorm"
     """Norm before the unembedding ('none': the paper's OP)."""
-    embed_norm: NormKind = "none"
-    """Norm of the embedding sum, the input of block 0 (the public code's OP keeps a LayerNorm)."""
+    first_norm: Literal["none", "embed_stream", "block0_attn_input"] = "none"
+    """An extra LayerNorm at the model's input. 'block0_attn_input': on block 0's attention-branch input
+    only, so the residual stream keeps the raw embedding sum (the public code's norm-free blocks:
+    "always use LN in first layer"); needs norm 'none'. 'embed_stream': on the embedding sum itself,
+    inside the residual stream."""
     init_std: float = 0.02
     embed_init_std: float = 0.02
-    scale_residual_init: bool = True
-    """GPT-2's 1/sqrt(2 n_layer) scaling of the output projections' init."""
+    scale_residual_init: bool = False
+    """GPT-2's 1/sqrt(2 n_layer) scaling of the output projections' init. Off: the public code draws
+    every block matrix from N(0, init_std^2)."""
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
         _validate(self, "model")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model: {self.d_model} is not divisible by n_head={self.n_head}")
+        if self.first_norm == "block0_attn_input" and self.norm != "none":
+            # a normed block already normalises its attention input; a second LN there means nothing
+            raise ConfigError(f"model.first_norm: 'block0_attn_input' needs model.norm 'none', got "
+                              f"{self.norm!r}; use 'none' or 'embed_stream'")
 
     @property
     def n_params_approx(self) -> int:
@@ -71,9 +84,10 @@ class ModelConfig:
 class OptimConfig:
     """Optimiser and LR schedule (PAPER.md section 3 for the public code's defaults)."""
 
-    name: Literal["adamw", "adafactor", "soap", "rotated_adafactor"] = "adamw"
-    """adamw (diagonal), soap (Adam in Shampoo's eigenbasis), adafactor (factored second moment) and
-    rotated_adafactor (the same in Shampoo's eigenbasis); see ofe.optim.make_optimizer."""
+    name: Literal["adamw", "adafactor", "soap", "rotated_adafactor", "muon"] = "adamw"
+    """adamw (diagonal), soap (Adam in Shampoo's eigenbasis), adafactor (factored second moment),
+    rotated_adafactor (the same in Shampoo's eigenbasis) and muon (orthogonalised momentum for the
+    blocks' matrices, AdamW for embeddings and vectors, one shared LR); see ofe.optim.make_optimizer."""
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
