@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import time
@@ -200,7 +201,7 @@ def test_numeric_strings_in_numeric_fields_are_read_as_numbers(config):
     config["quant"]["calib_batches"] = "4"
     config["quant"]["bits"] = ["8", "4"]
     runs = grid.expand(config, SCHEMA)
-    assert len(runs) == 21
+    assert len(runs) == 23
     run = runs["tiny/pre_ln/beta1/adamw/lr0.003/seed0"]
     assert run.config.optim.lr == 0.003 and run.config.train.steps == 300
     assert run.config.optim.betas == (0.9, 0.95)
@@ -236,12 +237,12 @@ def test_a_huge_grid_fails_at_once_with_its_size_and_how_to_raise_the_limit(conf
 
 
 def test_max_runs_raises_or_lowers_the_limit(config):
-    # by hand: norms 7 + beta 4 + lr 2x2 + eps 3x2 + optimizers 2x2 + adafactor 2 = 27 grid points
-    config["max_runs"] = 26
+    # by hand: norms 7 + beta 4 + lr 2x2 + eps 3x2 + optimizers 2x2 + adafactor 2 + muon 2x2 = 31 points
+    config["max_runs"] = 30
     message = expand_error(config)
-    assert "27" in message and "max_runs" in message
-    config["max_runs"] = 27
-    assert len(grid.expand(config, SCHEMA)) == 21
+    assert "31" in message and "max_runs" in message
+    config["max_runs"] = 31
+    assert len(grid.expand(config, SCHEMA)) == 23
 
 
 # ---- run ids ---------------------------------------------------------------------------------------
@@ -442,3 +443,16 @@ def test_check_config_cli_refuses_duplicate_keys(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ofe", "check-config", str(path), "--schema", str(SCHEMA)],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 2 and "duplicate key 'seed'" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_op_beta_follows_the_model_depth(config):
+    """OP's beta is 0.2 up to the public code's 12 layers and 0.2 * sqrt(12 / L) deeper, for the scale's
+    own depth and for a swept model.n_layer alike; norm blocks keep beta 1."""
+    config["studies"] = {"deep": {"grid": {"block": ["op", "pre_ln"], "scale": ["tiny", "350m"]}},
+                         "sweep": {"grid": {"block": ["op"], "model.n_layer": [4, 12, 48]}}}
+    runs = grid.expand(config, SCHEMA).values()
+    beta = {(r.grid["block"], r.config.model.n_layer): r.config.model.beta for r in runs}
+    assert beta[("op", 4)] == 0.2 and beta[("op", 12)] == 0.2
+    assert beta[("op", 24)] == pytest.approx(0.2 * math.sqrt(0.5))
+    assert beta[("op", 48)] == pytest.approx(0.1)
+    assert beta[("pre_ln", 24)] == 1.0

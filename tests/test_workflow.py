@@ -66,8 +66,8 @@ def test_dry_run_of_default_config_plans_every_study(tmp_path):
     out = snakemake(tmp_path, "-n")
     assert out.returncode == 0, out.stderr
     # by hand: norms 7 blocks; beta +3 (0.1, 0.5, 1); lr +2 (3e-3 for pre_ln, op); eps 3 values x 2
-    # seeds, one shared (+5); optimizers +2 (soap for pre_ln, op); adafactor +2
-    assert job_counts(out.stdout + out.stderr)["train"] == 7 + 3 + 2 + 5 + 2 + 2
+    # seeds, one shared (+5); optimizers +2 (soap for pre_ln, op); adafactor +2; muon +2
+    assert job_counts(out.stdout + out.stderr)["train"] == 7 + 3 + 2 + 5 + 2 + 2 + 2
 
 
 def test_bad_config_stops_before_any_job(workdir):
