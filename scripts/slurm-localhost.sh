@@ -113,7 +113,11 @@ start_mariadb() {
     if [ ! -d "$DIR/mysql/mysql" ]; then
         mariadb-install-db --datadir="$DIR/mysql" --user=root --auth-root-authentication-method=normal >/dev/null
     fi
-    if ! [ -S "$sock" ]; then
+    # A socket file alone proves nothing: a machine restored from a snapshot, or a hard kill, leaves
+    # a stale one behind. Only a server that answers counts; otherwise clear its leftovers and start.
+    if ! mariadb --socket="$sock" -uroot -e 'select 1' >/dev/null 2>&1; then
+        pkill -x mariadbd 2>/dev/null || true
+        rm -f "$sock" "$DIR/run/mariadb.pid"
         (mariadbd --no-defaults --datadir="$DIR/mysql" --socket="$sock" --port="$DB_PORT" \
             --bind-address=127.0.0.1 --user=root --pid-file="$DIR/run/mariadb.pid" \
             --log-error="$DIR/log/mariadb.log" >/dev/null 2>&1 &)
