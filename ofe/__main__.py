@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="tables -> self-contained HTML report, figures as SVG and PNG")
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--out", type=Path, default=Path("reports/index.html"))
-    p.add_argument("--figures", type=Path, help="where each figure's SVG/PNG goes (default: OUT's folder/figures)")
+    p.add_argument("--figures", type=Path, help="where each figure's SVG/PNG goes (default: figures/ beside index.html, <stem>-figures/ beside any other page)")
     p.add_argument("--runs", type=Path, help="the run folders the runs table links (default: RESULTS/runs)")
     p.add_argument("--no-png", dest="png", action="store_false", help="export SVG only (PNG adds ~2 s per 20 runs)")
     p.add_argument("--manifest", type=Path, help="also write a JSON summary of what the report shows")
@@ -205,9 +205,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"[ofe] aggregated {len(frames['runs'])} runs {counts}, {len(frames['metrics'])} metric rows, "
               f"{len(frames['quant'])} quantisation rows -> {args.out or args.results}")
     elif args.cmd == "report":
+        from ofe.grid import default_figures_dir
         from ofe.report import build_report
 
-        figures = args.figures or args.out.parent / "figures"
+        figures = args.figures or default_figures_dir(args.out)
         path = build_report(args.results, args.out, figures_dir=figures, runs_dir=args.runs, png=args.png)
         exported = sorted(p.name for p in figures.iterdir() if p.suffix in (".svg", ".png"))
         if args.manifest:

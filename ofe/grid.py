@@ -171,3 +171,11 @@ def studies_metadata(config: dict) -> list[dict]:
             "axes": [a for a, v in grid.items() if len(v) > 1] or list(grid)[:1],
         })
     return out
+
+
+def default_figures_dir(out_html: Path | str) -> Path:
+    """Where a page's figures go: `figures/` beside `index.html`, `<stem>-figures/` beside any other page,
+    so that two reports in one folder (reports/index.html, reports/paper-int8.html) never share, and
+    never delete, each other's figures."""
+    out_html = Path(out_html)
+    return out_html.parent / ("figures" if out_html.stem == "index" else f"{out_html.stem}-figures")

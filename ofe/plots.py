@@ -17,7 +17,6 @@ Conventions shared by all charts:
 
 from __future__ import annotations
 
-import math
 import textwrap
 
 import altair as alt
@@ -51,26 +50,6 @@ TOKEN_CORRELATION_DEF = (
 )
 _LEGEND_NOTE = "one line per run, colour = configuration; click a legend entry to highlight it"
 MEAN_KURTOSIS_DEF = "Kurt averaged over layers at the run's last logged step"
-DEGRADATION_DEF = "relative degradation = ppl_q / ppl_fp - 1 (validation perplexity after / before quantisation)"
-SPEARMAN_DEF = "Spearman ρ = Pearson correlation of the ranks (ties averaged), per bit width"
-MIN_SPEARMAN_N = 3  # fewer runs than this give "n/a": two points always correlate perfectly
-SYMLOG_CONSTANT = 0.01  # a symlog degradation axis is linear within +-1 %
-PROTOCOL_NAMES = {"static_per_tensor": "static per-tensor", "dynamic_per_token": "dynamic per-token"}
-PROTOCOL_NOTES = {
-    "static_per_tensor": (
-        "static per-tensor: weights and activations (linear inputs, residual stream, norm outputs) "
-        "with per-tensor ranges calibrated on training batches; the paper's likely W8A8 protocol"
-    ),
-    "dynamic_per_token": (
-        "dynamic per-token: per-channel weights, per-token dynamic ranges on linear-layer inputs only "
-        "(SmoothQuant's forgiving fake quantisation)"
-    ),
-}
-# Columns of the quantisation table that describe a measurement rather than a run's configuration.
-_QUANT_MEASURE_COLUMNS = frozenset(
-    {"run_id", "label", "studies", "protocol", "bits", "ppl_fp", "ppl_q", "delta", "degradation",
-     "mean_kurtosis", "peak_kurtosis", "status"}
-)
 # Columns of the runs table (runs.parquet) that describe a measurement rather than a run's configuration.
 _RUN_MEASURE_COLUMNS = frozenset(
     {"run_id", "label", "studies", "status", "error", "peak_kurtosis", "final_mean_kurtosis", "final_train_loss",
@@ -94,14 +73,14 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
 
     Layer is the (ordinal) colour; each run is its own line, so seeds sharing a label overlap.
     """
-    title = _title(
+    title = chart_title(
         "Kurtosis per layer over training",
         [KURTOSIS_DEF, LAYER_NOTE, f"log scale; one panel per {facet}; click a layer in the legend"],
         width=FACET_COLUMNS * (PANEL_WIDTH + 20),
     )
     df = _thin_steps(_positive(_select(metrics, "kurtosis", LAYER_SITES)))
     if df.empty:
-        return _no_data(title)
+        return no_data(title)
     pick = alt.selection_point(fields=["layer"], bind="legend")
     panel = (
         alt.Chart(df)
@@ -112,7 +91,7 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
             color=alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis")),
             detail=alt.Detail("run_id:N"),
             opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-            tooltip=_tooltip(df, ["site", "layer", "step", "tokens", "value"]),
+            tooltip=tooltips(df, ["site", "layer", "step", "tokens", "value"]),
         )
         .add_params(pick)
         .properties(width=PANEL_WIDTH, height=PANEL_HEIGHT)
@@ -127,7 +106,7 @@ def final_layer_kurtosis(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.
         metrics,
         metric="kurtosis",
         y_title="Kurt",
-        title=_title(
+        title=chart_title(
             "Kurtosis per layer at the end of training", [KURTOSIS_DEF, LAYER_NOTE, _final_note(log=True)], width
         ),
         log=True,
@@ -141,7 +120,7 @@ def final_layer_mmr(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart
         metrics,
         metric="max_median_ratio",
         y_title="MMR",
-        title=_title(
+        title=chart_title(
             "Max-median ratio per layer at the end of training", [MMR_DEF, LAYER_NOTE, _final_note(log=True)], width
         ),
         log=True,
@@ -155,7 +134,7 @@ def final_layer_token_correlation(metrics: pd.DataFrame, width: int = WIDE_WIDTH
         metrics,
         metric="token_correlation",
         y_title="token correlation",
-        title=_title(
+        title=chart_title(
             "Signal propagation per layer at the end of training",
             [TOKEN_CORRELATION_DEF, LAYER_NOTE, _final_note(log=False)],
             width,
@@ -167,14 +146,14 @@ def final_layer_token_correlation(metrics: pd.DataFrame, width: int = WIDE_WIDTH
 
 def loss_curves(metrics: pd.DataFrame) -> alt.LayerChart | alt.Chart:
     """Training loss (lines) and validation loss (dashed lines with points) against step; colour = label."""
-    title = _title(
+    title = chart_title(
         "Loss curves",
         ["solid: training loss (logged batches); dashed with points: validation loss", _LEGEND_NOTE + "; log scale"],
     )
     train = _thin_steps(_positive(_select(metrics, "loss", ("train",))))
     val = _positive(_select(metrics, "loss", ("val",)))
     if train.empty and val.empty:
-        return _no_data(title)
+        return no_data(title)
     pick = alt.selection_point(fields=["label"], bind="legend")
     layers = []
     if not train.empty:
@@ -190,66 +169,6 @@ def loss_curves(metrics: pd.DataFrame) -> alt.LayerChart | alt.Chart:
     return alt.layer(*layers).properties(title=title, width=WIDE_WIDTH, height=WIDE_HEIGHT)
 
 
-def quant_degradation_scatter(quant: pd.DataFrame, protocol: str = "static_per_tensor") -> alt.Chart:
-    """Relative perplexity degradation after quantisation against mean kurtosis, one point per run and
-    bit width (colour and shape = bits), for one protocol; the subtitle gives Spearman's rho per bit width.
-
-    x: the run's Kurt averaged over layers at its last logged step (log scale). y: ppl_q / ppl_fp - 1,
-    log scale when every plotted value is positive, else symlog (linear within +-SYMLOG_CONSTANT).
-    Runs without finite perplexities (diverged) or kurtosis are left out.
-    """
-    points = quant_points(quant, protocol)
-    title_text = f"Quantisation degradation against kurtosis ({PROTOCOL_NAMES.get(protocol, protocol)})"
-    notes = [PROTOCOL_NOTES.get(protocol, f"protocol {protocol}"), f"x: {MEAN_KURTOSIS_DEF}; log scale"]
-    if points.empty:
-        return _no_data(_title(title_text, notes))
-    # A log axis cannot show runs that quantisation leaves unchanged or improves; symlog can.
-    log_y = bool((points["degradation"] > 0).all())
-    if log_y:
-        y_scale, y_note = alt.Scale(type="log"), "log scale"
-    else:
-        y_scale = alt.Scale(type="symlog", constant=SYMLOG_CONSTANT)
-        y_note = f"symlog scale (linear within ±{SYMLOG_CONSTANT:.0%}, logarithmic beyond: some runs do not degrade)"
-    notes.append(f"y: {DEGRADATION_DEF}; {y_note}")
-    rhos = degradation_spearman(quant, protocol)
-    notes.append(
-        "Spearman ρ(Kurt, degradation): "
-        + "; ".join(f"{_bits_name(b)} ρ = {_rho_text(rho)} (n = {n})" for b, (rho, n) in rhos.items())
-    )
-    notes.append(f"{SPEARMAN_DEF}; one point per run and bit width; click a bit width in the legend")
-    shown = [c for c in points.columns if c not in ("studies", "protocol", "delta", "status")]
-    points = points[shown]
-    pick = alt.selection_point(fields=["bits"], bind="legend")
-    bits_legend = alt.Legend(title="bits (W = A)")
-    # Every bit width of the table (not just this protocol's) in the domain: a bit width keeps its
-    # colour and shape from one protocol's chart to the next.
-    bits_domain = sorted({int(b) for b in quant["bits"]}, reverse=True)
-    return (
-        alt.Chart(points)
-        .mark_point(filled=True, size=70)
-        .encode(
-            x=alt.X("mean_kurtosis:Q", title="mean Kurt over layers", scale=alt.Scale(type="log")),
-            y=alt.Y(
-                "degradation:Q",
-                title="relative degradation ppl_q / ppl_fp - 1",
-                scale=y_scale,
-                axis=alt.Axis(format="~%"),
-            ),
-            # Nominal, ordered by the domain: a shape on an ordinal field makes Vega-Lite warn.
-            color=alt.Color("bits:N", scale=alt.Scale(scheme="dark2", domain=bits_domain), legend=bits_legend),
-            shape=alt.Shape("bits:N", scale=alt.Scale(domain=bits_domain), legend=bits_legend),
-            opacity=alt.condition(pick, alt.value(0.9), alt.value(FADED)),
-            tooltip=_tooltip(
-                points,
-                ["bits", "mean_kurtosis", "peak_kurtosis", "ppl_fp", "ppl_q", "degradation"],
-                measure_columns=_QUANT_MEASURE_COLUMNS,
-            ),
-        )
-        .add_params(pick)
-        .properties(title=_title(title_text, notes), width=WIDE_WIDTH, height=WIDE_HEIGHT)
-    )
-
-
 def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.FacetChart | alt.Chart:
     """Peak and final mean kurtosis against a swept axis `x` (one panel each, log y): one line per
     `label` (the study's other swept axes) through the mean over the runs sharing a value (the seeds),
@@ -263,7 +182,7 @@ def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.Fa
     title_text = f"Kurtosis against {x}"
     points = sweep_points(runs, x)
     if points.empty:
-        return _no_data(_title(title_text, notes))
+        return no_data(chart_title(title_text, notes))
     if log_x is None:
         log_x = log_axis(x, points[x])
     notes.append(
@@ -313,7 +232,7 @@ def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.Fa
         .mark_point(filled=True, size=55)
         .encode(
             shape=alt.Shape("status:N", title="status"),
-            tooltip=_tooltip(points, ["status", "measure", "value", "final_val_loss"], _RUN_MEASURE_COLUMNS),
+            tooltip=tooltips(points, ["status", "measure", "value", "final_val_loss"], _RUN_MEASURE_COLUMNS),
         )
     )
     panels = alt.Column("measure:N", title=None, sort=[name for _, name in SWEEP_MEASURES])
@@ -322,7 +241,7 @@ def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.Fa
         .properties(width=PANEL_WIDTH + 60, height=PANEL_HEIGHT + 30)
         .facet(column=panels)
         .resolve_scale(y="independent")
-        .properties(title=_title(title_text, notes, width=2 * (PANEL_WIDTH + 80)))
+        .properties(title=chart_title(title_text, notes, width=2 * (PANEL_WIDTH + 80)))
     )
 
 
@@ -357,58 +276,6 @@ def log_axis(name: str, values: pd.Series | np.ndarray | list) -> bool:
     return name.rsplit(".", 1)[-1] in LOG_AXES or v.max() / v.min() >= 100
 
 
-def quant_points(quant: pd.DataFrame, protocol: str) -> pd.DataFrame:
-    """The plottable rows of one protocol, with `degradation` = ppl_q / ppl_fp - 1 added: finite
-    perplexities (ppl_fp > 0) and a finite, positive mean kurtosis (the x axis is log-scaled)."""
-    needed = {"protocol", "bits", "ppl_fp", "ppl_q", "mean_kurtosis"}
-    if quant is None or quant.empty or not needed <= set(quant.columns):
-        return pd.DataFrame()
-    df = quant[quant["protocol"] == protocol]
-    ppl_fp = df["ppl_fp"].to_numpy(dtype=float)
-    ppl_q = df["ppl_q"].to_numpy(dtype=float)
-    kurt = df["mean_kurtosis"].to_numpy(dtype=float)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        degradation = ppl_q / ppl_fp - 1.0
-    ok = np.isfinite(degradation) & (ppl_fp > 0) & np.isfinite(kurt) & (kurt > 0)
-    return df.assign(degradation=degradation)[ok].reset_index(drop=True)
-
-
-def degradation_spearman(quant: pd.DataFrame, protocol: str) -> dict[int, tuple[float, int]]:
-    """bits -> (Spearman's rho between mean kurtosis and relative degradation, number of runs) over the
-    plottable rows of one protocol (`quant_points`), in decreasing bit width."""
-    points = quant_points(quant, protocol)
-    if points.empty:
-        return {}
-    out = {}
-    for bits, group in sorted(points.groupby("bits"), key=lambda item: -item[0]):
-        out[int(bits)] = (spearman(group["mean_kurtosis"], group["degradation"]), len(group))
-    return out
-
-
-def spearman(x: pd.Series | np.ndarray, y: pd.Series | np.ndarray) -> float:
-    """Spearman's rank correlation: Pearson's correlation of the (average-tied) ranks of the finite pairs.
-
-    NaN when fewer than MIN_SPEARMAN_N pairs remain or either side is constant.
-    """
-    x = pd.Series(np.asarray(x, dtype=float))
-    y = pd.Series(np.asarray(y, dtype=float))
-    ok = np.isfinite(x) & np.isfinite(y)
-    if ok.sum() < MIN_SPEARMAN_N:
-        return math.nan
-    rx, ry = x[ok].rank(method="average"), y[ok].rank(method="average")
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    denom = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
-    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
-
-
-def _bits_name(bits: int) -> str:
-    return f"W{bits}A{bits}"
-
-
-def _rho_text(rho: float) -> str:
-    return "n/a" if not math.isfinite(rho) else f"{rho:.2f}"
-
-
 def _final_note(log: bool) -> str:
     return "value at each run's last logged step with finite values; " + ("log scale; " if log else "") + _LEGEND_NOTE
 
@@ -420,7 +287,7 @@ def _loss_encoding(df: pd.DataFrame, pick: alt.Parameter) -> dict:
         color=_label_color(),
         detail=alt.Detail("run_id:N"),
         opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-        tooltip=_tooltip(df, ["site", "step", "tokens", "value"]),
+        tooltip=tooltips(df, ["site", "step", "tokens", "value"]),
     )
 
 
@@ -436,7 +303,7 @@ def _final_per_layer(
         df = df[plottable.groupby([df["run_id"], df["step"]]).transform("all")]
         df = df[df["step"] == df.groupby("run_id")["step"].transform("max")]
     if df.empty:
-        return _no_data(title)
+        return no_data(title)
     pick = alt.selection_point(fields=["label"], bind="legend")
     return (
         alt.Chart(df)
@@ -447,7 +314,7 @@ def _final_per_layer(
             color=_label_color(),
             detail=alt.Detail("run_id:N"),
             opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-            tooltip=_tooltip(df, ["site", "layer", "step", "tokens", "value"]),
+            tooltip=tooltips(df, ["site", "layer", "step", "tokens", "value"]),
         )
         .add_params(pick)
         .properties(title=title, width=width, height=WIDE_HEIGHT)
@@ -489,7 +356,7 @@ def _field(name: str) -> str:
     return name
 
 
-def _tooltip(
+def tooltips(
     df: pd.DataFrame, measures: list[str], measure_columns: frozenset[str] = _MEASURE_COLUMNS
 ) -> list[alt.Tooltip]:
     """run_id, label (if any), every configuration column of `df`, then the given measurement columns."""
@@ -520,7 +387,7 @@ def _label_color() -> alt.Color:
     return alt.Color("label:N", title="configuration", legend=alt.Legend(labelLimit=300))
 
 
-def _title(text: str, subtitle: list[str], width: int = WIDE_WIDTH) -> alt.TitleParams:
+def chart_title(text: str, subtitle: list[str], width: int = WIDE_WIDTH) -> alt.TitleParams:
     """A title whose subtitle lines are wrapped to about the chart's width (`width`: its plot area; the
     legend adds about LEGEND_WIDTH), so a long definition never makes the chart wider than its plot."""
     chars = max(60, int((width + LEGEND_WIDTH) / SUBTITLE_CHAR_WIDTH))
@@ -528,7 +395,7 @@ def _title(text: str, subtitle: list[str], width: int = WIDE_WIDTH) -> alt.Title
     return alt.TitleParams(text=text, subtitle=lines, anchor="start", subtitleColor="#555")
 
 
-def _no_data(title: alt.TitleParams) -> alt.Chart:
+def no_data(title: alt.TitleParams) -> alt.Chart:
     """A chart that says there is nothing to plot (a study whose runs are all missing, for instance)."""
     return (
         alt.Chart(pd.DataFrame({"text": ["no data"]}))

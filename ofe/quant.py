@@ -30,6 +30,21 @@ from ofe.model import GPT, Attention
 
 Protocol = Literal["static_per_tensor", "dynamic_per_token"]
 
+# What each protocol quantises, in words, for the report (kept beside `_static_sites`, which is the truth).
+QUANTISED_TENSORS = {
+    "static_per_tensor": (
+        "weights of every linear layer (symmetric, per tensor); activations (asymmetric, per tensor, static "
+        "ranges) at the input and output of every linear layer (Q, K and V after their bias), the attention "
+        "scores and probabilities, every norm's output, both residual sums of every block (the stream "
+        "entering block 0 is the embeddings sum), the stream entering the unembedding; the tied LM head "
+        "stays in full precision"
+    ),
+    "dynamic_per_token": (
+        "weights of every linear layer (symmetric, per output channel); the input of every linear layer "
+        "(symmetric, one dynamic range per token); nothing else"
+    ),
+}
+
 
 # ---- primitives -------------------------------------------------------------------------------------
 

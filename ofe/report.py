@@ -24,8 +24,6 @@ Partial results render too: a study whose runs are all missing gets its sections
 from __future__ import annotations
 
 import dataclasses
-import functools
-import html
 import json
 import math
 import os
@@ -41,6 +39,9 @@ import pandas as pd
 import vl_convert
 
 from ofe import plots
+from ofe.report_int8 import int8_section, load_quant, quant_table, quant_table_html
+from ofe.grid import default_figures_dir
+from ofe.htmlparts import Figure, Links, as_list, esc, figure_html, fmt_number, fmt_value, to_slug
 from ofe.results import atomic_path, atomic_write_text, read_metadata
 
 # Width of each of the two per-layer charts shown side by side (kurtosis beside signal propagation).
@@ -83,26 +84,6 @@ SWEEP_CAPTION = (
 KNOWN_GRID_COLUMNS = ("block", "scale", "optimizer", "beta", "lr", "seed")
 STATUS_ORDER = ("completed", "diverged", "failed", "corrupt", "missing")
 DONE_STATUSES = ("completed", "diverged")  # runs that finished and have results
-
-# Quantisation protocols in page order (others follow alphabetically) and their short column names.
-QUANT_PROTOCOLS = ("static_per_tensor", "dynamic_per_token")
-PROTOCOL_SHORT = {"static_per_tensor": "static", "dynamic_per_token": "dynamic"}
-# Grid columns the int8 table always shows (the paper's table); any other one is shown when it varies.
-QUANT_TABLE_COLUMNS = ("block", "optimizer")
-QUANT_EXPLANATION = (
-    "Post-training fake quantisation of the final checkpoint, weights and activations at the same bit width "
-    "(W8A8 = 8 bits). <b>static</b>: per-tensor ranges calibrated on training batches, activations "
-    "quantised everywhere including the residual stream (the paper's likely W8A8 protocol, the one that "
-    "exposes outliers); <b>dynamic</b>: per-channel weights and per-token dynamic ranges on linear-layer "
-    "inputs only (the forgiving one). Cells give validation perplexity after quantisation and, in "
-    "brackets, its change relative to full precision (ppl fp); mean Kurt = the paper's kurtosis averaged "
-    "over layers at the run's last logged step; rows sorted by it; - = no value (e.g. a diverged run)."
-)
-QUANT_CAPTION = (
-    "Relative perplexity degradation after {protocol} quantisation (ppl_q / ppl_fp - 1) against mean Kurt "
-    "(averaged over layers at the last logged step), one point per run and bit width, with Spearman's rank "
-    "correlation per bit width."
-)
 
 # PNG exports at twice the chart's CSS size, crisp on a high-density screen or a slide.
 PNG_SCALE = 2.0
@@ -149,22 +130,6 @@ for (const block of document.querySelectorAll('script.chart-spec')) {
 """ % json.dumps(EMBED_OPTIONS)
 
 
-@dataclasses.dataclass(frozen=True)
-class Figure:
-    """One chart of the page: `stem` names its div (`fig-<stem>`) and its exported files (`<stem>.svg`)."""
-
-    stem: str
-    chart: alt.TopLevelMixin
-    caption: str
-    headline: bool = False
-
-    @functools.cached_property
-    def spec(self) -> dict:
-        """The chart's Vega-Lite spec (computed once: the page and the exports share it)."""
-        # The report's charts can hold more rows than Altair's default 5000-row guard allows.
-        with alt.data_transformers.disable_max_rows():
-            return self.chart.to_dict()
-
 
 def build_report(
     results_dir: Path | str,
@@ -175,7 +140,7 @@ def build_report(
     png: bool = True,
 ) -> Path:
     """Write the HTML report of `results_dir/{runs,metrics,quant}.parquet` to `out_html` (atomically) and
-    every figure as SVG and, if `png`, PNG to `figures_dir` (default: `figures/` beside the page); return
+    every figure as SVG and, if `png`, PNG to `figures_dir` (default: `default_figures_dir`); return
     the page's path.
 
     `runs_dir` is where the run folders are, for the runs table's links (default: `results_dir/runs`, or
@@ -183,12 +148,12 @@ def build_report(
     from `results/partial/`, with the run folders in `results/runs/`).
     """
     results_dir, out_html = Path(results_dir), Path(out_html)
-    figures_dir = Path(figures_dir) if figures_dir is not None else out_html.parent / "figures"
+    figures_dir = Path(figures_dir) if figures_dir is not None else default_figures_dir(out_html)
     runs_dir = Path(runs_dir) if runs_dir is not None else default_runs_dir(results_dir)
     runs_path = results_dir / "runs.parquet"
     runs = pd.read_parquet(runs_path)
     metrics = pd.read_parquet(results_dir / "metrics.parquet")
-    quant = load_quant(results_dir)
+    quant = load_quant(results_dir, runs)
     meta = read_metadata(runs_path)
     grid = grid_columns(runs, meta)
     study_list = studies(meta)
@@ -206,7 +171,7 @@ def build_report(
         sections.append(section)
         figures += study_figures
     if not quant.empty:
-        section, quant_figures = _quant_section(len(study_list) + 1, quant, grid, links)
+        section, quant_figures = int8_section(len(study_list) + 1, quant, grid, links)
         sections.append(section)
         figures += quant_figures
     export_figures(figures, figures_dir, png=png)
@@ -281,7 +246,7 @@ def run_labels(runs: pd.DataFrame, axes: list[str], empty: str | None = None) ->
     axes = [a for a in axes if a in runs.columns]
     if not axes:
         return runs["run_id"].astype(str) if empty is None else pd.Series(empty, index=runs.index, dtype=str)
-    labels = [", ".join(f"{a}={_format_value(row[a])}" for a in axes) for row in runs[axes].to_dict("records")]
+    labels = [", ".join(f"{a}={fmt_value(row[a])}" for a in axes) for row in runs[axes].to_dict("records")]
     return pd.Series(labels, index=runs.index, dtype=str)
 
 
@@ -308,48 +273,12 @@ def axis_values(members: pd.DataFrame, axis: str) -> list[str]:
         values = sorted(values)
     except TypeError:
         values = sorted(values, key=str)
-    return [_format_value(v) for v in values]
-
-
-def load_quant(results_dir: Path) -> pd.DataFrame:
-    """`results_dir/quant.parquet`, or an empty frame where it is absent (results from before it existed)."""
-    path = Path(results_dir) / "quant.parquet"
-    return pd.read_parquet(path) if path.exists() else pd.DataFrame()
-
-
-def quant_protocol_bits(quant: pd.DataFrame) -> list[tuple[str, int]]:
-    """The (protocol, bits) pairs present, in page order: known protocols first, then widest bits first."""
-    pairs = {(str(p), int(b)) for p, b in zip(quant["protocol"], quant["bits"])}
-    rank = {p: i for i, p in enumerate(QUANT_PROTOCOLS)}
-    return sorted(pairs, key=lambda pb: (rank.get(pb[0], len(rank)), pb[0], -pb[1]))
-
-
-def quant_column_name(protocol: str, bits: int) -> str:
-    """The int8 table's header of one protocol and bit width, e.g. "static W8A8"."""
-    return f"{PROTOCOL_SHORT.get(protocol, protocol)} W{bits}A{bits}"
-
-
-def quant_table(quant: pd.DataFrame, id_columns: list[str]) -> pd.DataFrame:
-    """One row per run: run_id, `id_columns`, status, mean_kurtosis, ppl_fp, then ppl_q under each
-    `quant_column_name`; sorted by mean kurtosis (missing last), then run_id."""
-    first = {c: "first" for c in [*id_columns, "status", "mean_kurtosis", "ppl_fp"] if c in quant.columns}
-    per_run = quant.groupby("run_id", sort=False).agg(first)
-    for column in ("status", "mean_kurtosis", "ppl_fp"):
-        if column not in per_run.columns:
-            per_run[column] = math.nan
-    ppl_q = quant.groupby(["run_id", "protocol", "bits"])["ppl_q"].first()
-    for protocol, bits in quant_protocol_bits(quant):
-        per_run[quant_column_name(protocol, bits)] = ppl_q.xs((protocol, bits), level=("protocol", "bits"))
-    table = per_run.reset_index().sort_values(["mean_kurtosis", "run_id"], na_position="last", kind="stable")
-    return table.reset_index(drop=True)
+    return [fmt_value(v) for v in values]
 
 
 def study_runs(runs: pd.DataFrame, name: str) -> pd.DataFrame:
     """The runs whose `studies` list contains `name`."""
-    return runs[runs["studies"].map(lambda names: name in _as_list(names))]
-
-
-Links = Callable[[str], dict[str, str]]
+    return runs[runs["studies"].map(lambda names: name in as_list(names))]
 
 
 def _study_section(
@@ -378,19 +307,19 @@ def _study_section(
         swept = members.assign(label=run_labels(members, others, empty="all runs"))
         log_x = plots.log_axis(axis, swept[axis])
         caption = SWEEP_CAPTION.format(axis=axis, scale=" (log scale)" if log_x else "", kurt=KURT_SHORT)
-        figure_slug = f"sweep-{_slug(axis)}"
+        figure_slug = f"sweep-{to_slug(axis)}"
         kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", plots.sweep_lines(swept, axis, log_x), caption)))
     for figure_slug, chart in FIGURES:
         kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", chart(subset), CAPTIONS[figure_slug])))
     kinds[0] = (kinds[0][0], dataclasses.replace(kinds[0][1], headline=True))
     figures = [figure for _, figure in kinds]
 
-    values = "; ".join(f"<code>{_esc(a)}</code> = {_esc(', '.join(axis_values(members, a)))}" for a in axes)
+    values = "; ".join(f"<code>{esc(a)}</code> = {esc(', '.join(axis_values(members, a)))}" for a in axes)
     parts = [
         f'<section id="study-{slug}">',
-        f"<h2>{index}. {_esc(study.get('title') or name)}</h2>",
-        f'<p class="question">{_esc(study.get("question", ""))}</p>',
-        f"<p>Study <code>{_esc(name)}</code> sweeps {values or 'nothing'}; {len(members)} runs: "
+        f"<h2>{index}. {esc(study.get('title') or name)}</h2>",
+        f'<p class="question">{esc(study.get("question", ""))}</p>',
+        f"<p>Study <code>{esc(name)}</code> sweeps {values or 'nothing'}; {len(members)} runs: "
         f"{_status_counts(members)}.</p>",
     ]
     if not members["status"].isin(DONE_STATUSES).any():
@@ -400,10 +329,10 @@ def _study_section(
     for kind, figure in kinds:
         if kind == SIDE_BY_SIDE[0]:  # the pair's first figure opens the row, with its partner
             parts.append('<div class="row">')
-            parts += [_figure_html(f, numbers[f.stem], links(f.stem)) for f in side_by_side]
+            parts += [figure_html(f, numbers[f.stem], links(f.stem)) for f in side_by_side]
             parts.append("</div>")
         elif kind not in SIDE_BY_SIDE:
-            parts.append(_figure_html(figure, numbers[figure.stem], links(figure.stem)))
+            parts.append(figure_html(figure, numbers[figure.stem], links(figure.stem)))
     if not quant.empty:
         full_labels = dict(zip(members["run_id"], run_labels(members, axes)))
         in_study = quant[quant["run_id"].isin(full_labels)]
@@ -413,92 +342,9 @@ def _study_section(
                 "<h3>int8 quantisation</h3>\n<p>Validation perplexity after quantisation of this study's runs "
                 '(definitions in <a href="#int8">int8 quantisation</a>).</p>'
             )
-            parts.append(_quant_table_html(quant_table(in_study, ["configuration"]), ["configuration"], in_study))
+            parts.append(quant_table_html(quant_table(in_study, ["configuration"]), ["configuration"], in_study))
     parts.append("</section>")
     return "\n".join(parts), figures
-
-
-def _quant_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[str, list[Figure]]:
-    """The paper's int8 table over every run, then one degradation scatter per protocol."""
-    runs = quant.drop_duplicates("run_id")
-    shown = [
-        c for c in grid
-        if c in quant.columns and (c in QUANT_TABLE_COLUMNS or runs[c].nunique(dropna=False) > 1)
-    ]
-    parts = [
-        '<section id="int8">',
-        f"<h2>{index}. int8 quantisation</h2>",
-        f"<p>{QUANT_EXPLANATION}</p>",
-        _quant_table_html(quant_table(quant, shown), shown, quant),
-    ]
-    figures = []
-    for number, protocol in enumerate(dict.fromkeys(p for p, _ in quant_protocol_bits(quant)), start=1):
-        caption = QUANT_CAPTION.format(protocol=plots.PROTOCOL_NAMES.get(protocol, protocol))
-        figure = Figure(f"int8-degradation-{_slug(protocol)}", plots.quant_degradation_scatter(quant, protocol), caption)
-        figures.append(figure)
-        parts.append(_figure_html(figure, f"{index}.{number}", links(figure.stem)))
-    parts.append("</section>")
-    return "\n".join(parts), figures
-
-
-def _quant_table_html(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> str:
-    """`quant_table` as HTML: ppl_q cells carry their change relative to ppl fp; the status column
-    appears only when some run did not complete; the row's tooltip is its run_id."""
-    q_columns = [quant_column_name(p, b) for p, b in quant_protocol_bits(quant)]
-    with_status = bool((table["status"].fillna("missing") != "completed").any())
-    header = [*id_columns, *(["status"] if with_status else []), "mean Kurt", "ppl fp", *q_columns]
-    rows = []
-    for run in table.to_dict("records"):
-        cells = [f"<td>{_esc(_format_value(run.get(c)))}</td>" for c in id_columns]
-        if with_status:
-            status = str(run.get("status"))
-            cells.append(f'<td class="status-{_slug(status)}">{_esc(status)}</td>')
-        cells.append(f'<td class="num">{_number(run.get("mean_kurtosis"), ".3g") or "-"}</td>')
-        cells.append(f'<td class="num">{_perplexity(run.get("ppl_fp"))}</td>')
-        for column in q_columns:
-            cells.append(f'<td class="num">{_perplexity(run.get(column), reference=run.get("ppl_fp"))}</td>')
-        rows.append(f'<tr title="{_esc(run["run_id"])}">' + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
-    return f'<table class="quant">\n<tr>{head}</tr>\n' + "\n".join(rows) + "\n</table>"
-
-
-def _perplexity(value: object, reference: object = None) -> str:
-    """A perplexity as HTML ("-" if missing), with its relative change to `reference` when both are finite."""
-    try:
-        ppl = float(value)
-    except (TypeError, ValueError):
-        return "-"
-    if math.isnan(ppl):
-        return "-"
-    text = f"{ppl:.2f}" if abs(ppl) < 1e5 else f"{ppl:.3g}"
-    try:
-        rel = ppl / float(reference) - 1.0
-    except (TypeError, ValueError, ZeroDivisionError):
-        return text
-    if not math.isfinite(rel):
-        return text
-    pct = 100 * rel
-    change = f"{pct:+,.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%" if abs(pct) >= 1 else f"{pct:+.2f}%"
-    return f'{text} <span class="rel">({change})</span>'
-
-
-def _figure_html(figure: Figure, number: str, links: dict[str, str]) -> str:
-    """The figure: its chart's div, its Vega-Lite spec as a JSON block the loader script reads, and a
-    caption with links to the exported files."""
-    # "<" escaped as \u003c is still the same JSON, and no "</script>" in a value can end the block early.
-    payload = json.dumps(figure.spec, allow_nan=False).replace("<", "\\u003c")
-    div_id = f"fig-{figure.stem}"
-    downloads = " ".join(f'<a href="{_esc(href)}">{fmt.upper()}</a>' for fmt, href in links.items())
-    label = f"Figure {number}" + (" (headline)" if figure.headline else "")
-    opening = '<figure class="headline">' if figure.headline else "<figure>"
-    return (
-        f"{opening}\n"
-        f'<div class="chart" id="{div_id}"></div>\n'
-        f'<script type="application/json" class="chart-spec" data-target="{div_id}">{payload}</script>\n'
-        f"<figcaption><b>{label}.</b> {_esc(figure.caption)} "
-        f'<span class="downloads">Download:{" " + downloads if downloads else ""}</span></figcaption>\n'
-        "</figure>"
-    )
 
 
 def _relative_href(target: Path, start: Path) -> str:
@@ -520,7 +366,7 @@ def _partial_banner(runs: pd.DataFrame) -> str:
 
 def _nav_html(study_list: list[tuple[str, dict]], slugs: list[str], with_quant: bool) -> str:
     links = ['<a href="#summary">Summary</a>', '<a href="#provenance">Provenance</a>']
-    links += [f'<a href="#study-{slug}">{_esc(study.get("title") or name)}</a>'
+    links += [f'<a href="#study-{slug}">{esc(study.get("title") or name)}</a>'
               for (name, study), slug in zip(study_list, slugs)]
     if with_quant:
         links.append('<a href="#int8">int8 quantisation</a>')
@@ -538,10 +384,10 @@ def _summary_html(runs: pd.DataFrame, study_list: list[tuple[str, dict]], slugs:
     for (name, study), slug in zip(study_list, slugs):
         members = study_runs(runs, name)
         axes = [a for a in study.get("axes", []) if a in runs.columns]
-        values = "<br>".join(f"<code>{_esc(a)}</code>: {_esc(', '.join(axis_values(members, a)))}" for a in axes)
+        values = "<br>".join(f"<code>{esc(a)}</code>: {esc(', '.join(axis_values(members, a)))}" for a in axes)
         rows.append(
-            f'<tr><td><a href="#study-{slug}">{_esc(study.get("title") or name)}</a><br>'
-            f"<code>{_esc(name)}</code></td><td class=\"question\">{_esc(study.get('question', ''))}</td>"
+            f'<tr><td><a href="#study-{slug}">{esc(study.get("title") or name)}</a><br>'
+            f"<code>{esc(name)}</code></td><td class=\"question\">{esc(study.get('question', ''))}</td>"
             f"<td>{values or '-'}</td><td class=\"num\">{len(members)}</td><td>{_status_counts(members)}</td></tr>"
         )
     grid = (
@@ -572,7 +418,7 @@ def _provenance_html(prov: dict) -> str:
         ("date (results aggregated)", prov.get("date") or "unknown"),
         ("report built", datetime.now(timezone.utc).isoformat(timespec="seconds")),
     ]
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in items)
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in items)
     return f'<h2 id="provenance">Provenance</h2>\n<table class="provenance">{rows}</table>'
 
 
@@ -588,7 +434,7 @@ def _runs_table_html(runs: pd.DataFrame, grid: list[str], runs_dir: Path, page_d
         "files", "error",
     ]
     rows = [_run_row(run, grid, runs_dir, page_dir) for run in runs.to_dict("records")]
-    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
     return (
         '<section id="runs">\n<h2>Runs</h2>\n'
         "<p>Every planned run. final mean kurtosis: Kurt averaged over layers at the last logged step; peak "
@@ -602,16 +448,16 @@ def _run_row(run: dict, grid: list[str], runs_dir: Path, page_dir: Path) -> str:
     status = str(run.get("status"))
     folder = runs_dir / str(run["run_id"])
     files = f'<a href="{_relative_href(folder, page_dir)}/">run folder</a>' if folder.is_dir() else "-"
-    cells = [f"<td>{_esc(run['run_id'])}</td>"]
-    cells += [f"<td>{_esc(_format_value(run.get(c)))}</td>" for c in grid]
-    cells.append(f"<td>{_esc(', '.join(_as_list(run.get('studies'))))}</td>")
-    cells.append(f'<td class="status-{_slug(status)}">{_esc(status)}</td>')
-    cells.append(f'<td class="num">{_number(run.get("final_val_loss"), ".4f")}</td>')
-    cells.append(f'<td class="num">{_number(run.get("final_mean_kurtosis"), ".4g")}</td>')
-    cells.append(f'<td class="num">{_number(run.get("peak_kurtosis"), ".4g")}</td>')
-    cells.append(f'<td class="num">{_number(run.get("tokens_per_s"), ",.0f")}</td>')
+    cells = [f"<td>{esc(run['run_id'])}</td>"]
+    cells += [f"<td>{esc(fmt_value(run.get(c)))}</td>" for c in grid]
+    cells.append(f"<td>{esc(', '.join(as_list(run.get('studies'))))}</td>")
+    cells.append(f'<td class="status-{to_slug(status)}">{esc(status)}</td>')
+    cells.append(f'<td class="num">{fmt_number(run.get("final_val_loss"), ".4f")}</td>')
+    cells.append(f'<td class="num">{fmt_number(run.get("final_mean_kurtosis"), ".4g")}</td>')
+    cells.append(f'<td class="num">{fmt_number(run.get("peak_kurtosis"), ".4g")}</td>')
+    cells.append(f'<td class="num">{fmt_number(run.get("tokens_per_s"), ",.0f")}</td>')
     cells.append(f'<td class="files">{files}</td>')
-    cells.append(f'<td class="error">{_esc(_last_line(run.get("error")))}</td>')
+    cells.append(f'<td class="error">{esc(_last_line(run.get("error")))}</td>')
     return "<tr>" + "".join(cells) + "</tr>"
 
 
@@ -620,7 +466,7 @@ def _page(title: str, body: str) -> str:
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>{_esc(title)}</title>
+<title>{esc(title)}</title>
 <style>{CSS}</style>
 <script>
 {_vega_bundle()}
@@ -647,39 +493,10 @@ def _vega_bundle() -> str:
     return re.sub(r"</(script)", r"<\\/\1", bundle, flags=re.IGNORECASE)
 
 
-def _as_list(value: object) -> list[str]:
-    """A `studies` cell (list, numpy array or missing) as a list of names."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return []
-    return [str(v) for v in value]
-
-
-def _format_value(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:g}"
-    return "" if value is None else str(value)
-
-
-def _number(value: object, fmt: str) -> str:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return ""
-    return "" if math.isnan(number) else format(number, fmt)
-
-
 def _last_line(error: object) -> str:
     if not isinstance(error, str) or not error.strip():
         return ""
     return error.strip().splitlines()[-1]
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_-]+", "-", text).strip("-") or "x"
-
-
-def _esc(text: object) -> str:
-    return html.escape(str(text))
 
 
 def _duration(seconds: float) -> str:
@@ -699,7 +516,7 @@ def _unique_slugs(names: list[str]) -> list[str]:
     seen: set[str] = {"int8"}
     out = []
     for name in names:
-        base = slug = _slug(name)
+        base = slug = to_slug(name)
         n = 1
         while slug in seen:
             n += 1

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import vl_convert
 
-from ofe import plots
+from ofe import plots, plots_int8
 from ofe.__main__ import main
 from ofe.report import FIGURES, build_report, studies
 from ofe.results import METRIC_SCHEMA, write_parquet
@@ -218,8 +218,9 @@ def test_report_is_self_contained(page: str) -> None:
 
 def test_report_has_one_rendered_spec_per_figure(page: str) -> None:
     div_ids = re.findall(r'<div class="chart" id="([^"]+)">', page)
-    # + the lr study's sweep over lr (numeric, two values) + one int8 scatter per protocol
-    assert len(div_ids) == len(STUDIES) * len(FIGURES) + 1 + 2
+    # + the lr study's sweep over lr (numeric, two values) + one int8 scatter per protocol + the static
+    # protocol's degradation against validation loss
+    assert len(div_ids) == len(STUDIES) * len(FIGURES) + 1 + 2 + 1
     specs = _spec_blocks(page)
     assert sorted(specs) == sorted(div_ids)
     for spec in specs.values():
@@ -284,15 +285,17 @@ def test_report_renders_with_empty_metrics(synthetic, tmp_path) -> None:
 def test_int8_section_table_has_the_papers_columns_and_values(page: str) -> None:
     assert page.index('<section id="study-lr">') < page.index('<section id="int8">') < page.index("<h2>Runs</h2>")
     header, rows = _table_rows(_section(page, "int8"))
-    # block and optimizer always, beta because it varies; status because one run diverged.
-    assert header == ["block", "optimizer", "beta", "status", "mean Kurt", "ppl fp",
+    # block and optimizer always, beta because it varies; status because one run diverged; the final
+    # validation loss (runs.parquet) beside the perplexities, to compare at matched loss.
+    assert header == ["block", "optimizer", "beta", "status", "val loss", "mean Kurt", "ppl fp",
                       "static W8A8", "static W4A4", "dynamic W8A8"]
     assert list(rows) == sorted(QUANT, key=lambda run_id: QUANT[run_id][0])  # sorted by mean kurtosis
     assert rows["tiny/pre_ln/beta1/adamw/lr0.01/seed0"] == [
-        "pre_ln", "adamw", "1", "completed", "25.6", "16.00", "63.40 (+296%)", "64.00 (+300%)", "16.30 (+1.9%)"
+        "pre_ln", "adamw", "1", "completed", "3.200", "25.6", "16.00", "63.40 (+296%)", "64.00 (+300%)",
+        "16.30 (+1.9%)"
     ]
-    assert rows[QUANT_ONLY_RUNS[0][0]][5:] == ["14.71", "14.87 (+1.1%)", "22.00 (+49.6%)", "14.70 (-0.07%)"]
-    assert rows[RUNS[1][0]] == ["op", "adamw", "0.2", "diverged", "300", "-", "-", "-", "-"]
+    assert rows[QUANT_ONLY_RUNS[0][0]][6:] == ["14.71", "14.87 (+1.1%)", "22.00 (+49.6%)", "14.70 (-0.07%)"]
+    assert rows[RUNS[1][0]] == ["op", "adamw", "0.2", "diverged", "-", "300", "-", "-", "-", "-"]
     assert "<b>static</b>" in _section(page, "int8") and "<b>dynamic</b>" in _section(page, "int8")
 
 
@@ -302,8 +305,8 @@ def test_study_sections_have_their_own_int8_table(page: str) -> None:
     assert {run_id: cells[0] for run_id, cells in rows.items()} == {RUNS[0][0]: "block=pre_ln", RUNS[1][0]: "block=op"}
     header, rows = _table_rows(_section(page, "study-lr").split("<h3>int8 quantisation</h3>")[1])
     assert "status" not in header  # the missing run has no int8 rows; the other one completed
-    assert rows == {RUNS[0][0]: ["block=pre_ln, lr=0.01", "25.6", "16.00", "63.40 (+296%)", "64.00 (+300%)",
-                                 "16.30 (+1.9%)"]}
+    assert rows == {RUNS[0][0]: ["block=pre_ln, lr=0.01", "3.200", "25.6", "16.00", "63.40 (+296%)",
+                                 "64.00 (+300%)", "16.30 (+1.9%)"]}
 
 
 def test_int8_scatter_states_the_spearman_correlation(page: str) -> None:
@@ -333,16 +336,16 @@ def test_int8_scatter_states_the_spearman_correlation(page: str) -> None:
 def test_spearman_matches_the_rank_formula() -> None:
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=20), rng.normal(size=20)
-    assert plots.spearman(x, y) == pytest.approx(_spearman_by_formula(list(x), list(y)))
-    assert plots.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)  # ranks, not values
-    assert plots.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties averaged
-    assert math.isnan(plots.spearman([1, 2], [2, 1]))  # too few runs
-    assert math.isnan(plots.spearman([1, 2, 3], [5, 5, 5]))  # constant
+    assert plots_int8.spearman(x, y) == pytest.approx(_spearman_by_formula(list(x), list(y)))
+    assert plots_int8.spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)  # ranks, not values
+    assert plots_int8.spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties averaged
+    assert math.isnan(plots_int8.spearman([1, 2], [2, 1]))  # too few runs
+    assert math.isnan(plots_int8.spearman([1, 2, 3], [5, 5, 5]))  # constant
 
 
 def test_empty_quant_gives_a_no_data_scatter(quant) -> None:
     for frame in (pd.DataFrame(), quant.iloc[:0], quant[quant["ppl_fp"].isna()]):
-        spec = plots.quant_degradation_scatter(frame).to_dict()
+        spec = plots_int8.quant_degradation_scatter(frame).to_dict()
         assert spec["mark"]["type"] == "text" and _values(spec) == [{"text": "no data"}]
 
 

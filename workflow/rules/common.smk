@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ofe.__main__ import plan_from_config
 from ofe.config import ConfigError
-from ofe.grid import check_launcher, launcher_settings, load_config, validate
+from ofe.grid import check_launcher, default_figures_dir, launcher_settings, load_config, validate
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 

@@ -38,8 +38,10 @@ rule aggregate:
         "python -m ofe aggregate --plan {input.plan:q} --results {RESULTS:q} > {log:q} 2>&1"
 
 
-# The report's figures, each as <study>-<figure>.svg and .png (vl-convert), beside the page.
-FIGURES = str(Path(REPORT).parent / "figures")
+# The report's figures, each as <study>-<figure>.svg and .png (vl-convert), beside the page: figures/ for
+# index.html, <stem>-figures/ for any other page (a directory() output is emptied before the rule runs, so
+# two reports in one folder must not share it).
+FIGURES = str(default_figures_dir(REPORT))
 
 
 # The manifest is the rule's completion mark: a partial report written to REPORT by `onerror` (see

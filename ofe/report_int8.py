@@ -1,0 +1,218 @@
+"""The report's int8 section: which tensors each protocol quantises, the paper's table per run (block,
+optimiser, kurtosis, ppl fp, ppl after quantisation), the same table by configuration with the mean and
+spread over seeds, and the figures: degradation against kurtosis (every protocol and bit width, with
+Spearman's correlation and its n) and against validation loss (configurations compared at equal loss)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from ofe import plots_int8
+from ofe.htmlparts import Figure, Links, esc, figure_html, fmt_number, fmt_value, to_slug
+from ofe.quant import QUANTISED_TENSORS
+
+# Quantisation protocols in page order (others follow alphabetically) and their short column names.
+QUANT_PROTOCOLS = ("static_per_tensor", "dynamic_per_token")
+PROTOCOL_SHORT = {"static_per_tensor": "static", "dynamic_per_token": "dynamic"}
+# Grid columns the int8 table always shows (the paper's table); any other one is shown when it varies.
+QUANT_TABLE_COLUMNS = ("block", "optimizer")
+REPLICATES = ("seed",)  # averaged over in the table by configuration
+QUANT_EXPLANATION = (
+    "Post-training fake quantisation of the final checkpoint, weights and activations at the same bit width "
+    "(W8A8 = 8 bits). <b>static</b>: per-tensor ranges calibrated on training batches, activations "
+    "quantised everywhere including the residual stream (the paper's likely W8A8 protocol, the one that "
+    "exposes outliers); <b>dynamic</b>: per-channel weights and per-token dynamic ranges on linear-layer "
+    "inputs only (the forgiving one). Cells give validation perplexity after quantisation and, in "
+    "brackets, its change relative to full precision (ppl fp); mean Kurt = the paper's kurtosis averaged "
+    "over layers at the run's last logged step; rows sorted by it; - = no value (e.g. a diverged run)."
+)
+QUANT_CAPTION = (
+    "Relative perplexity degradation after {protocol} quantisation (ppl_q / ppl_fp - 1) against mean Kurt "
+    "(averaged over layers at the last logged step), one point per run and bit width, with Spearman's rank "
+    "correlation and its number of runs n per bit width."
+)
+LOSS_CAPTION = (
+    "Relative perplexity degradation after {name} quantisation against the run's final validation loss, "
+    "one point per run, colour = configuration: read configurations off at equal loss, so that a worse "
+    "model is not mistaken for a less quantisable one."
+)
+BY_CONFIG_NOTE = (
+    "By configuration: mean ± standard deviation over the n seeds (sample standard deviation; a single "
+    "seed shows its value alone) of the final validation loss, mean Kurt, ppl fp and the relative change "
+    "of perplexity after quantisation; the range over seeds is in each cell's tooltip."
+)
+
+
+def load_quant(results_dir: Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`results_dir/quant.parquet` with each run's final validation loss (`final_val_loss`, from
+    `runs`), or an empty frame where it is absent (results from before it existed)."""
+    path = Path(results_dir) / "quant.parquet"
+    if not path.exists():
+        return pd.DataFrame()
+    quant = pd.read_parquet(path)
+    if runs is not None and "final_val_loss" in runs.columns and not quant.empty:
+        quant = quant.merge(runs[["run_id", "final_val_loss"]], on="run_id", how="left")
+    return quant
+
+
+def quant_protocol_bits(quant: pd.DataFrame) -> list[tuple[str, int]]:
+    """The (protocol, bits) pairs present, in page order: known protocols first, then widest bits first."""
+    pairs = {(str(p), int(b)) for p, b in zip(quant["protocol"], quant["bits"])}
+    rank = {p: i for i, p in enumerate(QUANT_PROTOCOLS)}
+    return sorted(pairs, key=lambda pb: (rank.get(pb[0], len(rank)), pb[0], -pb[1]))
+
+
+def quant_column_name(protocol: str, bits: int) -> str:
+    """The int8 table's header of one protocol and bit width, e.g. "static W8A8"."""
+    return f"{PROTOCOL_SHORT.get(protocol, protocol)} W{bits}A{bits}"
+
+
+def quant_table(quant: pd.DataFrame, id_columns: list[str]) -> pd.DataFrame:
+    """One row per run: run_id, `id_columns`, status, mean_kurtosis, ppl_fp, final_val_loss, then ppl_q
+    under each `quant_column_name`; sorted by mean kurtosis (missing last), then run_id."""
+    keep = [*id_columns, "status", "mean_kurtosis", "ppl_fp", "final_val_loss"]
+    per_run = quant.groupby("run_id", sort=False).agg({c: "first" for c in keep if c in quant.columns})
+    for column in ("status", "mean_kurtosis", "ppl_fp", "final_val_loss"):
+        if column not in per_run.columns:
+            per_run[column] = math.nan
+    ppl_q = quant.groupby(["run_id", "protocol", "bits"])["ppl_q"].first()
+    for protocol, bits in quant_protocol_bits(quant):
+        per_run[quant_column_name(protocol, bits)] = ppl_q.xs((protocol, bits), level=("protocol", "bits"))
+    table = per_run.reset_index().sort_values(["mean_kurtosis", "run_id"], na_position="last", kind="stable")
+    return table.reset_index(drop=True)
+
+
+def config_table(quant: pd.DataFrame, id_columns: list[str]) -> pd.DataFrame:
+    """`quant_table` grouped by `id_columns` (the configuration, seeds excluded): `n` runs with a
+    finite ppl fp, and for each measure its `<name> mean`, `<name> std` (sample; NaN for one run),
+    `<name> min` and `<name> max`; measures are final_val_loss, mean_kurtosis, ppl_fp and, per
+    `quant_column_name`, the relative change ppl_q / ppl_fp - 1. Sorted by mean kurtosis."""
+    table = quant_table(quant, id_columns)
+    table = table[pd.to_numeric(table["ppl_fp"], errors="coerce").notna()]
+    q_columns = [quant_column_name(p, b) for p, b in quant_protocol_bits(quant)]
+    measures = table[["final_val_loss", "mean_kurtosis", "ppl_fp"]].astype(float)
+    for column in q_columns:
+        measures[column] = table[column].astype(float) / table["ppl_fp"].astype(float) - 1.0
+    keys = table[id_columns].astype(str) if id_columns else pd.DataFrame(index=table.index)
+    grouped = measures.groupby([keys[c] for c in id_columns], sort=False) if id_columns else measures.groupby(
+        lambda _: "all")
+    out = grouped.agg(["mean", "std", "min", "max"])
+    out.columns = [f"{name} {stat}" for name, stat in out.columns]
+    out.insert(0, "n", grouped.size())
+    out = out.reset_index()
+    return out.sort_values("mean_kurtosis mean", kind="stable").reset_index(drop=True)
+
+
+def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[str, list[Figure]]:
+    """The int8 section over every run: protocols and their tensors, the table by configuration when
+    some configuration has several seeds, the table per run, then the figures."""
+    runs = quant.drop_duplicates("run_id")
+    shown = [
+        c for c in grid
+        if c in quant.columns and (c in QUANT_TABLE_COLUMNS or runs[c].nunique(dropna=False) > 1)
+    ]
+    protocols = list(dict.fromkeys(p for p, _ in quant_protocol_bits(quant)))
+    tensors = "".join(
+        f"<li><b>{esc(PROTOCOL_SHORT.get(p, p))}</b> ({esc(plots_int8.PROTOCOL_NAMES.get(p, p))}): "
+        f"{esc(QUANTISED_TENSORS.get(p, 'see ofe/quant.py'))}</li>" for p in protocols
+    )
+    parts = [
+        '<section id="int8">',
+        f"<h2>{index}. int8 quantisation</h2>",
+        f"<p>{QUANT_EXPLANATION}</p>",
+        f"<p>Tensors each protocol quantises:</p>\n<ul class=\"tensors\">{tensors}</ul>",
+    ]
+    by_config = [c for c in shown if c not in REPLICATES]
+    if len(by_config) < len(shown) or runs.groupby(by_config).size().max() > 1:
+        parts.append(f"<h3>By configuration</h3>\n<p>{BY_CONFIG_NOTE}</p>")
+        parts.append(config_table_html(config_table(quant, by_config), by_config, quant))
+        parts.append("<h3>Per run</h3>")
+    parts.append(quant_table_html(quant_table(quant, shown), shown, quant))
+    figures = []
+    for protocol in protocols:
+        caption = QUANT_CAPTION.format(protocol=plots_int8.PROTOCOL_NAMES.get(protocol, protocol))
+        figures.append(Figure(f"int8-degradation-{to_slug(protocol)}",
+                              plots_int8.quant_degradation_scatter(quant, protocol), caption))
+    if "final_val_loss" in quant.columns and protocols:
+        protocol = protocols[0]
+        bits = max(b for p, b in quant_protocol_bits(quant) if p == protocol)
+        name = quant_column_name(protocol, bits)
+        figures.append(Figure(f"int8-degradation-vs-loss-{to_slug(protocol)}",
+                              plots_int8.degradation_against_loss(quant, protocol, bits, by_config),
+                              LOSS_CAPTION.format(name=name)))
+    parts += [figure_html(f, f"{index}.{n}", links(f.stem)) for n, f in enumerate(figures, start=1)]
+    parts.append("</section>")
+    return "\n".join(parts), figures
+
+
+def quant_table_html(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> str:
+    """`quant_table` as HTML: ppl_q cells carry their change relative to ppl fp; the status column
+    appears only when some run did not complete; the row's tooltip is its run_id."""
+    q_columns = [quant_column_name(p, b) for p, b in quant_protocol_bits(quant)]
+    with_status = bool((table["status"].fillna("missing") != "completed").any())
+    header = [*id_columns, *(["status"] if with_status else []), "val loss", "mean Kurt", "ppl fp", *q_columns]
+    rows = []
+    for run in table.to_dict("records"):
+        cells = [f"<td>{esc(fmt_value(run.get(c)))}</td>" for c in id_columns]
+        if with_status:
+            status = str(run.get("status"))
+            cells.append(f'<td class="status-{to_slug(status)}">{esc(status)}</td>')
+        cells.append(f'<td class="num">{fmt_number(run.get("final_val_loss"), ".3f") or "-"}</td>')
+        cells.append(f'<td class="num">{fmt_number(run.get("mean_kurtosis"), ".3g") or "-"}</td>')
+        cells.append(f'<td class="num">{perplexity_html(run.get("ppl_fp"))}</td>')
+        for column in q_columns:
+            cells.append(f'<td class="num">{perplexity_html(run.get(column), reference=run.get("ppl_fp"))}</td>')
+        rows.append(f'<tr title="{esc(run["run_id"])}">' + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    return f'<table class="quant">\n<tr>{head}</tr>\n' + "\n".join(rows) + "\n</table>"
+
+
+def config_table_html(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> str:
+    """`config_table` as HTML: "mean ± std" cells (the value alone for one seed), relative changes in %."""
+    q_columns = [quant_column_name(p, b) for p, b in quant_protocol_bits(quant)]
+    measures = [("final_val_loss", "val loss", ".3f", 1), ("mean_kurtosis", "mean Kurt", ".3g", 1),
+                ("ppl_fp", "ppl fp", ".2f", 1), *[(c, f"{c} change", ".2f", 100) for c in q_columns]]
+    header = [*id_columns, "n", *[label for _, label, _, _ in measures]]
+    rows = []
+    for row in table.to_dict("records"):
+        cells = [f"<td>{esc(row.get(c))}</td>" for c in id_columns] + [f'<td class="num">{row["n"]}</td>']
+        for name, _, fmt, factor in measures:
+            cells.append(_spread_cell(row, name, fmt, factor))
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{esc(h)}</th>" for h in header)
+    return f'<table class="quant-config">\n<tr>{head}</tr>\n' + "\n".join(rows) + "\n</table>"
+
+
+def _spread_cell(row: dict, name: str, fmt: str, factor: float) -> str:
+    mean, std, lo, hi = (float(row[f"{name} {s}"]) * factor for s in ("mean", "std", "min", "max"))
+    if not math.isfinite(mean):
+        return '<td class="num">-</td>'
+    sign, unit = ("+" if factor == 100 else ""), ("%" if factor == 100 else "")
+    text = f"{mean:{sign}{fmt}}{unit}"
+    if math.isfinite(std):
+        text += f" ± {std:{fmt}}{unit}"
+    title = f"range over seeds: {lo:{sign}{fmt}}{unit} to {hi:{sign}{fmt}}{unit}"
+    return f'<td class="num" title="{esc(title)}">{esc(text)}</td>'
+
+
+def perplexity_html(value: object, reference: object = None) -> str:
+    """A perplexity as HTML ("-" if missing), with its relative change to `reference` when both are finite."""
+    try:
+        ppl = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    if math.isnan(ppl):
+        return "-"
+    text = f"{ppl:.2f}" if abs(ppl) < 1e5 else f"{ppl:.3g}"
+    try:
+        rel = ppl / float(reference) - 1.0
+    except (TypeError, ValueError, ZeroDivisionError):
+        return text
+    if not math.isfinite(rel):
+        return text
+    pct = 100 * rel
+    change = f"{pct:+,.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%" if abs(pct) >= 1 else f"{pct:+.2f}%"
+    return f'{text} <span class="rel">({change})</span>'

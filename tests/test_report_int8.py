@@ -1,0 +1,83 @@
+"""The int8 section's table by configuration (mean and spread over seeds), its statement of the quantised
+tensors, and the degradation-against-loss figure, against values computed here from planted numbers."""
+
+from __future__ import annotations
+
+import re
+import statistics
+
+import pandas as pd
+import pytest
+
+from ofe.plots_int8 import degradation_against_loss
+from ofe.report_int8 import config_table, int8_section
+
+STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"
+# (block, optimizer) -> per seed: (val loss, mean kurtosis, ppl fp, static W8A8 ppl)
+PLANTED = {
+    ("pre_ln", "adamw"): [(2.00, 12.0, 8.0, 8.40), (2.10, 20.0, 8.5, 9.35), (1.95, 16.0, 7.9, 8.69)],
+    ("op", "soap"): [(1.90, 1.2, 7.0, 7.007), (1.92, 1.3, 7.1, 7.1142), (1.88, 1.1, 6.9, 6.9069)],
+}
+
+
+def _quant(seeds: int = 3) -> pd.DataFrame:
+    rows = []
+    for (block, optimizer), runs in PLANTED.items():
+        for seed, (loss, kurt, ppl_fp, ppl_q) in enumerate(runs[:seeds]):
+            run_id = f"tiny/{block}/{optimizer}/seed{seed}"
+            common = {"run_id": run_id, "block": block, "optimizer": optimizer, "seed": seed, "ppl_fp": ppl_fp,
+                      "mean_kurtosis": kurt, "peak_kurtosis": 2 * kurt, "status": "completed",
+                      "final_val_loss": loss}
+            rows.append({**common, "protocol": STATIC, "bits": 8, "ppl_q": ppl_q, "delta": ppl_q - ppl_fp})
+            rows.append({**common, "protocol": DYNAMIC, "bits": 8, "ppl_q": ppl_fp, "delta": 0.0})
+    return pd.DataFrame(rows)
+
+
+def test_config_table_gives_mean_std_and_range_over_seeds() -> None:
+    table = config_table(_quant(), ["block", "optimizer"]).set_index("block")
+    for (block, _), runs in PLANTED.items():
+        change = [q / fp - 1 for _, _, fp, q in runs]
+        row = table.loc[block]
+        assert row["n"] == 3
+        assert row["static W8A8 mean"] == pytest.approx(statistics.mean(change))
+        assert row["static W8A8 std"] == pytest.approx(statistics.stdev(change))
+        assert (row["static W8A8 min"], row["static W8A8 max"]) == pytest.approx((min(change), max(change)))
+        assert row["final_val_loss mean"] == pytest.approx(statistics.mean(r[0] for r in runs))
+        assert row["mean_kurtosis std"] == pytest.approx(statistics.stdev(r[1] for r in runs))
+        assert row["dynamic W8A8 mean"] == pytest.approx(0.0)
+    assert list(table.index) == ["op", "pre_ln"]  # sorted by mean kurtosis
+
+
+def _section_html(quant: pd.DataFrame) -> tuple[str, list]:
+    return int8_section(3, quant, ["block", "optimizer", "seed"], lambda stem: {})
+
+
+def test_int8_section_shows_seed_spread_and_the_quantised_tensors() -> None:
+    html, figures = _section_html(_quant())
+    by_config = html.split('<table class="quant-config">')[1].split("</table>")[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", by_config, flags=re.S)
+    cells = {re.findall(r"<td[^>]*>(.*?)</td>", r)[0]: re.findall(r"<td[^>]*>(.*?)</td>", r) for r in rows[1:]}
+    change = [q / fp - 1 for _, _, fp, q in PLANTED[("pre_ln", "adamw")]]
+    expected = f"+{100 * statistics.mean(change):.2f}% ± {100 * statistics.stdev(change):.2f}%"
+    assert cells["pre_ln"][:2] == ["pre_ln", "adamw"] and cells["pre_ln"][2] == "3"
+    assert expected.replace("±", "&#177;") in cells["pre_ln"] or expected in cells["pre_ln"]
+    assert "attention scores and probabilities" in html and "per output channel" in html
+    stems = [f.stem for f in figures]
+    assert stems == ["int8-degradation-static_per_tensor", "int8-degradation-dynamic_per_token",
+                     "int8-degradation-vs-loss-static_per_tensor"]
+
+
+def test_one_seed_per_configuration_has_no_table_by_configuration() -> None:
+    quant = _quant(seeds=1).drop(columns="seed")
+    html, _ = int8_section(3, quant, ["block", "optimizer"], lambda stem: {})
+    assert "quant-config" not in html and '<table class="quant">' in html
+
+
+def test_degradation_against_loss_plots_each_run_at_its_loss() -> None:
+    spec = degradation_against_loss(_quant(), STATIC, 8, ["block", "optimizer"]).to_dict()
+    values = next(iter(spec["datasets"].values()))
+    got = {(v["label"], round(v["final_val_loss"], 6)): v["degradation"] for v in values}
+    want = {(f"{b} {o}", loss): q / fp - 1 for (b, o), runs in PLANTED.items() for loss, _, fp, q in runs}
+    assert got.keys() == want.keys()
+    assert all(got[k] == pytest.approx(want[k]) for k in want)
+    assert spec["encoding"]["x"]["field"] == "final_val_loss"
