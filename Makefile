@@ -10,7 +10,7 @@ PROFILE ?= profiles/local
 venv: $(VENV)/.installed
 
 # torch==2.13.0 first: the CPU build on disk here; an open range with no torch installed pulls a
-# multi-GB CUDA build (DEVELOPERS.md).
+# multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
