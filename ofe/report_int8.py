@@ -97,7 +97,7 @@ def config_table(quant: pd.DataFrame, id_columns: list[str]) -> pd.DataFrame:
     measures = table[["final_val_loss", "mean_kurtosis", "ppl_fp"]].astype(float)
     for column in q_columns:
         measures[column] = table[column].astype(float) / table["ppl_fp"].astype(float) - 1.0
-    keys = table[id_columns].astype(str) if id_columns else pd.DataFrame(index=table.index)
+    keys = table[id_columns].map(fmt_value) if id_columns else pd.DataFrame(index=table.index)
     grouped = measures.groupby([keys[c] for c in id_columns], sort=False) if id_columns else measures.groupby(
         lambda _: "all")
     out = grouped.agg(["mean", "std", "min", "max"])
