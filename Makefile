@@ -23,7 +23,7 @@ run: venv
 		$(BIN)/snakemake --profile $(PROFILE)
 	@echo "report: $(abspath reports/index.html)"
 
-# The paper's int8 headline at CPU scale (configs/paper-int8.yaml, about an hour on 2 cores); its report
+# The paper's int8 headline at CPU scale (configs/paper-int8.yaml, about 70 minutes on 2 cores); its report
 # is reports/paper-int8.html. Naming a config file replaces config.yaml's grid entirely.
 paper: venv
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \

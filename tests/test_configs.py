@@ -79,7 +79,14 @@ def test_cpu_study_compares_pre_ln_adamw_with_op_soap_over_length_width_and_seed
         key = (run["grid"]["block"], run["grid"]["optimizer"])
         shape.setdefault(key, set()).add((cfg["model"]["d_model"], cfg["train"]["steps"], cfg["train"]["seed"]))
     assert set(shape) == {("pre_ln", "adamw"), ("op", "soap")}
-    for points in shape.values():
-        assert {(d, s) for d, s, _ in points} >= {(128, 300), (128, 1000), (128, 3000), (256, 300), (256, 1000)}
-        assert {seed for d, s, seed in points if (d, s) == (256, 300)} == {0, 1, 2}
+
+    def seeds(key: tuple[str, str], d: int, steps: int) -> set[int]:
+        return {seed for d_, s, seed in shape[key] if (d_, s) == (d, steps)}
+
+    for key in shape:  # training length and width, each configuration
+        assert {(d, s) for d, s, _ in shape[key]} >= {(128, 300), (128, 1000), (128, 3000), (256, 300)}
+        assert seeds(key, 256, 300) == {0, 1, 2}
+    # the headline: equal steps, and OP + SOAP also at fewer steps (matched validation loss)
+    assert seeds(("pre_ln", "adamw"), 128, 3000) == seeds(("op", "soap"), 128, 3000) == {0, 1, 2}
+    assert seeds(("op", "soap"), 128, 1000) == {0, 1, 2}
     assert all(run["config"]["optim"]["lr"] == 1e-2 for run in plan["runs"])  # one LR: the default grid's
