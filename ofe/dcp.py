@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,5 +94,8 @@ def load_model_weights(path: Path, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
 
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=path)  # only the model's keys are read; the optimiser's are skipped
+    # only the model's keys are read, the optimiser's skipped; no_dist: this process alone, group or not
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: what is meant here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
     model.load_state_dict(state["model"])

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,7 @@ class Processes:
 def start(parallel: str, device: torch.device) -> Processes:
     """Join the job's process group (from the environment), or make a one-process group for an fsdp
     run on its own: FSDP's device mesh needs one."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         return Processes(rank, world)

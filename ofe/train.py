@@ -64,7 +64,7 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         tc = cfg.train
         torch.set_num_threads(tc.threads)
-        self.device = parallel.resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", 0)))
+        self.device = parallel.resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.procs = parallel.start(tc.parallel, self.device)
         try:
             self._build(cfg)
