@@ -298,9 +298,20 @@ def check_parallel(cfg: RunConfig) -> None:
             f"such as 'adamw'")
 
 
+# Fields added after results existed, each with the value that does what runs did before the field
+# existed. A value equal to it is left out of the hash, so adding a knob that changes nothing by default
+# never turns finished runs into "another config" (to be moved aside and retrained); any other value,
+# a later change of the default included, is in the hash. Add every new field here with its neutral value.
+HASH_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"micro_batch_size": None, "parallel": "ddp"}}
+
+
 def config_hash(run_config: dict[str, Any]) -> str:
     """`RunConfig.config_hash` of a config in its dict form (as stored in checkpoints and summaries)."""
     identity = {k: v for k, v in run_config.items() if k not in ("grid", "data_dir")}
+    for section, neutral in HASH_NEUTRAL.items():
+        if isinstance(identity.get(section), dict):
+            identity[section] = {k: v for k, v in identity[section].items()
+                                 if not (k in neutral and v == neutral[k])}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
