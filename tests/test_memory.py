@@ -152,29 +152,48 @@ def test_saved_activations_are_the_formulas(over, block, bf16):
 # ---- the peak over real training steps --------------------------------------------------------------
 
 class LiveBytes(TorchDispatchMode):
-    """The bytes of live tensor storages: the ones given at the start, and every storage an op returns
-    until it is freed; `peak` is their maximum. A storage is counted once, whatever views it has."""
+    """The bytes of live tensor storages: every storage an op returns, counted until it is freed, at its
+    current size (FSDP frees gathered parameters by resizing their storage to 0); `peak` is the maximum
+    of their sum. A storage is counted once, whatever views it has."""
 
-    def __init__(self, *tensors: torch.Tensor) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.live: dict[int, weakref.ref] = {}
+        self.size: dict[int, int] = {}
+        self.refs: dict[int, weakref.ref] = {}
         self.now = self.peak = 0
-        for t in tensors:
-            self._add(t)
+
+    def _set(self, key: int, n: int) -> None:
+        self.now += n - self.size.get(key, 0)
+        self.size[key] = n
+        self.peak = max(self.peak, self.now)
 
     def _add(self, t: torch.Tensor) -> None:
         st = t.untyped_storage()
-        key, n = id(st), st.nbytes()
-        if key in self.live:
+        key = id(st)
+        if key in self.refs:
             return
 
-        def freed(_: object, key: int = key, n: int = n) -> None:
-            self.live.pop(key, None)
-            self.now -= n
+        def freed(_: object, key: int = key) -> None:
+            self.refs.pop(key, None)
+            self.now -= self.size.pop(key, 0)
 
-        self.live[key] = weakref.ref(st, freed)
-        self.now += n
-        self.peak = max(self.peak, self.now)
+        self.refs[key] = weakref.ref(st, freed)
+        self._set(key, st.nbytes())
+
+    def __enter__(self) -> LiveBytes:
+        resize = self._resize = torch.UntypedStorage.resize_
+
+        def tracked_resize(st: torch.UntypedStorage, size: int) -> None:
+            resize(st, size)
+            if id(st) in self.refs:
+                self._set(id(st), st.nbytes())
+
+        torch.UntypedStorage.resize_ = tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *args: object) -> None:
+        torch.UntypedStorage.resize_ = self._resize
+        super().__exit__(*args)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch.distributed.tensor import DTensor
@@ -188,25 +207,19 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def measured_peak(cfg: RunConfig, out: Path) -> tuple[int, int]:
     """(live bytes before, peak of live bytes during) two training steps of the real trainer, after a
-    first step that creates the optimiser state. The process group, if any, stays for the caller."""
+    first step that creates the optimiser state; counted from the trainer's construction, so the
+    wrappers' own buffers (DDP's buckets) are in. The process group, if any, stays for the caller."""
     from ofe.train import Trainer
 
-    tr = Trainer(cfg, out)
-    tr.procs.owns_group = False  # a second trainer in this process reuses the group
-    tr.train_step()
-    tr.step += 1
-    tr.opt.zero_grad(set_to_none=True)
-    held = [local(t) for t in [*tr.model.parameters(), *tr.model.buffers(), *state_tensors(tr.opt)]]
-    with LiveBytes(*held) as live:
-        before = live.now
+    with LiveBytes() as live:
+        tr = Trainer(cfg, out)
+        tr.procs.owns_group = False  # a second trainer in this process reuses the group
+        tr.train_step()
+        tr.step += 1
+        tr.opt.zero_grad(set_to_none=True)
+        before = live.peak = live.now
         for _ in range(2):
             tr.train_step()
             tr.step += 1
@@ -215,7 +228,8 @@ def measured_peak(cfg: RunConfig, out: Path) -> tuple[int, int]:
 
 # The estimate without its reserve (an allowance for what is not a tensor) must bound the peak from
 # above and stay within 15% of it: it counts every gradient, though at the peak (backward's start) few
-# exist yet, and it takes the larger of backward's two transients, which do not coexist. 0.5% to 9% here.
+# exist yet (with one micro-batch), and it takes the larger of backward's two transients, which do not
+# coexist. 0.5% to 9% measured here, where activations are most of the memory, as on GPUs.
 @pytest.mark.parametrize("block, name, size, micro, precision", [
     ("pre_ln", "adamw", (64, 2, 64, 8), None, "fp32"),
     ("pre_ln", "adamw", (128, 4, 128, 16), None, "fp32"),
@@ -256,10 +270,12 @@ def _two_processes(rank: int, port: int, data_dir: str, results: str) -> None:
 
 
 def test_two_processes_shard_under_fsdp_and_add_buckets_under_ddp(data_dir, tmp_path):
-    """Two processes: under fsdp each holds its half of every parameter and AdamW moment (exactly the
-    sharded bytes) and FSDP's gathered blocks; under ddp the whole model plus DDP's gradient buckets.
-    FSDP's gather buffers are an allowance (root + two blocks), so the fsdp peak may be a little over the
-    count: within [0.97, 1.15]."""
+    """Two processes: under fsdp each holds its half of every parameter and AdamW moment, exactly the
+    sharded bytes; under ddp the whole model, its moments and DDP's gradient buckets, exactly. The peak
+    is bounded from above, within 25%: here the static memory is as large as the activations, so
+    counting every gradient (few exist at the peak, backward's start) and FSDP's gather allowance (the
+    root and two blocks, their parameters and gradients) weighs more than in one process: 15% (ddp)
+    and 19% (fsdp) measured."""
     import torch.multiprocessing as mp
 
     with socket.socket() as s:
@@ -269,15 +285,19 @@ def test_two_processes_shard_under_fsdp_and_add_buckets_under_ddp(data_dir, tmp_
     mp.spawn(_two_processes, args=(port, str(data_dir), str(results)), nprocs=2)
     got = ast.literal_eval(results.read_text())  # our own repr of two tuples of ints
     m = model_config("pre_ln", d_model=128, n_layer=6, context=64)
+    estimates = {p: memory.estimate(m, OptimConfig(lr=1e-3), TrainConfig(batch_size=8, parallel=p), 2)
+                 for p in got}
     for parallel, (held, peak) in got.items():
-        e = memory.estimate(m, OptimConfig(lr=1e-3), TrainConfig(batch_size=8, parallel=parallel), 2)
-        assert held == e.params + e.optimizer
+        e = estimates[parallel]
         counted = e.total - e.reserve
-        assert 0.97 * peak <= counted <= 1.15 * peak, (parallel, peak, counted)
+        assert peak <= counted <= 1.25 * peak, (parallel, peak, counted)
+    fsdp, ddp = estimates["fsdp"], estimates["ddp"]
+    # FSDP's own bookkeeping beside its shards: a few bytes (56 here)
+    assert 0 <= got["fsdp"][0] - (fsdp.params + fsdp.optimizer) < 1000
+    assert got["ddp"][0] == ddp.params + ddp.optimizer + ddp.extra  # the buckets: a copy of every gradient
     one = memory.estimate(m, OptimConfig(), TrainConfig(batch_size=8), 1)
-    sharded = got["fsdp"][0]
-    assert sharded < 0.55 * (one.params + one.optimizer)  # half, plus the unsharded buffers and steps
-    assert got["ddp"][0] == one.params + one.optimizer
+    assert ddp.extra == one.grads and ddp.params + ddp.optimizer == one.params + one.optimizer
+    assert got["fsdp"][0] < 0.51 * (one.params + one.optimizer)  # half, plus the betas and step counters
 
 
 def test_fsdp_divides_params_grads_and_state_by_the_processes():
