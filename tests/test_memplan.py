@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import shutil
 import subprocess
 import sys
@@ -80,7 +81,7 @@ def test_7b_on_one_80gb_gpu_with_ddp_and_adamw_is_refused_naming_the_knobs(confi
     runs = grid.expand(one_study(config, scale=["7b"]), SCHEMA)
     rows = memplan.plan(runs.values(), ONE_GPU)
     assert len(rows) == 1 and not rows[0].fits
-    n = sum(p for p in (memory._numel(s) for _, s in memory.param_shapes(rows[0].sections[0])))
+    n = sum(math.prod(s) for _, s in memory.param_shapes(rows[0].sections[0]))
     assert rows[0].estimate.total > 16 * n > 80e9
     with pytest.raises(ConfigError) as err:
         memplan.check(rows)
