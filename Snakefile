@@ -5,7 +5,12 @@ from snakemake.utils import min_version
 min_version("9.20")
 
 
-configfile: "config.yaml"
+# config.yaml, unless config files are named on the command line (`--configfile configs/paper-int8.yaml`):
+# those are then the whole config, merged in the order given, so a study set never runs mixed with the
+# default grid's studies and defaults.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -3,7 +3,7 @@
 `prepare` tokenises a dataset once into `DIR/{train,val}.bin` plus `DIR/meta.json` (written last, so
 its presence means the cache is complete); every run on that data shares the folder. The default
 corpus is the `.py` source of the running interpreter's standard library: real Python code on every
-machine, a network-free stand-in for the paper's CodeParrot (PAPER.md section 4).
+machine, a network-free stand-in for the paper's CodeParrot (docs/science.md section 4).
 """
 
 from __future__ import annotations

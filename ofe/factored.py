@@ -1,4 +1,4 @@
-"""Adafactor with momentum, optionally in Shampoo's eigenbasis ("rotated Adafactor", PAPER.md section 3).
+"""Adafactor with momentum, optionally in Shampoo's eigenbasis ("rotated Adafactor", docs/science.md section 3).
 
 torch.optim.Adafactor uses relative step sizes and no momentum, so it is a different algorithm from
 its rotated counterpart; the optimiser study compares diagonal and rotated preconditioning with

@@ -1,4 +1,4 @@
-"""Outlier-feature metrics: pure fp32 functions of an activation tensor (PAPER.md section 1).
+"""Outlier-feature metrics: pure fp32 functions of an activation tensor (docs/science.md section 1).
 
 Every function takes X of shape (..., d): all leading dimensions are tokens, the last is the width.
 Nothing here knows about models, hooks or files.
@@ -20,7 +20,7 @@ def _tokens_by_width(x: Tensor) -> Tensor:
 def kurtosis(x: Tensor) -> float:
     """The paper's Kurt(X) = mean_j(s_j^4) / mean_j(s_j^2)^2, s_j = RMS of neuron j over tokens.
 
-    Uncentred (PAPER.md section 1): 1 when every neuron has the same RMS, d when one neuron carries
+    Uncentred (docs/science.md section 1): 1 when every neuron has the same RMS, d when one neuron carries
     everything; i.i.d. Gaussian X gives about 1 + 2/n.
     """
     s2 = _tokens_by_width(x).pow(2).mean(dim=0)  # (d,) squared RMS per neuron
@@ -28,7 +28,7 @@ def kurtosis(x: Tensor) -> float:
 
 
 def rms_sq_variance_centred(x: Tensor) -> float:
-    """The public code's variant (PAPER.md section 1): centre each token across width, then the
+    """The public code's variant (docs/science.md section 1): centre each token across width, then the
     unbiased variance over neurons of s_j^2 / mean(s^2). Equals d/(d-1) * (Kurt(centred X) - 1):
     0 for equal neurons. Not comparable with `kurtosis`; logged so the two are never confused.
     """
@@ -99,7 +99,7 @@ def subsample_tokens(x: Tensor, max_tokens: int) -> Tensor:
 
 def token_correlation(x: Tensor, max_tokens: int = 256) -> float:
     """Signal propagation: mean off-diagonal entry of Xn Xn^T / d, with Xn the width-centred X divided
-    by its global RMS (the public code's version, PAPER.md section 1). Near 1 means rank collapse.
+    by its global RMS (the public code's version, docs/science.md section 1). Near 1 means rank collapse.
     Tokens are subsampled because the Gram matrix is n x n.
     """
     xt = subsample_tokens(x, max_tokens)
@@ -116,7 +116,7 @@ def token_correlation(x: Tensor, max_tokens: int = 256) -> float:
 def attention_entropy(q: Tensor, k: Tensor, logit_cap: float | None = None) -> float:
     """Mean Shannon entropy (nats) of causal attention rows, from queries and keys of shape
     (B, H, T, hd) as the attention sees them (after any QK-norm). Entropy collapse is what QK-norm
-    prevents (PAPER.md section 2); `logit_cap` applies the same tanh soft-cap the model uses.
+    prevents (docs/science.md section 2); `logit_cap` applies the same tanh soft-cap the model uses.
     """
     q, k = q.detach().float(), k.detach().float()
     t = q.shape[-2]

@@ -1,6 +1,6 @@
 """Simulated post-training quantisation of weights and activations (W8A8) and its evaluation.
 
-Two protocols (PAPER.md section 5), both round-to-nearest fake quantisation on a copy of the model:
+Two protocols (docs/science.md section 5), both round-to-nearest fake quantisation on a copy of the model:
 - `static_per_tensor`, the paper's likely protocol (Qualcomm's outlier-free-transformers pipeline):
   weights symmetric per-tensor (range by MSE search, or absmax); activations asymmetric per-tensor with
   static ranges calibrated on a few training batches (running min-max of the 99.999th percentiles), at

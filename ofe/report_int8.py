@@ -39,6 +39,7 @@ LOSS_CAPTION = (
     "one point per run, colour = configuration: read configurations off at equal loss, so that a worse "
     "model is not mistaken for a less quantisable one."
 )
+VISIBLE = 0.01  # a relative perplexity loss from this size up is called visible in the section's summary
 BY_CONFIG_NOTE = (
     "By configuration: mean ± standard deviation over the n seeds (sample standard deviation; a single "
     "seed shows its value alone) of the final validation loss, mean Kurt, ppl fp and the relative change "
@@ -96,7 +97,7 @@ def config_table(quant: pd.DataFrame, id_columns: list[str]) -> pd.DataFrame:
     measures = table[["final_val_loss", "mean_kurtosis", "ppl_fp"]].astype(float)
     for column in q_columns:
         measures[column] = table[column].astype(float) / table["ppl_fp"].astype(float) - 1.0
-    keys = table[id_columns].astype(str) if id_columns else pd.DataFrame(index=table.index)
+    keys = table[id_columns].map(fmt_value) if id_columns else pd.DataFrame(index=table.index)
     grouped = measures.groupby([keys[c] for c in id_columns], sort=False) if id_columns else measures.groupby(
         lambda _: "all")
     out = grouped.agg(["mean", "std", "min", "max"])
@@ -104,6 +105,29 @@ def config_table(quant: pd.DataFrame, id_columns: list[str]) -> pd.DataFrame:
     out.insert(0, "n", grouped.size())
     out = out.reset_index()
     return out.sort_values("mean_kurtosis mean", kind="stable").reset_index(drop=True)
+
+
+def damage_summary(quant: pd.DataFrame) -> list[str]:
+    """One plain sentence per protocol and bit width: how many runs lose at least VISIBLE of their
+    perplexity, and the largest loss with its run and mean kurtosis, so the page says where the damage
+    sits (or that there is none) without reading the table."""
+    lines = []
+    for protocol, bits in quant_protocol_bits(quant):
+        rows = quant[(quant["protocol"] == protocol) & (quant["bits"] == bits)]
+        change = pd.to_numeric(rows["ppl_q"], errors="coerce") / pd.to_numeric(rows["ppl_fp"], errors="coerce") - 1
+        change = change[change.notna() & (change.abs() != float("inf"))]
+        name = quant_column_name(protocol, bits)
+        if change.empty:
+            lines.append(f"{name}: no run with finite perplexities.")
+            continue
+        worst = rows.loc[change.idxmax()]
+        visible = int((change >= VISIBLE).sum())
+        kurt = fmt_number(worst.get("mean_kurtosis"), ".3g") or "-"
+        lines.append(
+            f"{name}: {visible} of {len(change)} runs lose {VISIBLE:.0%} or more; the largest change is "
+            f"{100 * change.max():+.2f}% ({worst['run_id']}, mean Kurt {kurt})."
+        )
+    return lines
 
 
 def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[str, list[Figure]]:
@@ -124,6 +148,8 @@ def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links)
         f"<h2>{index}. int8 quantisation</h2>",
         f"<p>{QUANT_EXPLANATION}</p>",
         f"<p>Tensors each protocol quantises:</p>\n<ul class=\"tensors\">{tensors}</ul>",
+        "<p>Where the damage sits:</p>\n<ul class=\"damage\">"
+        + "".join(f"<li>{esc(line)}</li>" for line in damage_summary(quant)) + "</ul>",
     ]
     by_config = [c for c in shown if c not in REPLICATES]
     if len(by_config) < len(shown) or runs.groupby(by_config).size().max() > 1:

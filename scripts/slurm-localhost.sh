@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A real single-node SLURM on 127.0.0.1 for the integration tests (and for trying the slurm profile
 # on one machine): Debian's slurmctld, slurmd, slurm-client and munge, plus slurmdbd with MariaDB so
-# that `sacct` works (submitit reads job states only through sacct; see ../shared/SLURM-NOTES.md).
+# that `sacct` works (submitit reads job states only through sacct: without accounting a cancelled job
+# stays UNKNOWN and submitit waits for it forever).
 #
 #   scripts/slurm-localhost.sh install   # apt packages (root)
 #   scripts/slurm-localhost.sh start     # install if needed, write configs, start the daemons

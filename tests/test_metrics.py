@@ -1,4 +1,4 @@
-"""Metrics against closed forms and an independent NumPy reference (PAPER.md section 1)."""
+"""Metrics against closed forms and an independent NumPy reference (docs/science.md section 1)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def test_planted_outlier_neuron_matches_closed_form():
     x = torch.randint(0, 2, (256, d), generator=torch.Generator().manual_seed(2)) * 2.0 - 1
     x[:, 100] *= a
     expected = ((d - 1 + a**4) / d) / ((d - 1 + a**2) / d) ** 2
-    assert expected == pytest.approx(224.1, abs=0.1)  # PAPER.md: "about 230" with Gaussian X
+    assert expected == pytest.approx(224.1, abs=0.1)  # the paper (He et al. 2024): "about 230" with Gaussian X
     assert metrics.kurtosis(x) == pytest.approx(expected, rel=1e-5)
 
 

@@ -1,4 +1,4 @@
-"""Optimisers against independent properties (PAPER.md section 3): SOAP is rotation-equivariant and
+"""Optimisers against independent properties (docs/science.md section 3): SOAP is rotation-equivariant and
 reduces to Adam on diagonal gradients; AdamW is not equivariant; Muon's update is orthogonalised and the
 rest of the model takes Adam's steps; state round-trips exactly."""
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from ofe.plots_int8 import degradation_against_loss
-from ofe.report_int8 import config_table, int8_section
+from ofe.report_int8 import config_table, damage_summary, int8_section
 
 STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"
 # (block, optimizer) -> per seed: (val loss, mean kurtosis, ppl fp, static W8A8 ppl)
@@ -81,3 +81,16 @@ def test_degradation_against_loss_plots_each_run_at_its_loss() -> None:
     assert got.keys() == want.keys()
     assert all(got[k] == pytest.approx(want[k]) for k in want)
     assert spec["encoding"]["x"]["field"] == "final_val_loss"
+
+
+def test_damage_summary_says_where_the_damage_sits() -> None:
+    lines = damage_summary(_quant())
+    # planted static W8A8 changes: pre_ln +5%, +10%, +10%; op +0.1% each -> 3 of 6 runs at 1% or more
+    change = {f"tiny/{b}/{o}/seed{s}": q / fp - 1 for (b, o), runs in PLANTED.items()
+              for s, (_, _, fp, q) in enumerate(runs)}
+    worst = max(change, key=change.get)
+    static = next(line for line in lines if line.startswith("static W8A8"))
+    assert static.startswith("static W8A8: 3 of 6 runs lose 1% or more")
+    assert f"{100 * change[worst]:+.2f}% ({worst}, mean Kurt 20)" in static
+    dynamic = next(line for line in lines if line.startswith("dynamic W8A8"))
+    assert dynamic.startswith("dynamic W8A8: 0 of 6 runs lose 1% or more") and "+0.00%" in dynamic

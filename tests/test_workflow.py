@@ -128,3 +128,11 @@ def test_two_run_grid_end_to_end(workdir):
     pd.testing.assert_frame_equal(pd.read_parquet(run_dir / "metrics.parquet"), before)
     quant = pd.read_parquet(workdir / "results" / "quant.parquet")
     assert sorted(quant.bits.unique()) == [6] and len(quant) == 2 * 2
+
+    # a run added to the grid after a finished workflow is trained and the tables rebuilt with it: the
+    # aggregation's input list changed, so a report without the new run is never taken as up to date
+    grown = {**TEST_CONFIG, "quant": {**TEST_CONFIG["quant"], "bits": [6]},
+             "studies": {**TEST_CONFIG["studies"], "seeds": {"grid": {"block": ["op"], "seed": [0, 1]}}}}
+    (workdir / "config.yaml").write_text(yaml.safe_dump(grown))
+    counts = job_counts(snakemake(workdir, "-n").stdout)
+    assert counts["train"] == 1 and counts["aggregate"] == 1 and counts["report"] == 1
