@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and LR schedule (PAPER.md section 3 for the public code's defaults)."""
+    """Optimiser and LR schedule (docs/science.md section 3 for the public code's defaults)."""
 
     name: Literal["adamw", "adafactor", "soap", "rotated_adafactor", "muon"] = "adamw"
     """adamw (diagonal), soap (Adam in Shampoo's eigenbasis), adafactor (factored second moment),

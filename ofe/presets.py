@@ -101,7 +101,7 @@ BLOCKS: dict[str, Callable[..., Overrides]] = {
 # ---- scales -------------------------------------------------------------------------------------
 
 def tiny() -> Overrides:
-    """The CPU default (CPU-CALIBRATION.md): outliers appear within 100-300 steps at LR 1e-2."""
+    """The CPU default (docs/cpu-calibration.md): outliers appear within 100-300 steps at LR 1e-2."""
     return {"model": {"n_layer": 4, "d_model": 128, "n_head": 4, "context": 128},
             "train": {"batch_size": 16}}
 

@@ -1,6 +1,6 @@
 """Forward hooks that collect activations at the model's probe sites and hand them to the metrics.
 
-Sites (PAPER.md section 1, "where and when"): the residual stream entering every block (layers
+Sites (docs/science.md section 1, "where and when"): the residual stream entering every block (layers
 0..L-1), the tensor fed to the unembedding before and after a final norm (layer L), and the queries and
 keys of every attention (for attention entropy). Hooks only store tensors; metrics are computed after
 the forward pass, in fp32, by the pure functions of `ofe.metrics`.

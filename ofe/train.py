@@ -220,7 +220,7 @@ class Trainer:
             self._add(-1, "train", "loss", loss)
             self._add(-1, "train", "lr", lr)
             self._add(-1, "train", "grad_norm", grad_norm)
-            if not math.isfinite(loss):  # a result, not a crash (PAPER.md section 2: no-norm diverges)
+            if not math.isfinite(loss):  # a result, not a crash (docs/science.md section 2: no-norm diverges)
                 self.status = "diverged"
                 print(f"[ofe] step {self.step}: loss {loss}: diverged", flush=True)
                 break
