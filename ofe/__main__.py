@@ -1,6 +1,6 @@
 """`python -m ofe <subcommand>`: every workflow step runs (and is tested) without Snakemake.
 
-  check-config  validate config.yaml and list its runs
+  check-config  validate config.yaml, list its runs and print their memory plan
   plan          write the plan (runs, studies, config) the aggregation reads
   prepare       tokenise a dataset once into a shared cache
   train         train one run from its RUN.json (resumes from its checkpoint)
@@ -26,6 +26,15 @@ from ofe.config import ConfigError
 
 def _json_arg(text: str) -> dict:
     return json.loads(text)
+
+
+def merge_config(base: dict, over: dict) -> dict:
+    """`over` merged into `base` key by key, nested mappings too: what snakemake --configfile does."""
+    out = dict(base or {})
+    for key, value in (over or {}).items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge_config(out[key], value) if nested else value
+    return out
 
 
 def plan_from_config(config: dict, schema: Path | None, data_root: Path | None = None) -> dict:
@@ -63,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("check-config", help="validate config.yaml and list its runs")
-    p.add_argument("config", type=Path)
+    p = sub.add_parser("check-config", help="validate config.yaml, list its runs and print their memory plan")
+    p.add_argument("config", type=Path, nargs="?", help="config.yaml (the default), or --config")
+    p.add_argument("--config", dest="config_opt", type=Path, metavar="CONFIG", help="config.yaml")
+    p.add_argument("--configfile", type=Path, action="append", default=[],
+                   help="merged over the config, as snakemake --configfile does (repeatable)")
+    p.add_argument("--launcher-file", type=Path,
+                   help="the launcher settings a profile names (profiles/slurm/launcher.yaml for SLURM)")
     p.add_argument("--schema", type=Path, default=Path("workflow/schemas/config.schema.yaml"))
 
     p = sub.add_parser("plan", help="write results/plan.json from the (merged) workflow config")
@@ -132,15 +146,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     from ofe.results import atomic_write_json
 
     if args.cmd == "check-config":
-        from ofe import grid
+        from ofe import grid, memplan
 
-        config = grid.validate(grid.load_config(args.config), args.schema)
+        config = grid.load_config(args.config_opt or args.config or Path("config.yaml"))
+        for extra in args.configfile:
+            config = merge_config(config, grid.load_config(extra))
+        if args.launcher_file is not None:
+            config = {**config, "launcher_file": str(args.launcher_file)}
+        config = grid.validate(config, args.schema)
         runs = grid.expand_valid(config)
         launcher = grid.launcher_settings(config, args.schema)  # and its launcher_file, if any
         grid.check_launcher(runs.values(), launcher)
         for r in runs.values():
             print(f"{r.run_id}  ({', '.join(r.studies)})")
         print(f"{len(runs)} runs; training jobs go to {launcher.get('cluster', 'local')}")
+        rows = memplan.plan(runs.values(), launcher)
+        print(memplan.format_plan(rows))
+        memplan.check(rows)  # a run that does not fit: ConfigError, exit 2
     elif args.cmd == "plan":
         from ofe import grid
 

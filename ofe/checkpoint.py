@@ -7,6 +7,8 @@ A run folder holds the outputs of exactly one config (`RunConfig.config_hash`). 
   `stale/<UTC time>/`, so training neither resumes from them nor stops at their summary;
 - the checkpoint to resume from is `checkpoint.pt`, else the one before it, `checkpoint.prev.pt`
   (kept by every save), when the latest is unreadable; if neither is usable the run starts fresh.
+  An fsdp run's are the folders `checkpoint.dcp` and `checkpoint.prev.dcp` (`ofe.dcp`), under the
+  same rules; a checkpoint of the other kind is another config's (train.parallel is in the hash).
 Every such decision is printed as one `[ofe]` line in the run's log.
 """
 
@@ -14,13 +16,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ofe import dcp
 from ofe.config import config_hash
+from ofe.dcp import SHARDED, SHARDED_PREV
 from ofe.results import atomic_torch_save, read_metadata
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
@@ -28,18 +33,23 @@ METRICS, SUMMARY, QUANT = "metrics.parquet", "summary.json", "quant.parquet"
 STALE = "stale"
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
 # being written by its head process at the very moment the job starts.
-OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT)
+OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, SHARDED, SHARDED_PREV)
 # What a resumable checkpoint holds besides the model; one without them cannot be resumed exactly.
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "rows", "seconds", "status", "skipped_steps", "consecutive_skips"}
+# A sharded checkpoint's state.pt: the same, its model and optimiser being DCP's shards beside it.
+SHARDED_KEYS = CHECKPOINT_KEYS - {"model", "optimizer"}
 
 
 def remove_temp_files(out: Path) -> list[str]:
-    """Delete `.<name>.*.tmp` files of this run's outputs: the half-written bytes of a killed process,
-    never renamed into place, and never read again."""
+    """Delete `.<name>.*.tmp` files (and, for sharded checkpoints, folders) of this run's outputs: the
+    half-written bytes of a killed process, never renamed into place, and never read again."""
     removed = []
     for name in OWN_FILES:
         for tmp in sorted(out.glob(f".{name}.*.tmp")):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
 
@@ -91,12 +101,34 @@ class _Aside:
 
 
 def _load(path: Path, map_location: Any) -> dict[str, Any]:
+    if path.name in (SHARDED, SHARDED_PREV):
+        return dcp.read_state(path, map_location)
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu") -> tuple[str, dict[str, Any]] | None:
+def _examine(path: Path, want: str, map_location: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """(contents, None) for a checkpoint of config `want` that can be resumed, else (None, why not)."""
+    try:
+        ck = _load(path, map_location)
+    except Exception as e:  # noqa: BLE001 - torn zip, empty file, not a checkpoint at all
+        return None, f"is unreadable ({_brief(e)})"
+    why = _mismatch(ck.get("config_hash"), want)
+    needed = SHARDED_KEYS if path.name in (SHARDED, SHARDED_PREV) else CHECKPOINT_KEYS
+    if why is None and needed - set(ck):
+        why = f"is incomplete (no {sorted(needed - set(ck))})"
+    return (ck, None) if why is None else (None, why)
+
+
+def names(sharded: bool) -> tuple[str, str]:
+    """The latest and the previous checkpoint's names, for a sharded (fsdp) run or not."""
+    return (SHARDED, SHARDED_PREV) if sharded else (CHECKPOINT, PREVIOUS)
+
+
+def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu",
+                    sharded: bool = False) -> tuple[str, dict[str, Any]] | None:
     """Clean the run folder for config hash `want` (see the module docstring); return the checkpoint
-    to resume from as (file name, contents), or None to start fresh."""
+    to resume from as (file name, contents), or None to start fresh. `sharded`: the run writes DCP
+    folders; the contents returned are then its `state.pt` (`ofe.dcp.load` reads the shards)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in remove_temp_files(out):
         print(f"[ofe] removed {name}, left by an interrupted write", flush=True)
@@ -114,20 +146,18 @@ def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu") -> tuple[st
             print(f"[ofe] {name} {why}: moved to {aside.move(path)}", flush=True)
 
     chosen, rejected = None, []
-    for name in (CHECKPOINT, PREVIOUS):
-        if not (out / name).exists():
-            continue
-        try:
-            ck = _load(out / name, map_location)
-            why = _mismatch(ck.get("config_hash"), want)
-            if why is None and CHECKPOINT_KEYS - set(ck):
-                why = f"is incomplete (no {sorted(CHECKPOINT_KEYS - set(ck))})"
-        except Exception as e:  # noqa: BLE001 - torn zip, empty file, not a checkpoint at all
-            why = f"is unreadable ({_brief(e)})"
-        if why is None:
-            chosen = (name, ck)
-            break
-        rejected.append((name, why))
+    own, other = names(sharded), names(not sharded)
+    for name in own:
+        if (out / name).exists():
+            ck, why = _examine(out / name, want, map_location)
+            if why is None:
+                chosen = (name, ck)
+                break
+            rejected.append((name, why))
+    for name in other:  # the other kind of checkpoint is another config's: train.parallel is hashed
+        if (out / name).exists():
+            _, why = _examine(out / name, want, map_location)
+            rejected.append((name, why or f"is not the kind of checkpoint this run writes ({own[0]})"))
     # a rejected latest goes too: left in place, the next save would rotate it over the good previous
     then = f"resuming from {chosen[0]}" if chosen else "starting fresh"
     for name, why in rejected:
@@ -135,12 +165,21 @@ def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu") -> tuple[st
     return chosen
 
 
-def load_checkpoint(out: Path, map_location: Any = "cpu") -> tuple[str, dict[str, Any]] | None:
+def load_checkpoint(out: Path, map_location: Any = "cpu", sharded: bool = False) -> tuple[str, dict[str, Any]] | None:
     """The checkpoint `prepare_run_dir` left to resume from (for ranks other than 0, which run after it)."""
-    for name in (CHECKPOINT, PREVIOUS):
+    for name in names(sharded):
         if (out / name).exists():
             return name, _load(out / name, map_location)
     return None
+
+
+def load_final_model(run_dir: Path, model: torch.nn.Module, sharded: bool = False) -> None:
+    """Load a finished run's final weights into `model` (an unsharded GPT, one process), from
+    `checkpoint.pt` or, for an fsdp run, the sharded `checkpoint.dcp`."""
+    if sharded:
+        dcp.load_model_weights(run_dir / SHARDED, model)
+    else:
+        model.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"])
 
 
 def save_checkpoint(state: dict[str, Any], out: Path) -> None:

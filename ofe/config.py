@@ -82,7 +82,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """Optimiser and LR schedule (PAPER.md section 3 for the public code's defaults)."""
+    """Optimiser and LR schedule (docs/science.md section 3 for the public code's defaults)."""
 
     name: Literal["adamw", "adafactor", "soap", "rotated_adafactor", "muon"] = "adamw"
     """adamw (diagonal), soap (Adam in Shampoo's eigenbasis), adafactor (factored second moment),
@@ -133,9 +133,38 @@ class TrainConfig:
     """'auto': bf16 autocast on CUDA (TF32 matmuls too), fp32 on CPU. Metrics are always fp32."""
     compile: bool = False
     """torch.compile the training forward/backward (the probe runs on the uncompiled module)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward in each process; null: the whole per-process batch (batch_size /
+    processes) at once. Smaller values accumulate gradients over micro-batches (same update, less
+    activation memory); it must divide the per-process batch."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """With more than one process: 'ddp' replicates the model; 'fsdp' shards parameters, gradients
+    and optimiser state over the processes (FSDP2) and writes sharded checkpoints. Elementwise
+    optimisers only under 'fsdp' (see ofe.config.check_parallel)."""
 
     def __post_init__(self) -> None:
         _validate(self, "train")  # device too: its value reaches a shell command and torch
+        check_micro_batch(self)
+
+
+def micro_batch_choices(per_process: int) -> list[int]:
+    """The micro-batch sizes that split a per-process batch of `per_process` sequences evenly."""
+    return [d for d in range(1, per_process + 1) if per_process % d == 0]
+
+
+def check_micro_batch(tc: TrainConfig, processes: int = 1) -> None:
+    """ConfigError unless `train.micro_batch_size` divides the per-process batch (batch_size /
+    processes). At config time the number of processes is unknown, so 1 is assumed (a necessary
+    condition); the trainer checks again with the real number at launch."""
+    if tc.batch_size % processes:
+        raise ConfigError(f"train.batch_size: {tc.batch_size} is not divisible by {processes} processes")
+    per = tc.batch_size // processes
+    mb = tc.micro_batch_size
+    if mb is not None and per % mb:
+        where = f" with {processes} processes" if processes > 1 else ""
+        raise ConfigError(f"train.micro_batch_size: {mb} does not divide the per-process batch of {per} "
+                          f"(train.batch_size {tc.batch_size}{where}); choose null or one of "
+                          f"{micro_batch_choices(per)}")
 
 
 @dataclass(frozen=True)
@@ -210,6 +239,9 @@ class RunConfig:
     data_dir: str | None = None
     """The prepared token cache (see `ofe.data.prepare`)."""
 
+    def __post_init__(self) -> None:
+        check_parallel(self)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, as `dataclasses.asdict` gives, at a fifth of its cost (a 10,000-run plan
         serialises every run): sections are flat, so only their list, tuple and dict values are copied."""
@@ -243,9 +275,43 @@ class RunConfig:
         return cls(**kwargs)
 
 
+# Optimisers whose update of a parameter is not a function of that parameter's entries alone: FSDP
+# gives each process a flat slice of every matrix, so these would see a fragment of the matrix.
+# adafactor's row/column second-moment statistics, soap's and rotated_adafactor's eigenbases (G G^T of
+# the whole gradient) and muon's Newton-Schulz orthogonalisation all need the whole matrix.
+FSDP_REFUSED: dict[str, str] = {
+    "adafactor": "its row and column second-moment statistics need whole matrices",
+    "soap": "its Shampoo eigenbasis (G G^T, G^T G) needs whole matrices",
+    "rotated_adafactor": "its Shampoo eigenbasis and factored statistics need whole matrices",
+    "muon": "its Newton-Schulz orthogonalisation needs whole matrices",
+}
+
+
+def check_parallel(cfg: RunConfig) -> None:
+    """ConfigError when `train.parallel: fsdp` meets an optimiser that needs whole matrices
+    (`FSDP_REFUSED`): refused when the config is built, so a plan fails before any job starts."""
+    name = cfg.optim.name
+    if cfg.train.parallel == "fsdp" and name in FSDP_REFUSED:
+        raise ConfigError(
+            f"optim.name: {name!r} cannot run with train.parallel: fsdp ({FSDP_REFUSED[name]}, and FSDP "
+            f"gives each process a slice of it); use train.parallel: ddp, or an elementwise optimiser "
+            f"such as 'adamw'")
+
+
+# Fields added after results existed, each with the value that does what runs did before the field
+# existed. A value equal to it is left out of the hash, so adding a knob that changes nothing by default
+# never turns finished runs into "another config" (to be moved aside and retrained); any other value,
+# a later change of the default included, is in the hash. Add every new field here with its neutral value.
+HASH_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"micro_batch_size": None, "parallel": "ddp"}}
+
+
 def config_hash(run_config: dict[str, Any]) -> str:
     """`RunConfig.config_hash` of a config in its dict form (as stored in checkpoints and summaries)."""
     identity = {k: v for k, v in run_config.items() if k not in ("grid", "data_dir")}
+    for section, neutral in HASH_NEUTRAL.items():
+        if isinstance(identity.get(section), dict):
+            identity[section] = {k: v for k, v in identity[section].items()
+                                 if not (k in neutral and v == neutral[k])}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 

@@ -70,7 +70,7 @@ def resolve_run(config: dict, point: dict[str, Any], data: DataConfig | None = N
     # the block preset at the model's depth (OP's beta shrinks past 12 layers): a swept or default
     # model.n_layer wins over the scale's own
     depth = point.get("model.n_layer", (defaults.get("model") or {}).get("n_layer"))
-    sections = presets.resolve(point["scale"], point["block"], depth)
+    sections = presets.resolve(point["scale"], point["block"], depth, point["optimizer"])
     sections = _merge(sections, {s: defaults.get(s) or {} for s in SECTIONS})
     axis_values: dict[str, dict] = {
         "optim": {"name": point["optimizer"], "lr": point["lr"]},

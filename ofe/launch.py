@@ -31,7 +31,7 @@ from typing import Any, Iterator
 
 import submitit
 
-from ofe.config import RunConfig
+from ofe.config import RunConfig, check_micro_batch
 from ofe.jobstate import StatusCache, live_job, pid_alive, process_start_time, wait_for
 from ofe.results import atomic_write_json, atomic_write_text
 
@@ -50,7 +50,7 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, config_path: str, out_dir: str, quant: dict[str, Any] | None = None) -> dict[str, Any]:
         from ofe.train import load_run_config, train
 
-        if submitit.JobEnvironment().num_tasks > 1:  # data parallel: RANK, WORLD_SIZE, MASTER_* for DDP
+        if submitit.JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* for DDP/FSDP
             submitit.helpers.TorchDistributedEnvironment().export()
         summary = train(load_run_config(config_path), out_dir)
         if quant is not None and int(os.environ.get("RANK", 0)) == 0:  # rank 0 evaluates the saved model
@@ -156,9 +156,12 @@ def _launch(cfg: RunConfig, out: Path, launcher: dict[str, Any], status_dir: Pat
         config_path = out / "config.json"
         atomic_write_text(config_path, cfg.to_json())
         folder = out / "submitit" / time.strftime("%Y%m%dT%H%M%S")  # one folder per submission
-        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
-        executor.update_parameters(**executor_parameters(launcher, cfg.grid.get("scale", ""), name))
+        params = executor_parameters(launcher, cfg.grid.get("scale", ""), name)
+        # the processes are known only here: refuse now, not after a queue wait, a batch they cannot split
+        check_micro_batch(cfg.train, int(params.get("tasks_per_node", 1)) * int(params.get("nodes", 1)))
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        executor.update_parameters(**params)
         job = executor.submit(TrainJob(), str(config_path), str(out), quant)
         record = {"job_id": str(job.job_id), "cluster": cluster, "folder": str(folder),
                   "stdout": str(job.paths.stdout), "submitted": time.time()}

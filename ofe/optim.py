@@ -1,4 +1,4 @@
-"""Optimisers by name and the LR schedule (PAPER.md section 3)."""
+"""Optimisers by name and the LR schedule (docs/science.md section 3)."""
 
 from __future__ import annotations
 
@@ -131,7 +131,7 @@ OPTIMIZERS = ("adamw", "adafactor", "soap", "rotated_adafactor", "muon")
 
 
 def make_optimizer(name: str, params: Iterable, **hp: Any) -> torch.optim.Optimizer | MuonWithAdamW:
-    """An optimiser by grid name, with hyperparameters from config (PAPER.md section 3).
+    """An optimiser by grid name, with hyperparameters from config (docs/science.md section 3).
 
     adamw: torch's AdamW. soap: pytorch-optimizer's SOAP (Adam in Shampoo's eigenbasis; it follows
     the reference nikhilvyas/SOAP: eigh at the first step, which makes no update, power iteration +

@@ -16,6 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+from ofe.config import FSDP_REFUSED
+
 Overrides = dict[str, dict[str, Any]]  # {"model": {...}, "train": {...}}
 
 REFERENCE_DEPTH = 12
@@ -99,7 +101,7 @@ BLOCKS: dict[str, Callable[..., Overrides]] = {
 # ---- scales -------------------------------------------------------------------------------------
 
 def tiny() -> Overrides:
-    """The CPU default (CPU-CALIBRATION.md): outliers appear within 100-300 steps at LR 1e-2."""
+    """The CPU default (docs/cpu-calibration.md): outliers appear within 100-300 steps at LR 1e-2."""
     return {"model": {"n_layer": 4, "d_model": 128, "n_head": 4, "context": 128},
             "train": {"batch_size": 16}}
 
@@ -123,22 +125,59 @@ def m350() -> Overrides:
             "train": {"batch_size": 64}}
 
 
-def b1_2() -> Overrides:
-    """GPU: the paper's 1.2B Languini scale, context 512; 24 layers, so OP's beta is 0.2 * sqrt(1/2)."""
-    return {"model": {"n_layer": 24, "d_model": 2048, "n_head": 16, "context": 512},
-            "train": {"batch_size": 64}}
-
-
-SCALES: dict[str, Callable[[], Overrides]] = {
-    "tiny": tiny, "small": small, "130m": m130, "350m": m350, "1.2b": b1_2,
+# The paper-scale presets train sharded: FSDP over the job's processes (launcher.yaml gives them 8 GPUs
+# each). This is the one place that decides it, so the launcher, the memory plan (ofe.memory) and the
+# trainer read the same value; `resolve` falls back to ddp, with the train settings below, for the
+# optimisers FSDP cannot shard.
+SHARDED = {"parallel": "fsdp"}
+DDP_FALLBACK: dict[str, dict[str, Any]] = {
+    # SOAP's statistics and eigenbases take 47 GB per GPU at 1.2B; with a process's whole 8 sequences
+    # the plan comes to 80.3 GB per GPU under ddp, with micro-batches of 4 to 76 GB
+    "1.2b": {"micro_batch_size": 4},
 }
 
 
-def resolve(scale: str, block: str, n_layer: int | None = None) -> Overrides:
+def b1_2() -> Overrides:
+    """GPU: the paper's 1.2B Languini scale, context 512; 24 layers, so OP's beta is 0.2 * sqrt(1/2).
+    Sharded (FSDP): on 8 x 80 GB GPUs each process needs about 13 GB with its whole share of the batch
+    (the plan of `python -m ofe check-config`); the optimisers FSDP cannot shard run under ddp with
+    micro-batches of 4 sequences (`DDP_FALLBACK`)."""
+    return {"model": {"n_layer": 24, "d_model": 2048, "n_head": 16, "context": 512},
+            "train": {"batch_size": 64, **SHARDED}}
+
+
+def b7() -> Overrides:
+    """GPU: the paper's largest scale (He et al. 2024, "Understanding and Minimising Outlier Features in
+    Transformer Training", arXiv 2405.19279: 7B parameters, 6B tokens of Languini Books, vocabulary 16384,
+    context 512, as its 1.2B). The shape is the standard one at 7B (GPT-3 6.7B's and OPT-6.7B's):
+    32 layers, d 4096, 32 heads of 128, a 4d MLP: 6.44B parameters in the blocks, 6.51B with a
+    16384-token vocabulary. 32 layers, so OP's beta is 0.2 * sqrt(12/32) = 0.122. Batch 64 x 512
+    tokens, as the 1.2B preset. Sharded (FSDP): on 8 x 80 GB GPUs each process holds an eighth of the
+    weights, gradients and AdamW state and runs its 8 sequences at once (about 33 GB in the plan of
+    `python -m ofe check-config`). No micro-batches by default: under FSDP each one gathers every
+    block's weights again, so they cost communication and are worth it only where memory is short
+    (`train.micro_batch_size`)."""
+    return {"model": {"n_layer": 32, "d_model": 4096, "n_head": 32, "context": 512},
+            "train": {"batch_size": 64, **SHARDED}}
+
+
+SCALES: dict[str, Callable[[], Overrides]] = {
+    "tiny": tiny, "small": small, "130m": m130, "350m": m350, "1.2b": b1_2, "7b": b7,
+}
+
+
+def resolve(scale: str, block: str, n_layer: int | None = None, optimizer: str | None = None) -> Overrides:
     """The scale preset's overrides with the block preset's on top, the block built for the model's
-    depth: `n_layer`, or the scale's own if None (pass it where a config overrides the scale's depth)."""
+    depth: `n_layer`, or the scale's own if None (pass it where a config overrides the scale's depth).
+
+    A sharded scale with an `optimizer` that needs whole matrices (ofe.config.FSDP_REFUSED: adafactor,
+    soap, rotated_adafactor, muon) gets ddp instead, with the scale's `DDP_FALLBACK` settings: the
+    scale's fsdp is a preference, and the memory plan then says whether that run fits. config.yaml's
+    `train` settings still win (and fsdp with such an optimiser is refused there, by name)."""
     out = {section: dict(values) for section, values in SCALES[scale]().items()}
     depth = out["model"]["n_layer"] if n_layer is None else n_layer
     for section, values in BLOCKS[block](depth).items():
         out.setdefault(section, {}).update(values)
+    if out.get("train", {}).get("parallel") == "fsdp" and optimizer in FSDP_REFUSED:
+        out["train"].update(parallel="ddp", **DDP_FALLBACK.get(scale, {}))
     return out

@@ -1,6 +1,6 @@
 """Forward hooks that collect activations at the model's probe sites and hand them to the metrics.
 
-Sites (PAPER.md section 1, "where and when"): the residual stream entering every block (layers
+Sites (docs/science.md section 1, "where and when"): the residual stream entering every block (layers
 0..L-1), the tensor fed to the unembedding before and after a final norm (layer L), and the queries and
 keys of every attention (for attention entropy). Hooks only store tensors; metrics are computed after
 the forward pass, in fp32, by the pure functions of `ofe.metrics`.
@@ -44,9 +44,14 @@ def _collect(modules: dict, store: dict) -> Iterator[None]:
             h.remove()
 
 
+Activations = tuple[dict, dict]  # ({(layer, site): stream tensor}, {(layer, 'q' | 'k'): tensor})
+
+
 @torch.no_grad()
-def probe(model: GPT, idx: Tensor, max_corr_tokens: int = 256) -> list[Row]:
-    """Run one forward pass on `idx` (B, T) and return every metric at every site."""
+def collect(model: nn.Module, idx: Tensor) -> Activations:
+    """Run one forward pass on `idx` (B, T) and return the tensors at every probe site. Under FSDP
+    every process must run this forward (it all-gathers each block's weights), even those that then
+    compute nothing."""
     streams: dict = {}
     qk: dict = {}
     attn_taps = {}
@@ -60,7 +65,12 @@ def probe(model: GPT, idx: Tensor, max_corr_tokens: int = 256) -> list[Row]:
             model(idx)
     finally:
         model.train(was_training)
+    return streams, qk
 
+
+def compute(model: nn.Module, activations: Activations, max_corr_tokens: int = 256) -> list[Row]:
+    """Every metric at every site, in fp32 (`ofe.metrics` upcasts), from `collect`'s tensors."""
+    streams, qk = activations
     rows: list[Row] = []
     for (layer, site), x in streams.items():
         for name, fn in metrics.STREAM_METRICS.items():
@@ -70,3 +80,8 @@ def probe(model: GPT, idx: Tensor, max_corr_tokens: int = 256) -> list[Row]:
         ent = metrics.attention_entropy(qk[(i, "q")], qk[(i, "k")], b.attn.logit_cap)
         rows.append((i, "attention", "attention_entropy", ent))
     return rows
+
+
+def probe(model: GPT, idx: Tensor, max_corr_tokens: int = 256) -> list[Row]:
+    """Run one forward pass on `idx` (B, T) and return every metric at every site."""
+    return compute(model, collect(model, idx), max_corr_tokens)

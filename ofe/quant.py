@@ -233,10 +233,11 @@ def quantise_run(run_dir: Path | str, cfg: QuantConfig) -> pd.DataFrame:
     run_cfg = RunConfig.from_dict(summary["config"])
     rows = []
     if summary["status"] == "completed":
-        ck = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+        from ofe.checkpoint import load_final_model
+
         torch.set_num_threads(run_cfg.train.threads)
         model = GPT(run_cfg.model)
-        model.load_state_dict(ck["model"])
+        load_final_model(run_dir, model, sharded=run_cfg.train.parallel == "fsdp")  # fsdp: sharded folder
         data = TokenData(run_cfg.data_dir, run_cfg.model.context, run_cfg.train.batch_size)
         calib = [data.batch("train", [FIXED_STREAM, 2, i])[0] for i in range(cfg.calib_batches)]
         evals = data.val_batches(cfg.eval_batches)

@@ -2,7 +2,8 @@
 
 Outputs in the run folder, each written atomically and fsynced:
 - checkpoint.pt   model + optimiser + step + the metric rows so far + status + config hash (resume
-                  point, then final model); checkpoint.prev.pt is the one before it
+                  point, then final model); checkpoint.prev.pt is the one before it. An fsdp run
+                  writes the sharded folders checkpoint.dcp and checkpoint.prev.dcp instead (`ofe.dcp`)
 - metrics.parquet long rows (step, tokens, layer, site, metric, value); config + provenance in metadata
 - summary.json    written last: with this config's hash, its presence means the run is finished
 A run killed at any point and started again resumes from its last checkpoint and ends with the same
@@ -23,15 +24,14 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
-from ofe import checkpoint
+from ofe import checkpoint, dcp, parallel
 from ofe.checkpoint import METRICS, SUMMARY
-from ofe.config import RunConfig
+from ofe.config import RunConfig, check_micro_batch
 from ofe.data import TokenData
 from ofe.model import GPT
 from ofe.optim import build_optimizer, lr_at
-from ofe.probe import probe
+from ofe.probe import collect, compute
 from ofe.results import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
 
 # A non-finite gradient norm with a finite loss skips the update (one bad batch, an overflow); this
@@ -43,10 +43,7 @@ class _Interrupted(Exception):
     """Raised by the `stop_after` test hook to simulate a kill right after a checkpoint."""
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+resolve_device = parallel.resolve_device  # its old home; ofe.parallel is where it lives now
 
 
 class Trainer:
@@ -55,40 +52,56 @@ class Trainer:
     Data parallel: with WORLD_SIZE > 1 in the environment (set from submitit's tasks, see
     `ofe.launch.TrainJob`), every rank takes an equal slice of the same global batch and DDP averages
     the gradients, so the loss curve matches a 1-process run of that global batch. Rank 0 alone
-    probes, validates, checkpoints and writes the run's files.
+    probes, validates, checkpoints and writes the run's files. With `train.parallel: fsdp` the model is
+    sharded (`ofe.parallel.wrap`): every rank then runs the probe's and validation's forward passes
+    (they gather the weights), every rank writes its shards of each checkpoint (`ofe.dcp`), and rank 0
+    still alone computes metrics and writes the run's files.
+    Each rank's slice is split into micro-batches of `train.micro_batch_size` whose gradients add up
+    to the slice's (gradient accumulation; only the last one communicates).
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path | str) -> None:
         self.cfg, self.out = cfg, Path(out_dir)
         tc = cfg.train
         torch.set_num_threads(tc.threads)
-        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-        if tc.batch_size % self.world:
-            raise ValueError(f"train.batch_size={tc.batch_size} is not divisible by {self.world} processes")
-        self.device = resolve_device(tc.device)
+        self.device = parallel.resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.procs = parallel.start(tc.parallel, self.device)
+        try:
+            self._build(cfg)
+        except BaseException:
+            self.procs.shutdown()
+            raise
+
+    def _build(self, cfg: RunConfig) -> None:
+        tc = cfg.train
+        self.rank, self.world = self.procs.rank, self.procs.world
+        check_micro_batch(tc, self.world)  # the number of processes is known only now: check again
+        self.sharded = tc.parallel == "fsdp"
         cuda = self.device.type == "cuda"
         if cuda:  # TF32 matmuls: bf16-level precision is what autocast gives anyway
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        self.autocast_dtype = torch.bfloat16 if tc.precision == "bf16" or (tc.precision == "auto" and cuda) else None
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if cuda else "gloo")
+        self.compute_dtype = parallel.mixed_precision_dtype(tc, self.device)
+        # FSDP's own bf16 policy replaces autocast on CUDA; elsewhere (DDP, CPU) bf16 is autocast
+        self.autocast_dtype = None if parallel.uses_fsdp_mixed_precision(tc, self.device) else self.compute_dtype
         self.data = TokenData(cfg.data_dir, cfg.model.context, tc.batch_size)
         if self.data.meta["vocab_size"] > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                              f"{self.data.meta['vocab_size']}")
         torch.manual_seed(tc.seed)  # model init depends on the seed only
         self.model = GPT(cfg.model).to(self.device)  # the module the probe and checkpoints see
-        self.forward = self.model
-        if self.world > 1:
-            self.forward = DistributedDataParallel(self.model)
-        if tc.compile:
-            self.forward = torch.compile(self.forward)
-        self.opt = build_optimizer(self.model, cfg.optim)
+        self.wrapped = parallel.wrap(self.model, tc, self.device, self.procs)  # fsdp: the model itself
+        self.forward = torch.compile(self.wrapped) if tc.compile else self.wrapped
+        self.opt = build_optimizer(self.model, cfg.optim)  # after sharding: it holds the shards
         self.step, self.rows, self.seconds, self.status = 0, [], 0.0, "running"
         self.skipped_steps = self.consecutive_skips = 0
         self.tokens_per_step = tc.batch_size * cfg.model.context
         self.config_hash = cfg.config_hash()
         self._resume()
+
+    @property
+    def collects(self) -> bool:
+        """Whether this rank runs the probe's and validation's forward passes (all do under FSDP)."""
+        return not self.rank or self.sharded
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
@@ -97,16 +110,23 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def _resume(self) -> None:
         # rank 0 alone cleans the folder and picks the checkpoint; the others wait, then load that one
-        found = checkpoint.prepare_run_dir(self.out, self.config_hash, self.device) if not self.rank else None
+        found = (checkpoint.prepare_run_dir(self.out, self.config_hash, self.device, self.sharded)
+                 if not self.rank else None)
         if self.world > 1:
-            dist.barrier()
-            if self.rank:
-                found = checkpoint.load_checkpoint(self.out, self.device)
+            chosen = [found[0] if found else None]
+            dist.broadcast_object_list(chosen, src=0)  # the name, not a guess from the folder
+            if self.rank and chosen[0] is not None:
+                found = chosen[0], checkpoint.load_checkpoint(self.out, self.device, self.sharded)[1]
         if found is None:
             return
         name, ck = found
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck["optimizer"])
+        if self.sharded:
+            dcp.load(self.model, self.opt, self.out / name)  # every rank its shards
+        else:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+        if "rng" in ck:  # nothing in training draws from it today; restored so nothing ever differs
+            torch.set_rng_state(ck["rng"].cpu())
         self.step, self.rows, self.seconds = ck["step"], [tuple(r) for r in ck["rows"]], ck["seconds"]
         self.status, self.skipped_steps, self.consecutive_skips = (
             ck["status"], ck["skipped_steps"], ck["consecutive_skips"])
@@ -114,27 +134,29 @@ class Trainer:
         print(f"[ofe] resumed {self.out} at step {self.step} from {name}{done}", flush=True)
 
     def save_checkpoint(self) -> None:
-        if self.rank:
-            return
-        checkpoint.save_checkpoint(
-            {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "step": self.step,
-             "rows": self.rows, "seconds": self.seconds, "status": self.status,
-             "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-             "config": self.cfg.to_dict(), "config_hash": self.config_hash},
-            self.out,
-        )
+        state = {"step": self.step, "rows": self.rows, "seconds": self.seconds, "status": self.status,
+                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
+                 "rng": torch.get_rng_state(), "config": self.cfg.to_dict(), "config_hash": self.config_hash}
+        if self.sharded:  # every rank writes its shards
+            dcp.save(state, self.model, self.opt, self.out, self.procs)
+        elif not self.rank:
+            checkpoint.save_checkpoint(
+                {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), **state}, self.out)
 
     # ---- logging --------------------------------------------------------------------------------
     def _add(self, layer: int, site: str, metric: str, value: float) -> None:
         self.rows.append((self.step, self.step * self.tokens_per_step, layer, site, metric, float(value)))
 
     def log_probe(self) -> float:
-        """Metrics at every site on the fixed held-out batch; returns the max kurtosis (for progress)."""
+        """Metrics at every site on the fixed held-out batch; returns the max kurtosis (for progress).
+        Every rank that `collects` runs the forward pass; rank 0 alone computes and logs."""
         x = self.data.probe_batch(self.cfg.train.probe_batch_size).to(self.device)
         peak = 0.0
         with self._autocast():
-            rows = probe(self.model, x)  # metrics themselves are computed in fp32
-        for layer, site, metric, value in rows:
+            activations = collect(self.model, x)
+        if self.rank:
+            return peak
+        for layer, site, metric, value in compute(self.model, activations):  # in fp32
             self._add(layer, site, metric, value)
             if metric == "kurtosis":
                 peak = max(peak, value) if math.isfinite(value) else value
@@ -148,7 +170,8 @@ class Trainer:
                       for x, y in self.data.val_batches(self.cfg.train.eval_batches)]
         self.model.train()
         loss = sum(losses) / len(losses)
-        self._add(-1, "val", "loss", loss)
+        if not self.rank:
+            self._add(-1, "val", "loss", loss)
         return loss
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -160,20 +183,25 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         x, y = self.data.train_batch(tc.seed, self.step)
-        if self.world > 1:  # this rank's equal slice of the global batch
-            b = tc.batch_size // self.world
-            x, y = x[self.rank * b:(self.rank + 1) * b], y[self.rank * b:(self.rank + 1) * b]
-        with self._autocast():
-            _, loss = self.forward(x.to(self.device), y.to(self.device))
+        b = tc.batch_size // self.world  # this rank's equal slice of the global batch
+        x, y = x[self.rank * b:(self.rank + 1) * b].to(self.device), y[self.rank * b:(self.rank + 1) * b].to(self.device)
+        m = tc.micro_batch_size or b
+        k = b // m
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros((), device=self.device)
+        for i in range(k):
+            # every micro-batch has m x context tokens, so the mean of their mean losses is the slice's
+            # mean, and the sum of their gradients / k is its gradient; only the last one communicates
+            with parallel.grad_sync(self.wrapped, sync=i == k - 1):
+                with self._autocast():
+                    _, loss = self.forward(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])
+                (loss / k if k > 1 else loss).backward()
+            total += loss.detach()
         clip = self.cfg.optim.clip if self.cfg.optim.clip is not None else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
-        loss = loss.detach()
-        if self.world > 1:  # the global batch's mean loss, identical on every rank
-            dist.all_reduce(loss)
-            loss /= self.world
-        loss_value = loss.item()
+        # under FSDP the gradients are DTensor shards: the norm is the global one, the same on every rank
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item())
+        # the global batch's mean loss, identical on every rank
+        loss_value = parallel.all_mean(total / k if k > 1 else total, self.procs).item()
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.opt.step()
         return loss_value, grad_norm, lr
@@ -184,15 +212,15 @@ class Trainer:
         seconds_before = self.seconds
         steps_at_start, peak = self.step, math.nan
         while self.step < tc.steps:
-            if self.step % tc.log_every == 0 and not self.rank:
+            if self.step % tc.log_every == 0 and self.collects:
                 peak = self.log_probe()
-            if self.step % tc.eval_every == 0 and not self.rank:
+            if self.step % tc.eval_every == 0 and self.collects:
                 self.log_val()
             loss, grad_norm, lr = self.train_step()
             self._add(-1, "train", "loss", loss)
             self._add(-1, "train", "lr", lr)
             self._add(-1, "train", "grad_norm", grad_norm)
-            if not math.isfinite(loss):  # a result, not a crash (PAPER.md section 2: no-norm diverges)
+            if not math.isfinite(loss):  # a result, not a crash (docs/science.md section 2: no-norm diverges)
                 self.status = "diverged"
                 print(f"[ofe] step {self.step}: loss {loss}: diverged", flush=True)
                 break
@@ -220,7 +248,7 @@ class Trainer:
                     raise _Interrupted(self.step)
         if self.status == "running":  # a checkpoint saved after this says so: a rerun never logs it twice
             self.status = "completed"
-            if not self.rank:
+            if self.collects:
                 self.log_probe()
                 self.log_val()
             self.save_checkpoint()
@@ -228,8 +256,8 @@ class Trainer:
         return self.finish()
 
     def finish(self) -> dict[str, Any]:
-        if self.world > 1:
-            dist.destroy_process_group()
+        n_params = self.model.num_params()  # global sizes, even of shards
+        self.procs.shutdown()
         if self.rank:  # rank 0 writes the run's files
             return {"status": self.status, "rank": self.rank, "steps_done": self.step}
         df = pd.DataFrame(self.rows, columns=METRIC_SCHEMA.names)
@@ -253,10 +281,10 @@ class Trainer:
             "tokens": self.step * self.tokens_per_step,
             "wall_s": round(self.seconds, 3),
             "tokens_per_s": round(self.step * self.tokens_per_step / max(self.seconds, 1e-9), 1),
-            "n_params": self.model.num_params(),
+            "n_params": n_params,
             "processes": self.world,
             "device": str(self.device),
-            "precision": str(self.autocast_dtype or torch.float32).replace("torch.", ""),
+            "precision": str(self.compute_dtype or torch.float32).replace("torch.", ""),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_cuda_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                              if self.device.type == "cuda" else None),
@@ -278,7 +306,11 @@ def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) ->
         print(f"[ofe] {out}: already finished ({summary['status']}, this config); nothing to train", flush=True)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    return Trainer(cfg, out).run(stop_after=stop_after)
+    trainer = Trainer(cfg, out)
+    try:
+        return trainer.run(stop_after=stop_after)
+    finally:  # also after an exception: a process group this run made must not outlive it
+        trainer.procs.shutdown()
 
 
 def load_run_config(path: Path | str) -> RunConfig:

@@ -1,7 +1,8 @@
 # config.yaml -> validated plan (the union of every study's runs). Validation happens here, at parse
 # time, so a typo fails before any job starts, with the key and the allowed values in the message:
 # duplicate keys in the config files, types, ranges, paths, the grid's size, run folder names, the
-# launcher settings and whether each run's batch splits over its processes.
+# launcher settings, whether each run's batch splits over its processes, and whether each run's
+# estimated memory fits its process's (the plan is printed to stderr).
 import functools
 import json
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 from ofe.__main__ import plan_from_config
 from ofe.config import ConfigError
 from ofe.grid import check_launcher, default_figures_dir, launcher_settings, load_config, validate
+from ofe import memplan
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -28,6 +30,11 @@ try:
     LAUNCHER = load_launcher(validate(config, SCHEMA))  # the launcher before expanding the grid
     PLAN = plan_from_config(config, SCHEMA)
     check_launcher(PLAN["runs"], LAUNCHER)
+    # each run's estimated memory per process against its launcher entry's (ofe/memory.py): printed,
+    # and a run that would not fit stops the workflow here rather than hours later in the queue
+    MEMORY = memplan.plan(PLAN["runs"], LAUNCHER)
+    print(memplan.format_compact(MEMORY), file=sys.stderr)
+    memplan.check(MEMORY)
 except ConfigError as e:
     sys.exit(f"ofe: configuration error:\n{e}")
 
