@@ -43,9 +43,6 @@ class _Interrupted(Exception):
     """Raised by the `stop_after` test hook to simulate a kill right after a checkpoint."""
 
 
-resolve_device = parallel.resolve_device  # its old home; ofe.parallel is where it lives now
-
-
 class Trainer:
     """One run's state; `run()` goes from wherever the checkpoint left it to the end.
 
@@ -206,56 +203,90 @@ class Trainer:
             self.opt.step()
         return loss_value, grad_norm, lr
 
+    # ---- the loop, top to bottom: measure, step, record, report, checkpoint; then complete --------
     def run(self, stop_after: int | None = None) -> dict[str, Any]:
-        tc = self.cfg.train
-        t_start = time.perf_counter()
-        seconds_before = self.seconds
-        steps_at_start, peak = self.step, math.nan
-        while self.step < tc.steps:
-            if self.step % tc.log_every == 0 and self.collects:
-                peak = self.log_probe()
-            if self.step % tc.eval_every == 0 and self.collects:
-                self.log_val()
+        """Train from the current step (0, or where `_resume` left off) to `train.steps`, then write the
+        run's files. `stop_after` (tests) raises after the first checkpoint at or past that step."""
+        self._start_clock()
+        while self.step < self.cfg.train.steps:
+            self._measure()
             loss, grad_norm, lr = self.train_step()
-            self._add(-1, "train", "loss", loss)
-            self._add(-1, "train", "lr", lr)
-            self._add(-1, "train", "grad_norm", grad_norm)
-            if not math.isfinite(loss):  # a result, not a crash (docs/science.md section 2: no-norm diverges)
-                self.status = "diverged"
-                print(f"[ofe] step {self.step}: loss {loss}: diverged", flush=True)
+            if not self._record(loss, grad_norm, lr):
                 break
-            if math.isfinite(grad_norm):
-                self.consecutive_skips = 0
-            else:
-                self.skipped_steps += 1
-                self.consecutive_skips += 1
-                print(f"[ofe] step {self.step}: grad norm {grad_norm}: update skipped "
-                      f"({self.consecutive_skips} in a row)", flush=True)
-                if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                    self.status = "diverged"
-                    print(f"[ofe] step {self.step}: {self.consecutive_skips} updates skipped in a row: "
-                          f"diverged", flush=True)
-                    break
             self.step += 1
-            self.seconds = seconds_before + time.perf_counter() - t_start
-            if (self.step % tc.log_every == 0 or self.step == tc.steps) and not self.rank:
-                tok_s = (self.step - steps_at_start) * self.tokens_per_step / max(self.seconds - seconds_before, 1e-9)
-                print(f"[ofe] step {self.step}/{tc.steps} loss {loss:.3f} lr {lr:.2e} "
-                      f"max-kurtosis {peak:.2f} {tok_s:,.0f} tok/s", flush=True)
-            if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
-                self.save_checkpoint()
-                if stop_after is not None and self.step >= stop_after:
-                    raise _Interrupted(self.step)
-        if self.status == "running":  # a checkpoint saved after this says so: a rerun never logs it twice
-            self.status = "completed"
-            if self.collects:
-                self.log_probe()
-                self.log_val()
-            self.save_checkpoint()
-        self.seconds = seconds_before + time.perf_counter() - t_start
+            self._report(loss, lr)
+            self._checkpoint_on_schedule(stop_after)
+        self._complete()
+        self._update_clock()
         return self.finish()
 
+    def _start_clock(self) -> None:
+        self._t_start, self._seconds_before = time.perf_counter(), self.seconds
+        self._steps_at_start, self._peak = self.step, math.nan
+
+    def _update_clock(self) -> None:
+        self.seconds = self._seconds_before + time.perf_counter() - self._t_start
+
+    def _measure(self) -> None:
+        """The probe and the validation due before this step's update."""
+        tc = self.cfg.train
+        if self.step % tc.log_every == 0 and self.collects:
+            self._peak = self.log_probe()
+        if self.step % tc.eval_every == 0 and self.collects:
+            self.log_val()
+
+    def _record(self, loss: float, grad_norm: float, lr: float) -> bool:
+        """Log the step's loss, LR and gradient norm; False when training must stop (diverged)."""
+        self._add(-1, "train", "loss", loss)
+        self._add(-1, "train", "lr", lr)
+        self._add(-1, "train", "grad_norm", grad_norm)
+        if not math.isfinite(loss):  # a result, not a crash (docs/science.md section 2: no-norm diverges)
+            self.status = "diverged"
+            print(f"[ofe] step {self.step}: loss {loss}: diverged", flush=True)
+            return False
+        if math.isfinite(grad_norm):
+            self.consecutive_skips = 0
+            return True
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        print(f"[ofe] step {self.step}: grad norm {grad_norm}: update skipped "
+              f"({self.consecutive_skips} in a row)", flush=True)
+        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            self.status = "diverged"
+            print(f"[ofe] step {self.step}: {self.consecutive_skips} updates skipped in a row: diverged", flush=True)
+            return False
+        return True
+
+    def _report(self, loss: float, lr: float) -> None:
+        """The progress line, every `log_every` steps and at the end (rank 0)."""
+        self._update_clock()
+        tc = self.cfg.train
+        if (self.step % tc.log_every == 0 or self.step == tc.steps) and not self.rank:
+            elapsed = max(self.seconds - self._seconds_before, 1e-9)
+            tok_s = (self.step - self._steps_at_start) * self.tokens_per_step / elapsed
+            print(f"[ofe] step {self.step}/{tc.steps} loss {loss:.3f} lr {lr:.2e} "
+                  f"max-kurtosis {self._peak:.2f} {tok_s:,.0f} tok/s", flush=True)
+
+    def _checkpoint_on_schedule(self, stop_after: int | None) -> None:
+        tc = self.cfg.train
+        if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+            self.save_checkpoint()
+            if stop_after is not None and self.step >= stop_after:
+                raise _Interrupted(self.step)
+
+    def _complete(self) -> None:
+        """A run that reached its last step: the final probe and validation, then the final checkpoint,
+        which records the status, so a rerun never logs the final rows twice."""
+        if self.status != "running":
+            return
+        self.status = "completed"
+        if self.collects:
+            self.log_probe()
+            self.log_val()
+        self.save_checkpoint()
+
     def finish(self) -> dict[str, Any]:
+        """Leave the process group; rank 0 writes metrics.parquet, then summary.json (the run's mark)."""
         n_params = self.model.num_params()  # global sizes, even of shards
         self.procs.shutdown()
         if self.rank:  # rank 0 writes the run's files
@@ -264,12 +295,18 @@ class Trainer:
         meta = {"config": self.cfg.to_dict(), "config_hash": self.config_hash, "provenance": provenance(),
                 "status": self.status}
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
+        summary = self._summary(df, n_params)
+        atomic_write_json(self.out / SUMMARY, summary)  # last: marks the run finished
+        return summary
+
+    def _summary(self, df: pd.DataFrame, n_params: int) -> dict[str, Any]:
+        """summary.json: status, final losses, the last probe's largest kurtosis, speed, memory, config."""
         train_loss = df[(df.site == "train") & (df.metric == "loss")].value
         val_loss = df[(df.site == "val") & (df.metric == "loss")].value
         done = self.status == "completed"  # a diverged run has no final loss: its finite tail is not one
         kurt = df[df.metric == "kurtosis"]
         last_kurt = kurt[kurt.step == kurt.step.max()].value if len(kurt) else pd.Series(dtype=float)
-        summary = {
+        return {
             "status": self.status,
             "steps_done": self.step,
             "steps": self.cfg.train.steps,
@@ -292,8 +329,6 @@ class Trainer:
             "config_hash": self.config_hash,
             "provenance": provenance(),
         }
-        atomic_write_json(self.out / SUMMARY, summary)  # last: marks the run finished
-        return summary
 
 
 def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) -> dict[str, Any]:
