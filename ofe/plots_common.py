@@ -114,8 +114,9 @@ def column_tooltips(df: pd.DataFrame, columns: list[str], titles: dict[str, str]
     return out
 
 
-def label_color() -> alt.Color:
-    return alt.Color("label:N", title="configuration", legend=alt.Legend(labelLimit=300))
+def label_color(legend: dict | None = None) -> alt.Color:
+    """Colour = configuration (`label`); `legend` adds legend properties."""
+    return alt.Color("label:N", title="configuration", legend=alt.Legend(labelLimit=300, **(legend or {})))
 
 
 def chart_title(text: str, subtitle: list[str], width: int = WIDE_WIDTH) -> alt.TitleParams:

@@ -11,6 +11,7 @@ from ofe.plots_common import (
     FADED, KURTOSIS_DEF, MEAN_KURTOSIS_DEF, PANEL_HEIGHT, PANEL_WIDTH, chart_title, label_color, no_data, tooltips,
     vl_field,
 )
+from ofe.plots_seeds import BAND_LEGEND, band_opacity, seeds_text
 
 # Columns of the runs table (runs.parquet) that describe a measurement rather than a run's configuration.
 RUN_MEASURE_COLUMNS = frozenset(
@@ -28,10 +29,13 @@ SWEEP_MEASURES = (("peak_kurtosis", "peak Kurt"), ("final_mean_kurtosis", "final
 LOG_AXES = frozenset({"lr", "eps", "weight_decay"})
 
 
-def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.FacetChart | alt.Chart:
+def sweep_lines(
+    runs: pd.DataFrame, x: str, log_x: bool | None = None, *, band: bool = False, points: bool = True
+) -> alt.FacetChart | alt.Chart:
     """Peak and final mean kurtosis against a swept axis `x` (one panel each, log y): one line per
-    `label` (the study's other swept axes) through the mean over the runs sharing a value (the seeds),
-    every run as a point (shape = status).
+    `label` (the study's other swept axes) through the mean over the runs sharing a value (the seeds);
+    with `band`, where some value has several runs, a band from their minimum to their maximum (the
+    report draws it); with `points`, every run as a point (shape = status, so a diverged run shows).
 
     `runs` is runs.parquet's rows of one study with a `label` column (without one, all runs are one
     series). Runs without a finite, positive value (failed, missing) are left out of that panel.
@@ -39,24 +43,23 @@ def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.Fa
     """
     notes = [PEAK_KURTOSIS_DEF, f"final mean Kurt = {MEAN_KURTOSIS_DEF}; {KURTOSIS_DEF}"]
     title_text = f"Kurtosis against {x}"
-    points = sweep_points(runs, x)
-    if points.empty:
+    runs_points = sweep_points(runs, x)
+    if runs_points.empty:
         return no_data(chart_title(title_text, notes))
     if log_x is None:
-        log_x = log_axis(x, points[x])
-    notes.append(
-        "lines: mean over the runs at each value (seeds); points: the individual runs, shape = status; "
-        f"x {'log' if log_x else 'linear'} scale, y log scale"
-    )
+        log_x = log_axis(x, runs_points[x])
+    grouped = runs_points.groupby([x, "label", "measure"], sort=False, dropna=False)["value"]
+    seeds = band and int(grouped.size().max()) > 1
+    stats = ["mean", "size", "min", "max"] if seeds else ["mean", "size"]
+    means = grouped.agg(stats).reset_index().rename(columns={"mean": "value", "size": "n"}).assign(kind="mean")
+    lines_note = "lines: mean over the runs at each value (seeds)"
+    if seeds:
+        lines_note += f", band = min-max over {seeds_text(means['n'])} seeds"
+    if points:
+        lines_note += "; points: the individual runs, shape = status"
+    notes.append(f"{lines_note}; x {'log' if log_x else 'linear'} scale, y log scale")
     notes.append("colour = the study's other swept axes; click a legend entry to highlight it")
-    means = (
-        points.groupby([x, "label", "measure"], sort=False, dropna=False)["value"]
-        .agg(["mean", "size"])
-        .reset_index()
-        .rename(columns={"mean": "value", "size": "n"})
-        .assign(kind="mean")
-    )
-    df = pd.concat([points.assign(kind="run"), means], ignore_index=True)
+    df = pd.concat([runs_points.assign(kind="run"), means], ignore_index=True)
     x_field = vl_field(x)
     pick = alt.selection_point(fields=["label"], bind="legend")
     base = alt.Chart().encode(
@@ -66,12 +69,13 @@ def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.Fa
             # Padding keeps the points at the first and last value clear of the panel's edges.
             scale=alt.Scale(type="log", nice=False, padding=14) if log_x
             else alt.Scale(zero=False, nice=False, padding=14),
-            axis=alt.Axis(format="~g", values=sorted(points[x].unique().tolist())),
+            axis=alt.Axis(format="~g", values=sorted(runs_points[x].unique().tolist())),
         ),
         y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
-        color=label_color(),
+        color=label_color(BAND_LEGEND if seeds else None),
         opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
     )
+    spread = [alt.Tooltip("min:Q", title="min", format=".4~g"), alt.Tooltip("max:Q", title="max", format=".4~g")]
     line = (
         base.transform_filter(alt.datum.kind == "mean")
         .mark_line(strokeWidth=2)
@@ -81,22 +85,32 @@ def sweep_lines(runs: pd.DataFrame, x: str, log_x: bool | None = None) -> alt.Fa
                 alt.Tooltip(f"{x_field}:Q", title=x, format="~g"),
                 alt.Tooltip("measure:N", title="measure"),
                 alt.Tooltip("value:Q", title="mean", format=".4~g"),
+                *(spread if seeds else []),
                 alt.Tooltip("n:Q", title="runs"),
             ]
         )
         .add_params(pick)
     )
-    run_points = (
-        base.transform_filter(alt.datum.kind == "run")
-        .mark_point(filled=True, size=55)
-        .encode(
-            shape=alt.Shape("status:N", title="status"),
-            tooltip=tooltips(points, ["status", "measure", "value", "final_val_loss"], RUN_MEASURE_COLUMNS),
+    layers = [line]
+    if seeds:  # under the line
+        layers.insert(0, base.transform_filter(alt.datum.kind == "mean").mark_area().encode(
+            # stack=None: an area with a colour is stacked by default; each band sits at its own values.
+            y=alt.Y("min:Q", title="Kurt", scale=alt.Scale(type="log"), stack=None),
+            y2="max:Q",
+            opacity=band_opacity(pick),
+        ))
+    if points:
+        layers.append(
+            base.transform_filter(alt.datum.kind == "run")
+            .mark_point(filled=True, size=55)
+            .encode(
+                shape=alt.Shape("status:N", title="status"),
+                tooltip=tooltips(runs_points, ["status", "measure", "value", "final_val_loss"], RUN_MEASURE_COLUMNS),
+            )
         )
-    )
     panels = alt.Column("measure:N", title=None, sort=[name for _, name in SWEEP_MEASURES])
     return (
-        alt.layer(line, run_points, data=df)
+        alt.layer(*layers, data=df)
         .properties(width=PANEL_WIDTH + 60, height=PANEL_HEIGHT + 30)
         .facet(column=panels)
         .resolve_scale(y="independent")
