@@ -85,6 +85,8 @@ def json_script(value: object) -> Markup:
     """`value` as JSON to place inside a <script> element: HTML entities mean nothing there, so it is not
     HTML-escaped; "<" written as \\u003c is still the same JSON, and no "</script>" in a value can end
     the element early."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # a missing variable: StrictUndefined raises on use, naming it
     return Markup(json.dumps(value, allow_nan=False).replace("<", "\\u003c"))
 
 
@@ -92,7 +94,8 @@ def inline_script(code: str) -> Markup:
     """JavaScript source to inline in a <script> element. A literal "</script" inside it would end the
     element early; "<\\/" means the same in the only places it can occur (string, template and regex
     literals, comments)."""
-    return Markup(re.sub(r"</(script)", r"<\\/\1", code, flags=re.IGNORECASE))
+    # str(): a missing variable (StrictUndefined) raises here, naming it.
+    return Markup(re.sub(r"</(script)", r"<\\/\1", str(code), flags=re.IGNORECASE))
 
 
 def cell(text: object, cls: str | None = None, title: str | None = None, rel: str | None = None,

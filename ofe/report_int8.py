@@ -12,6 +12,7 @@ import pandas as pd
 
 from ofe import plots_int8
 from ofe.htmlparts import Figure, Links, cell, figure_context, fmt_number, fmt_value, render, to_slug
+from ofe.plots_common import REPLICATE_AXES
 from ofe.quant import QUANTISED_TENSORS
 from ofe.report_tables import spread_cell
 
@@ -20,7 +21,6 @@ QUANT_PROTOCOLS = ("static_per_tensor", "dynamic_per_token")
 PROTOCOL_SHORT = {"static_per_tensor": "static", "dynamic_per_token": "dynamic"}
 # Grid columns the int8 table always shows (the paper's table); any other one is shown when it varies.
 QUANT_TABLE_COLUMNS = ("block", "optimizer")
-REPLICATES = ("seed",)  # averaged over in the table by configuration
 QUANT_CAPTION = (
     "Relative perplexity degradation after {protocol} quantisation (ppl_q / ppl_fp - 1) against mean Kurt "
     "(averaged over layers at the last logged step), one point per run and bit width, with Spearman's rank "
@@ -127,7 +127,7 @@ def int8_context(index: int, quant: pd.DataFrame, grid: list[str], links: Links)
         if c in quant.columns and (c in QUANT_TABLE_COLUMNS or runs[c].nunique(dropna=False) > 1)
     ]
     protocols = list(dict.fromkeys(p for p, _ in quant_protocol_bits(quant)))
-    by_config = [c for c in shown if c not in REPLICATES]
+    by_config = [c for c in shown if c not in REPLICATE_AXES]  # seeds: averaged over
     several_seeds = len(by_config) < len(shown) or runs.groupby(by_config).size().max() > 1
     figures = []
     for protocol in protocols:

@@ -21,7 +21,9 @@ import pandas as pd
 
 from ofe import plots
 from ofe.htmlparts import Figure, Links, as_list, figure_context, fmt_value, to_slug
-from ofe.report_int8 import quant_table, quant_table_context
+from ofe.plots_seeds import seeds_text
+from ofe.report_int8 import config_table, config_table_context, quant_table, quant_table_context
+from ofe.report_tables import configuration_table
 
 # Width of each of the two per-layer charts shown side by side (kurtosis beside signal propagation).
 PAIR_WIDTH = 330
@@ -53,12 +55,17 @@ CAPTIONS = {
         "Max-median ratio per layer at each run's last logged step, log scale: mean over tokens of "
         "max_j |x_j| / median_j |x_j|."
     ),
-    "loss-curves": "Training loss (logged batches) and validation loss against step, log scale, one line per run.",
+    "loss-curves": (
+        "Training loss (logged batches) and validation loss against step, log scale, colour = configuration."
+    ),
 }
 SWEEP_CAPTION = (
     "Peak Kurt (maximum over steps and layers) and final mean Kurt (averaged over layers at the last "
     "logged step) against {axis}{scale}; lines through the mean over seeds, points for each run; {kurt}."
 )
+
+# Added to every figure's caption in a study where some configuration has several seeds.
+SEEDS_CAPTION = " Several seeds per configuration: line = their mean, band = min-max over {n} seeds."
 
 STATUS_ORDER = ("completed", "diverged", "failed", "corrupt", "missing")
 DONE_STATUSES = ("completed", "diverged")  # runs that finished and have results
@@ -81,9 +88,15 @@ def study_section(
     # Charts group a study's runs by its swept axes, seeds excepted: the seeds of a configuration share
     # its colour and panel.
     grouping = [a for a in axes if a not in plots.REPLICATE_AXES]
-    labels = dict(zip(members["run_id"], run_labels(members, grouping, empty="all runs")))
+    config_labels = run_labels(members, grouping, empty="all runs")
+    labels = dict(zip(members["run_id"], config_labels))
     subset = metrics[metrics["run_id"].isin(labels)]
     subset = subset.assign(label=subset["run_id"].map(labels))
+    # Several seeds of a configuration are drawn as their mean and a min-max band (plots_seeds); the
+    # captions say over how many, counting the runs that have results.
+    finished = members["status"].isin(DONE_STATUSES)
+    n_seeds = seeds_text(config_labels[finished].value_counts())
+    seeds_caption = SEEDS_CAPTION.format(n=n_seeds) if n_seeds else ""
 
     kinds: list[tuple[str, Figure]] = []  # (figure slug, figure) in page order
     for axis in sweep_axes(members, axes):
@@ -92,9 +105,12 @@ def study_section(
         log_x = plots.log_axis(axis, swept[axis])
         caption = SWEEP_CAPTION.format(axis=axis, scale=" (log scale)" if log_x else "", kurt=KURT_SHORT)
         figure_slug = f"sweep-{to_slug(axis)}"
-        kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", plots.sweep_lines(swept, axis, log_x), caption)))
+        # Points stay beside the band: their shape marks a diverged run, which a band cannot.
+        chart = plots.sweep_lines(swept, axis, log_x, band=True, points=True)
+        kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", chart, caption + seeds_caption)))
     for figure_slug, chart in FIGURES:
-        kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", chart(subset), CAPTIONS[figure_slug])))
+        caption = CAPTIONS[figure_slug] + seeds_caption
+        kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", chart(subset), caption)))
     kinds[0] = (kinds[0][0], dataclasses.replace(kinds[0][1], headline=True))
     figures = [figure for _, figure in kinds]
 
@@ -106,13 +122,18 @@ def study_section(
         elif kind not in SIDE_BY_SIDE:
             items.append({"row": None, "figure": contexts[figure.stem]})
 
-    int8 = None
+    several_seeds = bool(len(members)) and int(config_labels.value_counts().max()) > 1
+    int8 = int8_by_config = None
     if not quant.empty:
         full_labels = dict(zip(members["run_id"], run_labels(members, axes)))
         in_study = quant[quant["run_id"].isin(full_labels)]
         if not in_study.empty:
             in_study = in_study.assign(configuration=in_study["run_id"].map(full_labels))
             int8 = quant_table_context(quant_table(in_study, ["configuration"]), ["configuration"], in_study)
+            if several_seeds:
+                by_config = in_study.assign(configuration=in_study["run_id"].map(labels))
+                table = config_table(by_config, ["configuration"])
+                int8_by_config = config_table_context(table, ["configuration"], by_config)
     context = {
         "number": index,
         "slug": slug,
@@ -124,7 +145,9 @@ def study_section(
         "status": status_counts(members),
         "finished": bool(members["status"].isin(DONE_STATUSES).any()),
         "figures": items,
+        "by_config": configuration_table(members, config_labels) if several_seeds else None,
         "int8": int8,
+        "int8_by_config": int8_by_config,
     }
     return context, figures
 
