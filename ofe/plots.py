@@ -13,9 +13,13 @@ Conventions shared by all charts:
   configuration (grid) column and shown in tooltips.
 - Categorical colours come with a legend-bound selection: clicking a legend entry highlights it.
 - A chart whose data is empty renders a "no data" text mark instead of raising.
+- Where a configuration has several seeds (runs that differ only in `REPLICATE_AXES`), its curve is the
+  mean over the seeds with a min-max band, and the subtitle says over how many; with one seed per
+  configuration the charts are one line per run, as without seeds.
 
-Where the families live: `plots_common` (definitions, data selection, tooltips, titles), `plots_layers`
-(per-layer kurtosis, signal propagation, max-median ratio), `plots_loss`, `plots_sweep`, `plots_int8`.
+Where the families live: `plots_common` (definitions, data selection, tooltips, titles), `plots_seeds`
+(seed means and bands), `plots_layers` (per-layer kurtosis, signal propagation, max-median ratio),
+`plots_loss`, `plots_sweep`, `plots_int8`.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ the grid, provenance) and one section per study, whose figures come first.
 A study's section: a headline figure that answers the study's question first (for a study that sweeps a
 numeric axis, peak and final mean kurtosis against it, seeds averaged; otherwise per-layer kurtosis over
 training, one panel per configuration, as in the paper's figures 2 and 4), then kurtosis over training,
-kurtosis beside signal propagation per layer, max-median ratio, loss curves and the study's int8 table
-when quantisation results exist.
+kurtosis beside signal propagation per layer, max-median ratio, loss curves (a configuration with
+several seeds: the mean over them with a min-max band), a table by configuration (mean ± std over seeds)
+where some configuration has several seeds, and the study's int8 tables when quantisation results exist.
 """
 
 from __future__ import annotations
