@@ -124,17 +124,7 @@ def study_section(
             items.append({"row": None, "figure": contexts[figure.stem]})
 
     several_seeds = bool(len(members)) and int(config_labels.value_counts().max()) > 1
-    int8 = int8_by_config = None
-    if not quant.empty:
-        full_labels = dict(zip(members["run_id"], run_labels(members, axes)))
-        in_study = quant[quant["run_id"].isin(full_labels)]
-        if not in_study.empty:
-            in_study = in_study.assign(configuration=in_study["run_id"].map(full_labels))
-            int8 = quant_table_context(quant_table(in_study, ["configuration"]), ["configuration"], in_study)
-            if several_seeds:
-                by_config = in_study.assign(configuration=in_study["run_id"].map(labels))
-                table = config_table(by_config, ["configuration"])
-                int8_by_config = config_table_context(table, ["configuration"], by_config)
+    int8, int8_by_config = _int8_tables(members, axes, labels, quant, several_seeds)
     context = {
         "number": index,
         "slug": slug,
@@ -151,6 +141,24 @@ def study_section(
         "int8_by_config": int8_by_config,
     }
     return context, figures
+
+
+def _int8_tables(
+    members: pd.DataFrame, axes: list[str], labels: dict[str, str], quant: pd.DataFrame, several_seeds: bool
+) -> tuple[dict | None, dict | None]:
+    """The study's int8 table per run (configuration = every swept axis, seed included) and, where some
+    configuration has several seeds, by configuration (`labels`: seeds excepted); None where the study
+    has no quantisation results."""
+    full_labels = dict(zip(members["run_id"], run_labels(members, axes)))
+    in_study = quant[quant["run_id"].isin(full_labels)] if not quant.empty else quant
+    if in_study.empty:
+        return None, None
+    per_run = in_study.assign(configuration=in_study["run_id"].map(full_labels))
+    table = quant_table_context(quant_table(per_run, ["configuration"]), ["configuration"], per_run)
+    if not several_seeds:
+        return table, None
+    by_config = in_study.assign(configuration=in_study["run_id"].map(labels))
+    return table, config_table_context(config_table(by_config, ["configuration"]), ["configuration"], by_config)
 
 
 def pending_runs(runs: pd.DataFrame) -> dict | None:
