@@ -1,17 +1,27 @@
-"""Small HTML pieces the report's sections share: a figure (its chart, caption and exported files),
-escaping and number formatting. Kept apart so each section module can use them without import cycles."""
+"""What the report's modules share to put a page together: a figure (its chart, caption and exported
+files), number and value formatting, and the Jinja2 templates (`ofe/templates/`) that write every line of
+HTML. Kept apart so each section module can use them without import cycles.
+
+The Python side only prepares data: dicts and lists of already formatted strings and numbers. The
+templates escape every value they write (autoescape), except where a filter says the text is script
+content: `json_script` (a chart's Vega-Lite spec) and `inline_script` (the Vega bundle).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import html
 import json
 import math
+import os
 import re
+import urllib.parse
 from collections.abc import Callable
+from pathlib import Path
 
 import altair as alt
+import jinja2
+from markupsafe import Markup
 
 # (figure stem) -> {format: href of the exported file}
 Links = Callable[[str], dict[str, str]]
@@ -34,27 +44,71 @@ class Figure:
             return self.chart.to_dict()
 
 
-def figure_html(figure: Figure, number: str, links: dict[str, str]) -> str:
-    """The figure: its chart's div, its Vega-Lite spec as a JSON block the loader script reads, and a
-    caption with links to the exported files."""
-    # "<" escaped as \u003c is still the same JSON, and no "</script>" in a value can end the block early.
-    payload = json.dumps(figure.spec, allow_nan=False).replace("<", "\\u003c")
-    div_id = f"fig-{figure.stem}"
-    downloads = " ".join(f'<a href="{esc(href)}">{fmt.upper()}</a>' for fmt, href in links.items())
+def figure_context(figure: Figure, number: str, links: dict[str, str]) -> dict:
+    """What the `figure` macro of tables.html.j2 writes: the chart's div id, its spec (the loader script
+    reads it from a JSON block), its label, caption and the links to its exported files."""
     label = f"Figure {number}" + (" (headline)" if figure.headline else "")
-    opening = '<figure class="headline">' if figure.headline else "<figure>"
-    return (
-        f"{opening}\n"
-        f'<div class="chart" id="{div_id}"></div>\n'
-        f'<script type="application/json" class="chart-spec" data-target="{div_id}">{payload}</script>\n'
-        f"<figcaption><b>{label}.</b> {esc(figure.caption)} "
-        f'<span class="downloads">Download:{" " + downloads if downloads else ""}</span></figcaption>\n'
-        "</figure>"
+    return {
+        "div_id": f"fig-{figure.stem}",
+        "spec": figure.spec,
+        "label": label,
+        "headline": figure.headline,
+        "caption": figure.caption,
+        "downloads": [{"format": fmt.upper(), "href": href} for fmt, href in links.items()],
+    }
+
+
+def render(template: str, **context: object) -> str:
+    """`ofe/templates/<template>` rendered with `context`; a variable the template uses but `context`
+    lacks raises `jinja2.UndefinedError` instead of printing nothing."""
+    return _environment().get_template(template).render(**context)
+
+
+@functools.cache
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("ofe", "templates"),
+        # Every template here writes HTML: escape by default, whatever a template's name.
+        autoescape=jinja2.select_autoescape(enabled_extensions=("html.j2",), default=True),
+        undefined=jinja2.StrictUndefined,
+        # Block tags on lines of their own leave no blank lines and no indentation behind.
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
     )
+    env.filters["json_script"] = json_script
+    env.filters["inline_script"] = inline_script
+    return env
 
 
-def esc(text: object) -> str:
-    return html.escape(str(text))
+def json_script(value: object) -> Markup:
+    """`value` as JSON to place inside a <script> element: HTML entities mean nothing there, so it is not
+    HTML-escaped; "<" written as \\u003c is still the same JSON, and no "</script>" in a value can end
+    the element early."""
+    if isinstance(value, jinja2.Undefined):
+        str(value)  # a missing variable: StrictUndefined raises on use, naming it
+    return Markup(json.dumps(value, allow_nan=False).replace("<", "\\u003c"))
+
+
+def inline_script(code: str) -> Markup:
+    """JavaScript source to inline in a <script> element. A literal "</script" inside it would end the
+    element early; "<\\/" means the same in the only places it can occur (string, template and regex
+    literals, comments)."""
+    # str(): a missing variable (StrictUndefined) raises here, naming it.
+    return Markup(re.sub(r"</(script)", r"<\\/\1", str(code), flags=re.IGNORECASE))
+
+
+def cell(text: object, cls: str | None = None, title: str | None = None, rel: str | None = None,
+         href: str | None = None) -> dict:
+    """One table cell for the `table` macro: its text, CSS class, tooltip, a relative change shown after
+    the text ("(+1.2%)") and a link."""
+    return {"text": "" if text is None else str(text), "cls": cls, "title": title, "rel": rel, "href": href}
+
+
+def relative_href(target: Path, start: Path) -> str:
+    """A relative URL from the folder `start` to `target` (both resolved), e.g. "../results/runs/x"."""
+    rel = os.path.relpath(Path(target).resolve(), Path(start).resolve())
+    return urllib.parse.quote(Path(rel).as_posix())
 
 
 def fmt_value(value: object) -> str:

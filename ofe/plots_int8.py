@@ -10,7 +10,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from ofe.plots import FADED, MEAN_KURTOSIS_DEF, WIDE_HEIGHT, WIDE_WIDTH, no_data, chart_title, tooltips
+from ofe.plots_common import FADED, MEAN_KURTOSIS_DEF, WIDE_HEIGHT, WIDE_WIDTH, chart_title, no_data, tooltips
 
 DEGRADATION_DEF = "relative degradation = ppl_q / ppl_fp - 1 (validation perplexity after / before quantisation)"
 SPEARMAN_DEF = "Spearman ρ = Pearson correlation of the ranks (ties averaged), per bit width"

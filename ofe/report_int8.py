@@ -11,24 +11,16 @@ from pathlib import Path
 import pandas as pd
 
 from ofe import plots_int8
-from ofe.htmlparts import Figure, Links, esc, figure_html, fmt_number, fmt_value, to_slug
+from ofe.htmlparts import Figure, Links, cell, figure_context, fmt_number, fmt_value, render, to_slug
+from ofe.plots_common import REPLICATE_AXES
 from ofe.quant import QUANTISED_TENSORS
+from ofe.report_tables import spread_cell
 
 # Quantisation protocols in page order (others follow alphabetically) and their short column names.
 QUANT_PROTOCOLS = ("static_per_tensor", "dynamic_per_token")
 PROTOCOL_SHORT = {"static_per_tensor": "static", "dynamic_per_token": "dynamic"}
 # Grid columns the int8 table always shows (the paper's table); any other one is shown when it varies.
 QUANT_TABLE_COLUMNS = ("block", "optimizer")
-REPLICATES = ("seed",)  # averaged over in the table by configuration
-QUANT_EXPLANATION = (
-    "Post-training fake quantisation of the final checkpoint, weights and activations at the same bit width "
-    "(W8A8 = 8 bits). <b>static</b>: per-tensor ranges calibrated on training batches, activations "
-    "quantised everywhere including the residual stream (the paper's likely W8A8 protocol, the one that "
-    "exposes outliers); <b>dynamic</b>: per-channel weights and per-token dynamic ranges on linear-layer "
-    "inputs only (the forgiving one). Cells give validation perplexity after quantisation and, in "
-    "brackets, its change relative to full precision (ppl fp); mean Kurt = the paper's kurtosis averaged "
-    "over layers at the run's last logged step; rows sorted by it; - = no value (e.g. a diverged run)."
-)
 QUANT_CAPTION = (
     "Relative perplexity degradation after {protocol} quantisation (ppl_q / ppl_fp - 1) against mean Kurt "
     "(averaged over layers at the last logged step), one point per run and bit width, with Spearman's rank "
@@ -40,11 +32,6 @@ LOSS_CAPTION = (
     "model is not mistaken for a less quantisable one."
 )
 VISIBLE = 0.01  # a relative perplexity loss from this size up is called visible in the section's summary
-BY_CONFIG_NOTE = (
-    "By configuration: mean ± standard deviation over the n seeds (sample standard deviation; a single "
-    "seed shows its value alone) of the final validation loss, mean Kurt, ppl fp and the relative change "
-    "of perplexity after quantisation; the range over seeds is in each cell's tooltip."
-)
 
 
 def load_quant(results_dir: Path, runs: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -130,33 +117,18 @@ def damage_summary(quant: pd.DataFrame) -> list[str]:
     return lines
 
 
-def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[str, list[Figure]]:
-    """The int8 section over every run: protocols and their tensors, the table by configuration when
-    some configuration has several seeds, the table per run, then the figures."""
+def int8_context(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[dict, list[Figure]]:
+    """What int8.html.j2 writes for the int8 section over every run (`index` its number): protocols and
+    their tensors, where the damage sits, the table by configuration when some configuration has several
+    seeds, the table per run, then the figures; and those figures."""
     runs = quant.drop_duplicates("run_id")
     shown = [
         c for c in grid
         if c in quant.columns and (c in QUANT_TABLE_COLUMNS or runs[c].nunique(dropna=False) > 1)
     ]
     protocols = list(dict.fromkeys(p for p, _ in quant_protocol_bits(quant)))
-    tensors = "".join(
-        f"<li><b>{esc(PROTOCOL_SHORT.get(p, p))}</b> ({esc(plots_int8.PROTOCOL_NAMES.get(p, p))}): "
-        f"{esc(QUANTISED_TENSORS.get(p, 'see ofe/quant.py'))}</li>" for p in protocols
-    )
-    parts = [
-        '<section id="int8">',
-        f"<h2>{index}. int8 quantisation</h2>",
-        f"<p>{QUANT_EXPLANATION}</p>",
-        f"<p>Tensors each protocol quantises:</p>\n<ul class=\"tensors\">{tensors}</ul>",
-        "<p>Where the damage sits:</p>\n<ul class=\"damage\">"
-        + "".join(f"<li>{esc(line)}</li>" for line in damage_summary(quant)) + "</ul>",
-    ]
-    by_config = [c for c in shown if c not in REPLICATES]
-    if len(by_config) < len(shown) or runs.groupby(by_config).size().max() > 1:
-        parts.append(f"<h3>By configuration</h3>\n<p>{BY_CONFIG_NOTE}</p>")
-        parts.append(config_table_html(config_table(quant, by_config), by_config, quant))
-        parts.append("<h3>Per run</h3>")
-    parts.append(quant_table_html(quant_table(quant, shown), shown, quant))
+    by_config = [c for c in shown if c not in REPLICATE_AXES]  # seeds: averaged over
+    several_seeds = len(by_config) < len(shown) or runs.groupby(by_config).size().max() > 1
     figures = []
     for protocol in protocols:
         caption = QUANT_CAPTION.format(protocol=plots_int8.PROTOCOL_NAMES.get(protocol, protocol))
@@ -169,76 +141,78 @@ def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links)
         figures.append(Figure(f"int8-degradation-vs-loss-{to_slug(protocol)}",
                               plots_int8.degradation_against_loss(quant, protocol, bits, by_config),
                               LOSS_CAPTION.format(name=name)))
-    parts += [figure_html(f, f"{index}.{n}", links(f.stem)) for n, f in enumerate(figures, start=1)]
-    parts.append("</section>")
-    return "\n".join(parts), figures
+    context = {
+        "number": index,
+        "protocols": [
+            {"short": PROTOCOL_SHORT.get(p, p), "name": plots_int8.PROTOCOL_NAMES.get(p, p),
+             "tensors": QUANTISED_TENSORS.get(p, "see ofe/quant.py")}
+            for p in protocols
+        ],
+        "damage": damage_summary(quant),
+        "by_config": config_table_context(config_table(quant, by_config), by_config, quant) if several_seeds else None,
+        "per_run": quant_table_context(quant_table(quant, shown), shown, quant),
+        "figures": [figure_context(f, f"{index}.{n}", links(f.stem)) for n, f in enumerate(figures, start=1)],
+    }
+    return context, figures
 
 
-def quant_table_html(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> str:
-    """`quant_table` as HTML: ppl_q cells carry their change relative to ppl fp; the status column
-    appears only when some run did not complete; the row's tooltip is its run_id."""
+def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[str, list[Figure]]:
+    """The int8 section alone, as HTML (the page includes the same template), and its figures."""
+    context, figures = int8_context(index, quant, grid, links)
+    return render("int8.html.j2", int8=context), figures
+
+
+def quant_table_context(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> dict:
+    """`quant_table` for the `table` macro: ppl_q cells carry their change relative to ppl fp; the status
+    column appears only when some run did not complete; the row's tooltip is its run_id."""
     q_columns = [quant_column_name(p, b) for p, b in quant_protocol_bits(quant)]
     with_status = bool((table["status"].fillna("missing") != "completed").any())
     header = [*id_columns, *(["status"] if with_status else []), "val loss", "mean Kurt", "ppl fp", *q_columns]
     rows = []
     for run in table.to_dict("records"):
-        cells = [f"<td>{esc(fmt_value(run.get(c)))}</td>" for c in id_columns]
+        cells = [cell(fmt_value(run.get(c))) for c in id_columns]
         if with_status:
             status = str(run.get("status"))
-            cells.append(f'<td class="status-{to_slug(status)}">{esc(status)}</td>')
-        cells.append(f'<td class="num">{fmt_number(run.get("final_val_loss"), ".3f") or "-"}</td>')
-        cells.append(f'<td class="num">{fmt_number(run.get("mean_kurtosis"), ".3g") or "-"}</td>')
-        cells.append(f'<td class="num">{perplexity_html(run.get("ppl_fp"))}</td>')
-        for column in q_columns:
-            cells.append(f'<td class="num">{perplexity_html(run.get(column), reference=run.get("ppl_fp"))}</td>')
-        rows.append(f'<tr title="{esc(run["run_id"])}">' + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    return f'<table class="quant">\n<tr>{head}</tr>\n' + "\n".join(rows) + "\n</table>"
+            cells.append(cell(status, f"status-{to_slug(status)}"))
+        cells.append(cell(fmt_number(run.get("final_val_loss"), ".3f") or "-", "num"))
+        cells.append(cell(fmt_number(run.get("mean_kurtosis"), ".3g") or "-", "num"))
+        cells.append(perplexity_cell(run.get("ppl_fp")))
+        cells += [perplexity_cell(run.get(column), reference=run.get("ppl_fp")) for column in q_columns]
+        rows.append({"title": str(run["run_id"]), "cells": cells})
+    return {"cls": "quant", "header": header, "rows": rows}
 
 
-def config_table_html(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> str:
-    """`config_table` as HTML: "mean ± std" cells (the value alone for one seed), relative changes in %."""
+def config_table_context(table: pd.DataFrame, id_columns: list[str], quant: pd.DataFrame) -> dict:
+    """`config_table` for the `table` macro: "mean ± std" cells (the value alone for one seed), relative
+    changes in %."""
     q_columns = [quant_column_name(p, b) for p, b in quant_protocol_bits(quant)]
-    measures = [("final_val_loss", "val loss", ".3f", 1), ("mean_kurtosis", "mean Kurt", ".3g", 1),
-                ("ppl_fp", "ppl fp", ".2f", 1), *[(c, f"{c} change", ".2f", 100) for c in q_columns]]
-    header = [*id_columns, "n", *[label for _, label, _, _ in measures]]
+    measures = [("final_val_loss", "val loss", ".3f", False), ("mean_kurtosis", "mean Kurt", ".3g", False),
+                ("ppl_fp", "ppl fp", ".2f", False), *[(c, f"{c} change", ".2f", True) for c in q_columns]]
     rows = []
     for row in table.to_dict("records"):
-        cells = [f"<td>{esc(row.get(c))}</td>" for c in id_columns] + [f'<td class="num">{row["n"]}</td>']
-        for name, _, fmt, factor in measures:
-            cells.append(_spread_cell(row, name, fmt, factor))
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    head = "".join(f"<th>{esc(h)}</th>" for h in header)
-    return f'<table class="quant-config">\n<tr>{head}</tr>\n' + "\n".join(rows) + "\n</table>"
+        cells = [cell(row.get(c)) for c in id_columns] + [cell(row["n"], "num")]
+        for name, _, fmt, percent in measures:
+            cells.append(spread_cell(*(row[f"{name} {s}"] for s in ("mean", "std", "min", "max")), fmt, percent))
+        rows.append({"title": None, "cells": cells})
+    header = [*id_columns, "n", *[label for _, label, _, _ in measures]]
+    return {"cls": "quant-config", "header": header, "rows": rows}
 
 
-def _spread_cell(row: dict, name: str, fmt: str, factor: float) -> str:
-    mean, std, lo, hi = (float(row[f"{name} {s}"]) * factor for s in ("mean", "std", "min", "max"))
-    if not math.isfinite(mean):
-        return '<td class="num">-</td>'
-    sign, unit = ("+" if factor == 100 else ""), ("%" if factor == 100 else "")
-    text = f"{mean:{sign}{fmt}}{unit}"
-    if math.isfinite(std):
-        text += f" ± {std:{fmt}}{unit}"
-    title = f"range over seeds: {lo:{sign}{fmt}}{unit} to {hi:{sign}{fmt}}{unit}"
-    return f'<td class="num" title="{esc(title)}">{esc(text)}</td>'
-
-
-def perplexity_html(value: object, reference: object = None) -> str:
-    """A perplexity as HTML ("-" if missing), with its relative change to `reference` when both are finite."""
+def perplexity_cell(value: object, reference: object = None) -> dict:
+    """A perplexity cell ("-" if missing), with its relative change to `reference` when both are finite."""
     try:
         ppl = float(value)
     except (TypeError, ValueError):
-        return "-"
+        return cell("-", "num")
     if math.isnan(ppl):
-        return "-"
+        return cell("-", "num")
     text = f"{ppl:.2f}" if abs(ppl) < 1e5 else f"{ppl:.3g}"
     try:
         rel = ppl / float(reference) - 1.0
     except (TypeError, ValueError, ZeroDivisionError):
-        return text
+        return cell(text, "num")
     if not math.isfinite(rel):
-        return text
+        return cell(text, "num")
     pct = 100 * rel
     change = f"{pct:+,.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%" if abs(pct) >= 1 else f"{pct:+.2f}%"
-    return f'{text} <span class="rel">({change})</span>'
+    return cell(text, "num", rel=change)

@@ -16,7 +16,8 @@ import vl_convert
 
 from ofe import plots, plots_int8
 from ofe.__main__ import main
-from ofe.report import FIGURES, build_report, studies
+from ofe.report import build_report, studies
+from ofe.report_sections import FIGURES
 from ofe.results import METRIC_SCHEMA, write_parquet
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
