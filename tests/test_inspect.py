@@ -173,8 +173,11 @@ def _fake_hub_cache(root: Path, model_dir: Path, repo: str, refs: dict[str, str]
 
 
 def test_hub_name_resolves_offline_from_the_cache_and_reads_the_step(saved, text, tmp_path):
+    """A hub cache as a download leaves it: the revision resolves to its commit, the step is read from it,
+    and Pythia's tokens per step (1024 x 2048) give the tokens; an uncached revision is refused."""
     sha = "0123456789abcdef0123456789abcdef01234567"
     cache = _fake_hub_cache(tmp_path / "hub", saved["gpt_neox"], "ofe-test/tiny-neox", {"step1000": sha})
+    _fake_hub_cache(cache, saved["gpt_neox"], "EleutherAI/pythia-ofe-test", {"step1000": sha})
     summary = inspect(tmp_path / "out", model="ofe-test/tiny-neox", revision="step1000", text_file=text,
                       cache_dir=cache, **NO_QUANT)
     assert summary["step"] == 1000 and summary["resolved_commit"] == sha
@@ -183,6 +186,9 @@ def test_hub_name_resolves_offline_from_the_cache_and_reads_the_step(saved, text
     meta = read_metadata(tmp_path / "out" / "metrics.parquet")["inspect"]
     assert (meta["model"], meta["revision"], meta["resolved_commit"], meta["local"]) == (
         "ofe-test/tiny-neox", "step1000", sha, False)
+    inspect(tmp_path / "pythia", model="EleutherAI/pythia-ofe-test", revision="step1000", text_file=text,
+            cache_dir=cache, **NO_QUANT)
+    assert (pd.read_parquet(tmp_path / "pythia" / "metrics.parquet").tokens == 1000 * 1024 * 2048).all()
     with pytest.raises(InspectError, match="ofe-test/tiny-neox at revision step2000 is not in the local cache "
                                            "and the network is off/unreachable"):
         inspect(tmp_path / "out2", model="ofe-test/tiny-neox", revision="step2000", text_file=text,
