@@ -9,6 +9,7 @@
   status        where every run of the grid stands
   install-profile  install profiles/slurm as the global Snakemake profile `slurm`
   quantise      int8 (W8A8) perplexity of a finished run
+  inspect       the training metrics and int8 perplexity of a pretrained model (or a finished run)
   aggregate     per-run files -> results/runs.parquet and results/metrics.parquet
   report        tables -> self-contained reports/index.html
 """
@@ -121,6 +122,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True, help="the run folder")
     p.add_argument("--quant-json", type=_json_arg, default={}, help="the quant section (QuantConfig)")
 
+    p = sub.add_parser("inspect", help="outlier features and int8 perplexity of any pretrained causal LM "
+                       "(or a finished run) -> OUT/{metrics,quant}.parquet")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a hub name (EleutherAI/pythia-160m) or a local save_pretrained folder")
+    src.add_argument("--run", type=Path, help="a finished ofe run folder: its final checkpoint")
+    p.add_argument("--revision", help="hub branch, tag or commit (Pythia: step1000); the step is read from it")
+    p.add_argument("--out", type=Path, required=True)
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data-config", type=_json_arg, help="a data section (DataConfig) as JSON, tokenised "
+                      "with the model's own tokenizer; default: the stdlib corpus (a run: its own data)")
+    data.add_argument("--text-file", type=Path, help="a UTF-8 text file to measure on")
+    p.add_argument("--batches", type=int, default=4, help="held-out batches the metrics are averaged over")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--context", type=int, help="tokens per sequence (default: 256, or the model's positions if fewer; "
+                   "a run: its own context)")
+    p.add_argument("--quant-json", type=_json_arg, default={}, help="the quant section (QuantConfig)")
+    p.add_argument("--max-memory-gb", type=float, help="refuse models whose fp32 weights (x2, for the "
+                   "quantised copy) exceed this (default: the machine's memory)")
+    p.add_argument("--cache-dir", type=Path, help="the Hugging Face hub cache (default: HF_HUB_CACHE)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
     p = sub.add_parser("aggregate", help="per-run files -> runs.parquet + metrics.parquet")
     p.add_argument("--plan", type=Path, required=True)
     p.add_argument("--results", type=Path, default=Path("results"))
@@ -219,6 +241,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         result = quantise_in_process(args.run, args.quant_json)
         print(f"[ofe] {args.run}: {result['rows']} quantisation rows")
+    elif args.cmd == "inspect":
+        return _inspect(args)
     elif args.cmd == "aggregate":
         from ofe.aggregate import aggregate
 
@@ -241,6 +265,31 @@ def _dispatch(args: argparse.Namespace) -> int:
                                               "status": runs.status.value_counts().to_dict(),
                                               "figures_dir": str(figures.resolve()), "figures": exported})
         print(f"[ofe] report: {path.resolve()} ({len(exported)} figure files in {figures})")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from ofe.config import DataConfig, QuantConfig, build_section
+    from ofe.hf import InspectError
+    from ofe.inspection import Settings, inspect
+
+    for name in ("batches", "batch_size", "context", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            print(f"ofe inspect: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        data = build_section(DataConfig, args.data_config, "data.") if args.data_config is not None else None
+        summary = inspect(args.out, model=args.model, revision=args.revision, run=args.run, data=data,
+                          text_file=args.text_file,
+                          settings=Settings(args.batches, args.batch_size, args.context, args.threads),
+                          quant=build_section(QuantConfig, args.quant_json, "quant."),
+                          max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir)
+    except InspectError as e:
+        print(f"ofe inspect: {e}", file=sys.stderr)
+        return 1
+    print(f"[ofe] inspect {summary['model']}: step {summary['step']}, max kurtosis {summary['max_kurtosis']:.3g}, "
+          f"ppl {summary['ppl_fp']:.3f} -> {args.out}")
     return 0
 
 

@@ -130,6 +130,14 @@ def attention_entropy(q: Tensor, k: Tensor, logit_cap: float | None = None) -> f
     return ent.mean().item()
 
 
+def attention_entropy_from_probs(probs: Tensor) -> float:
+    """Mean Shannon entropy (nats) of attention rows given the probabilities themselves, (..., T_q, T_k)
+    (what a pretrained model's eager attention returns). Masked entries are exactly 0 and contribute
+    0 log 0 = 0, so on the same attention this equals `attention_entropy`."""
+    p = probs.detach().float()
+    return -torch.special.xlogy(p, p).sum(dim=-1).mean().item()
+
+
 # The metrics the probe logs at every residual-stream site, by name (the name is the Parquet value).
 STREAM_METRICS = {
     "kurtosis": kurtosis,
