@@ -52,18 +52,6 @@ def require_transformers() -> Any:
     return transformers
 
 
-def hf_library_versions() -> dict[str, str | None]:
-    import importlib.metadata
-
-    out: dict[str, str | None] = {}
-    for name in HF_LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 # ---- where the model comes from -----------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -40,9 +40,9 @@ import torch
 from torch import Tensor
 
 from ofe.config import DataConfig, QuantConfig
-from ofe.hf import InspectError
+from ofe.hf import HF_LIBRARIES, InspectError
 from ofe.quant import QUANT_COLUMNS, QUANT_SCHEMA
-from ofe.results import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
+from ofe.results import METRIC_SCHEMA, atomic_write_json, library_versions, provenance, write_parquet
 
 # Tokens per optimiser step of public training runs whose revisions name the step.
 TOKENS_PER_STEP = {"EleutherAI/pythia": 1024 * 2048}
@@ -321,6 +321,4 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
 
 
 def _hf_versions() -> dict[str, Any]:
-    from ofe.hf import hf_library_versions
-
-    return {"hf_libraries": hf_library_versions()}
+    return {"hf_libraries": library_versions(HF_LIBRARIES)}

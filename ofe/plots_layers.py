@@ -40,6 +40,18 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
     x = alt.X("step:Q", title="step")
     legend = alt.Legend(**BAND_LEGEND) if seeds else alt.Undefined
     color = alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis"), legend=legend)
+
+    def lines(chart: alt.Chart, detail: str, tooltip: list) -> alt.Chart:
+        """One Kurt line per `detail` (a run, or a configuration's seed mean), the layer as its colour."""
+        return chart.mark_line(strokeWidth=1.5).encode(
+            x=x,
+            y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
+            color=color,
+            detail=alt.Detail(detail),
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
+            tooltip=tooltip,
+        ).add_params(pick)
+
     if seeds:
         over = ["site", "layer", "step"]
         summary = seed_summary(df, over)
@@ -52,35 +64,11 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
             detail=alt.Detail("config:N"),
             opacity=band_opacity(pick),
         )
-        line = (
-            alt.Chart()
-            .mark_line(strokeWidth=1.5)
-            .encode(
-                x=x,
-                y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
-                color=color,
-                detail=alt.Detail("config:N"),
-                opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-                tooltip=summary_tooltips(summary, over),
-            )
-            .add_params(pick)
-        )
+        line = lines(alt.Chart(), "config:N", summary_tooltips(summary, over))
         panel = alt.layer(band, line, data=summary).properties(width=PANEL_WIDTH, height=PANEL_HEIGHT)
     else:
-        panel = (
-            alt.Chart(df)
-            .mark_line(strokeWidth=1.5)
-            .encode(
-                x=x,
-                y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
-                color=color,
-                detail=alt.Detail("run_id:N"),
-                opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-                tooltip=tooltips(df, ["site", "layer", "step", "tokens", "value"]),
-            )
-            .add_params(pick)
-            .properties(width=PANEL_WIDTH, height=PANEL_HEIGHT)
-        )
+        line = lines(alt.Chart(df), "run_id:N", tooltips(df, ["site", "layer", "step", "tokens", "value"]))
+        panel = line.properties(width=PANEL_WIDTH, height=PANEL_HEIGHT)
     panels = alt.Facet(vl_field(facet), type="nominal", title=None)
     return panel.facet(facet=panels, columns=FACET_COLUMNS).properties(title=title)
 

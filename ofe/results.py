@@ -175,9 +175,10 @@ def git_revision(cwd: Path | str | None = None) -> dict:
     return {"revision": rev, "dirty": dirty}
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    """Installed version of each package in `names` (None where it is not installed)."""
     out: dict[str, str | None] = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:

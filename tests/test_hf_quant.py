@@ -4,7 +4,6 @@ model is untouched, and an attention ofe cannot transcribe is left in full preci
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -18,11 +17,7 @@ from tests import hf_models
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*_a, **_k):
-        raise AssertionError("a test tried to open a network connection")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _windows(n: int = 2, b: int = 2, t: int = 16, seed: int = 0) -> list[torch.Tensor]:

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,13 +32,7 @@ PER_SITE = set(metrics.STREAM_METRICS)
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any connection attempt fails loudly: the tests must never reach (or wait on) a hub."""
-    def refuse(*_a, **_k):
-        raise AssertionError("a test tried to open a network connection")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 @pytest.fixture(scope="module")
