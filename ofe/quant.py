@@ -4,9 +4,10 @@ Two protocols (docs/science.md section 5), both round-to-nearest fake quantisati
 - `static_per_tensor`, the paper's likely protocol (Qualcomm's outlier-free-transformers pipeline):
   weights symmetric per-tensor (range by MSE search, or absmax); activations asymmetric per-tensor with
   static ranges calibrated on a few training batches (running min-max of the 99.999th percentiles), at
-  the input of every linear layer, at every residual sum (`Block.input`, `Block.mid`,
-  `GPT.unembed_pre_norm`: the embedding sum enters block 0), at the embeddings sum before an embedding
-  norm, and at norm outputs. The (tied) LM head stays in full precision.
+  the input and output of every linear layer (Q, K and V after their bias), the attention scores and
+  probabilities, every residual sum (`Block.input`, `Block.mid`, `GPT.unembed_pre_norm`: the embedding
+  sum enters block 0), the embeddings sum before an embedding norm, and norm outputs (`_static_sites`).
+  The (tied) LM head stays in full precision.
 - `dynamic_per_token`, the forgiving one (SmoothQuant's fake_quant): per-output-channel weights, dynamic
   per-token symmetric activations, at linear-layer inputs only.
 """

@@ -49,8 +49,8 @@ CAPTIONS = {
     "final-layer-kurtosis": f"Kurt per layer at each run's last logged step, log scale; {KURT_SHORT}.",
     "final-layer-token-correlation": (
         "Signal propagation per layer at each run's last logged step: average token correlation, the mean "
-        "off-diagonal cosine similarity between tokens' centred, RMS-normalised activations (near 1 = rank "
-        "collapse)."
+        "off-diagonal entry of the token Gram matrix X X^T / d of the width-centred activations divided by "
+        "their global RMS (near 1 = rank collapse)."
     ),
     "final-layer-mmr": (
         "Max-median ratio per layer at each run's last logged step, log scale: mean over tokens of "
