@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=Path, help="the run folders the runs table links (default: RESULTS/runs)")
     p.add_argument("--no-png", dest="png", action="store_false", help="export SVG only (PNG adds ~2 s per 20 runs)")
     p.add_argument("--manifest", type=Path, help="also write a JSON summary of what the report shows")
+    p.add_argument("--expect-runs-digest", help="refuse unless RESULTS/runs.parquet holds exactly the runs "
+                   "with this digest (ofe.grid.runs_digest of the plan's run ids)")
 
     args = parser.parse_args(argv)
     try:
@@ -254,6 +256,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ofe.grid import default_figures_dir
         from ofe.report import build_report
 
+        if args.expect_runs_digest:
+            import pandas as pd
+
+            from ofe.grid import runs_digest
+
+            ids = pd.read_parquet(args.results / "runs.parquet", columns=["run_id"]).run_id
+            if runs_digest(ids) != args.expect_runs_digest:
+                print(f"ofe: {args.results / 'runs.parquet'} holds {len(ids)} runs, not the grid's: the "
+                      "aggregated tables are out of date (Snakemake can lose track of them when a results "
+                      "folder is moved or .snakemake/ is removed). Delete that folder's runs.parquet, "
+                      "metrics.parquet and quant.parquet and run the workflow again.", file=sys.stderr)
+                return 2
         figures = args.figures or default_figures_dir(args.out)
         path = build_report(args.results, args.out, figures_dir=figures, runs_dir=args.runs, png=args.png)
         exported = sorted(p.name for p in figures.iterdir() if p.suffix in (".svg", ".png"))

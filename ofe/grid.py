@@ -11,10 +11,11 @@ repr), from a safe character set; two different configs never share one (`expand
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from ofe import presets
 from ofe.config import SECTIONS as SECTIONS_BY_NAME
@@ -179,3 +180,10 @@ def default_figures_dir(out_html: Path | str) -> Path:
     never delete, each other's figures."""
     out_html = Path(out_html)
     return out_html.parent / ("figures" if out_html.stem == "index" else f"{out_html.stem}-figures")
+
+
+def runs_digest(run_ids: Iterable[str]) -> str:
+    """A short fingerprint of a set of run ids: the report step compares the plan's with the aggregated
+    table's, so a table that lost track of the grid (e.g. a results folder moved, and with it Snakemake's
+    record of the aggregation's inputs) is refused instead of reported as the grid."""
+    return hashlib.sha256("\n".join(sorted(run_ids)).encode()).hexdigest()[:16]

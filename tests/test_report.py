@@ -565,3 +565,16 @@ def test_report_command_writes_page_figures_and_manifest(synthetic, tmp_path) ->
     assert written["runs"] == len(runs) and written["status"]["completed"] == 4
     assert written["figures"] == sorted(p.name for p in (out.parent / "figures").iterdir())
     assert written["figures"] and all(name.endswith(".svg") for name in written["figures"])
+
+
+def test_report_refuses_tables_of_another_set_of_runs(synthetic, quant, tmp_path) -> None:
+    """The workflow passes the plan's run-id digest: tables aggregated for another grid are never reported."""
+    from ofe.grid import runs_digest
+
+    runs, metrics = synthetic
+    _write_results(tmp_path, runs, metrics, quant)
+    out = tmp_path / "page" / "index.html"
+    args = ["report", "--results", str(tmp_path), "--out", str(out), "--no-png", "--expect-runs-digest"]
+    assert main([*args, runs_digest(list(runs.run_id)[:-1])]) == 2  # the plan has one run fewer
+    assert not out.exists()
+    assert main([*args, runs_digest(runs.run_id)]) == 0 and out.exists()

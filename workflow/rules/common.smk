@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ofe.__main__ import plan_from_config
 from ofe.config import ConfigError
-from ofe.grid import check_launcher, default_figures_dir, launcher_settings, load_config, validate
+from ofe.grid import check_launcher, default_figures_dir, launcher_settings, load_config, runs_digest, validate
 from ofe import memplan
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -44,6 +44,7 @@ REPORT = PLAN["config"].get("report", "reports/index.html")
 # partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
 LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
 RUNS = {r["run_id"]: r for r in PLAN["runs"]}
+RUNS_DIGEST = runs_digest(RUNS)  # the report refuses tables of another set of runs
 print(f"ofe: {len(RUNS)} runs in {len(PLAN['studies'])} studies; training jobs go to "
       f"{LAUNCHER.get('cluster', 'local')} (submitit)", file=sys.stderr)
 DATA_DIR = PLAN["data"]["dir"]

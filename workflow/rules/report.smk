@@ -71,4 +71,4 @@ rule report:
         f"{RESULTS}/logs/report.log",
     shell:
         "python -m ofe report --results {RESULTS:q} --out {output.html:q} --figures {output.figures:q}"
-        " --manifest {output.manifest:q} > {log:q} 2>&1"
+        " --manifest {output.manifest:q} --expect-runs-digest {RUNS_DIGEST:q} > {log:q} 2>&1"
