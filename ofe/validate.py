@@ -7,7 +7,7 @@
   grid's size, as a product, before expanding it (`max_runs`).
 - The launcher (config.yaml's `launcher` updated from a profile's `launcher_file`), checked by the
   same schema, and every run's batch against its number of processes.
-- YAML files read strictly: a key given twice is refused (PyYAML keeps the last one silently).
+- YAML files read strictly (`ofe.yamlio`): a key given twice is refused.
 Every message names the key and what is allowed.
 """
 
@@ -23,8 +23,10 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
+from ofe import checkpoints
 from ofe.config import (ConfigError, DataConfig, build_section, check_field, field_kind, number_from_text,
                         section_fields)
+from ofe.yamlio import load_config
 
 AXES = ("scale", "block", "beta", "optimizer", "lr", "seed")  # in run-path order
 SECTIONS = ("model", "optim", "train")
@@ -88,6 +90,8 @@ def _schema_errors(schema: dict, instance: Any, prefix: tuple = ()) -> list[str]
             msg = f"unknown key {e.instance!r}; allowed keys are {e.validator_value}"
         elif "propertyNames" in e.relative_schema_path:  # a study's name
             msg = f"name {e.instance!r} is not allowed; use only letters, digits, '_' and '-'"
+        elif e.validator == "oneOf":  # a study: a training grid or a list of checkpoints
+            msg = f"give exactly one of {[s['required'][0] for s in e.validator_value]}"
         lines.append(f"{_json_path((*prefix, *e.absolute_path))}: {msg}")
     return lines
 
@@ -256,7 +260,7 @@ def _check_values(config: dict) -> list[str]:
                 values[name] = _check(errors, section, name, value, f"defaults.{section}.{name}")
     sweepable = [f"{s}.{f}" for s in SECTIONS for f in section_fields(s)]
     for study, spec in config["studies"].items():
-        for axis, values in spec["grid"].items():
+        for axis, values in spec.get("grid", {}).items():
             if "." in axis and axis not in sweepable:
                 errors.append(f"studies.{study}.grid.{axis}: unknown grid axis; sweepable keys are {sweepable}")
                 continue
@@ -278,7 +282,7 @@ def _check_values(config: dict) -> list[str]:
     vocab = TOKENIZER_VOCAB.get(tokenizer)
     sizes = [("defaults.model.vocab_size", (defaults.get("model") or {}).get("vocab_size"))]
     sizes += [(f"studies.{s}.grid.model.vocab_size[{i}]", v) for s, spec in config["studies"].items()
-              for i, v in enumerate(spec["grid"].get("model.vocab_size", []))]
+              for i, v in enumerate(spec.get("grid", {}).get("model.vocab_size", []))]
     for key, size in sizes:
         if vocab and isinstance(size, int) and size < vocab:
             errors.append(f"{key}: {size} is smaller than the tokenizer's vocabulary ({vocab} for "
@@ -287,8 +291,9 @@ def _check_values(config: dict) -> list[str]:
 
 
 def count_runs(config: dict) -> dict[str, int]:
-    """Grid points per study: the product of its axes' lengths, computed without expanding."""
-    return {study: math.prod(len(v) for v in spec["grid"].values())
+    """Grid points per study: the product of its axes' lengths, computed without expanding (a checkpoint
+    study: its checkpoints)."""
+    return {study: math.prod(len(v) for v in spec["grid"].values()) if "grid" in spec else checkpoints.count(spec)
             for study, spec in config["studies"].items()}
 
 
@@ -367,34 +372,3 @@ def check_launcher(plan_runs: Iterable[Any], launcher: dict) -> None:
              for (scale, batch, n, (tk, tv), (nk, nv)), ids in bad.items()]
     if lines:
         raise ConfigError("launcher: each process trains an equal share of the batch:\n" + "\n".join(lines))
-
-class StrictLoader(yaml.SafeLoader):
-    """YAML's safe loader that refuses a key given twice in one mapping (PyYAML, and Snakemake's
-    `configfile:`, silently keep the last value)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            seen[key] = key_node.start_mark.line
-            if first is not None:
-                raise ConfigError(f"{key_node.start_mark.name} line {key_node.start_mark.line + 1}: duplicate "
-                                  f"key {key!r} (first on line {first + 1}); give each key once")
-        return super().construct_mapping(node, deep)
-
-
-def load_config(path: Path | str) -> Any:
-    """Read a YAML (or JSON) config file strictly: a duplicate key or a syntax error is a ConfigError."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return yaml.load(f, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
