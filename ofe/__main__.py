@@ -39,16 +39,18 @@ def merge_config(base: dict, over: dict) -> dict:
 
 
 def plan_from_config(config: dict, schema: Path | None, data_root: Path | None = None) -> dict:
-    """The plan: every run (id, grid labels, studies, full config) plus study metadata. Validates first
+    """The plan: every run (id, grid labels, studies, full config), every checkpoint of the checkpoint
+    studies (`ofe.checkpoints`), plus study metadata. Validates first
     (`ofe.grid.validate`: numbers read, schema, paths, values, grid size), so nothing heavy is imported
     for a config that fails. `data_root` defaults to results_dir/data."""
     from dataclasses import asdict
 
-    from ofe import grid
+    from ofe import checkpoints, grid
     from ofe.config import DataConfig, QuantConfig, build_section
 
     config = grid.validate(config, schema)
     runs = grid.expand_valid(config)
+    ckpts = checkpoints.expand(config)
     data = build_section(DataConfig, config.get("data") or {}, "data.")
     quant = build_section(QuantConfig, config.get("quant") or {}, "quant.")
     data_root = data_root if data_root is not None else Path(config.get("results_dir", "results")) / "data"
@@ -60,6 +62,8 @@ def plan_from_config(config: dict, schema: Path | None, data_root: Path | None =
         "grid_columns": list(grid.AXES) + extras,
         "data": {"dir": data_dir, "config": data.__dict__},
         "quant": asdict(quant),
+        "inspect": checkpoints.inspect_settings(config),
+        "checkpoints": ckpts,
         "runs": [
             {"run_id": r.run_id, "grid": r.grid, "studies": r.studies,
              "config": replace(r.config, data_dir=data_dir).to_dict()}
@@ -98,11 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, required=True, help="RUN.json")
     p.add_argument("--out", type=Path, required=True)
 
-    p = sub.add_parser("launch", help="train one run through submitit and wait for it")
-    p.add_argument("--run-json", type=_json_arg, required=True, help="the run's full config (RunConfig)")
+    p = sub.add_parser("launch", help="train one run (or inspect one checkpoint) through submitit and wait for it")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run-json", type=_json_arg, help="the run's full config (RunConfig)")
+    what.add_argument("--checkpoint-json", type=_json_arg, help="one checkpoint of a checkpoint study (the "
+                      "plan's entry): `ofe inspect` it in the job")
     p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"})
     p.add_argument("--status-dir", type=Path, help="the workflow's shared SLURM status cache (RESULTS/.ofe-status)")
     p.add_argument("--quant-json", type=_json_arg, help="also quantise the run in the job (the quant section)")
+    p.add_argument("--inspect-json", type=_json_arg, default={}, help="with --checkpoint-json: the inspect section")
+    p.add_argument("--data-json", type=_json_arg, default={}, help="with --checkpoint-json: the data section")
     p.add_argument("--out", type=Path, required=True)
 
     p = sub.add_parser("cancel", help="cancel every pending or running job of the run folders")
@@ -128,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--model", help="a hub name (EleutherAI/pythia-160m) or a local save_pretrained folder")
     src.add_argument("--run", type=Path, help="a finished ofe run folder: its final checkpoint")
     p.add_argument("--revision", help="hub branch, tag or commit (Pythia: step1000); the step is read from it")
+    p.add_argument("--step", type=int, help="the checkpoint's training step, where --revision does not carry it")
     p.add_argument("--out", type=Path, required=True)
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data-config", type=_json_arg, help="a data section (DataConfig) as JSON, tokenised "
@@ -207,6 +217,14 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         summary = train(load_run_config(args.config), args.out)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "launch" and args.checkpoint_json is not None:
+        from ofe.checkpoints import inspect_settings
+        from ofe.launch import launch_inspect
+
+        settings = inspect_settings({"inspect": args.inspect_json})
+        summary = launch_inspect(args.checkpoint_json, args.out, args.launcher_json, settings, args.data_json,
+                                 args.quant_json or {}, args.status_dir)
+        print(f"[ofe] {args.out}: inspected {summary['model']} at step {summary['step']}")
     elif args.cmd == "launch":
         from ofe.config import RunConfig
         from ofe.launch import launch
@@ -251,7 +269,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         frames = aggregate(json.loads(args.plan.read_text()), args.results, args.out)
         counts = frames["runs"].status.value_counts().to_dict()
         print(f"[ofe] aggregated {len(frames['runs'])} runs {counts}, {len(frames['metrics'])} metric rows, "
-              f"{len(frames['quant'])} quantisation rows -> {args.out or args.results}")
+              f"{len(frames['quant'])} quantisation rows, {len(frames['checkpoints'])} checkpoints "
+              f"-> {args.out or args.results}")
     elif args.cmd == "report":
         from ofe.grid import default_figures_dir
         from ofe.report import build_report
@@ -261,11 +280,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             from ofe.grid import runs_digest
 
-            ids = pd.read_parquet(args.results / "runs.parquet", columns=["run_id"]).run_id
+            ids = list(pd.read_parquet(args.results / "runs.parquet", columns=["run_id"]).run_id)
+            n_runs = len(ids)
+            if (args.results / "checkpoints.parquet").exists():  # the checkpoint studies' (ofe.aggregate_ckpt)
+                ckpts = pd.read_parquet(args.results / "checkpoints.parquet", columns=["ckpt_id"]).ckpt_id
+                ids += [f"checkpoint:{c}" for c in ckpts]
             if runs_digest(ids) != args.expect_runs_digest:
-                print(f"ofe: {args.results / 'runs.parquet'} holds {len(ids)} runs, not the grid's: the "
-                      "aggregated tables are out of date (Snakemake can lose track of them when a results "
-                      "folder is moved or .snakemake/ is removed). Delete that folder's runs.parquet, "
+                print(f"ofe: {args.results} holds {n_runs} runs and {len(ids) - n_runs} checkpoints, not the "
+                      "grid's: the aggregated tables are out of date (Snakemake can lose track of them when a "
+                      "results folder is moved or .snakemake/ is removed). Delete that folder's runs.parquet, "
                       "metrics.parquet and quant.parquet and run the workflow again.", file=sys.stderr)
                 return 2
         figures = args.figures or default_figures_dir(args.out)
@@ -287,10 +310,11 @@ def _inspect(args: argparse.Namespace) -> int:
     from ofe.hf import InspectError
     from ofe.inspection import Settings, inspect
 
-    for name in ("batches", "batch_size", "context", "threads"):
+    for name in ("batches", "batch_size", "context", "threads", "step"):
         value = getattr(args, name)
-        if value is not None and value < 1:
-            print(f"ofe inspect: --{name.replace('_', '-')} must be at least 1, got {value}", file=sys.stderr)
+        if value is not None and value < (0 if name == "step" else 1):
+            print(f"ofe inspect: --{name.replace('_', '-')} must be at least {0 if name == 'step' else 1}, "
+                  f"got {value}", file=sys.stderr)
             return 2
     try:
         data = build_section(DataConfig, args.data_config, "data.") if args.data_config is not None else None
@@ -298,7 +322,7 @@ def _inspect(args: argparse.Namespace) -> int:
                           text_file=args.text_file,
                           settings=Settings(args.batches, args.batch_size, args.context, args.threads),
                           quant=build_section(QuantConfig, args.quant_json, "quant."),
-                          max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir)
+                          max_memory_gb=args.max_memory_gb, cache_dir=args.cache_dir, step=args.step)
     except InspectError as e:
         print(f"ofe inspect: {e}", file=sys.stderr)
         return 1

@@ -236,7 +236,8 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pd.DataFrame:
 def aggregate(plan: dict[str, Any], results_dir: Path | str,
               out_dir: Path | str | None = None) -> dict[str, pd.DataFrame]:
     """Read the run folders under `results_dir`/runs; write runs.parquet, metrics.parquet and
-    quant.parquet to `out_dir` (default `results_dir`)."""
+    quant.parquet to `out_dir` (default `results_dir`), and the checkpoint studies' tables
+    (`ofe.aggregate_ckpt`)."""
     from ofe.quant import QUANT_SCHEMA
 
     results_dir = Path(results_dir)
@@ -281,4 +282,6 @@ def aggregate(plan: dict[str, Any], results_dir: Path | str,
             "provenance": provenance()}
     for name, df in frames.items():
         write_parquet(df, out_dir / f"{name}.parquet", schemas[name], meta)
-    return frames
+    from ofe.aggregate_ckpt import aggregate_checkpoints  # it builds on this module's readers
+
+    return {**frames, **aggregate_checkpoints(plan, results_dir, out_dir, meta)}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from ofe import presets
+from ofe import checkpoints, presets
 from ofe.config import SECTIONS as SECTIONS_BY_NAME
 from ofe.config import ConfigError, DataConfig, RunConfig, build_section, section_fields
 from ofe.validate import AXES, DEFAULT_SCHEMA, SECTIONS, TOKENIZER_VOCAB, _segment, format_value, validate
@@ -128,6 +128,8 @@ def expand_valid(config: dict) -> dict[str, Run]:
     runs: dict[str, Run] = {}
     origin: dict[str, tuple[str, dict, str]] = {}  # run id -> (study, point, config hash)
     for study, spec in config["studies"].items():
+        if checkpoints.is_checkpoint_study(spec):  # no training: `ofe.checkpoints.expand` plans its jobs
+            continue
         grid = spec.get("grid", {})
         axes = list(dict.fromkeys([*AXES, *grid]))
         values = [grid.get(a, [defaults.get(a)]) for a in axes]
@@ -160,17 +162,23 @@ def expand_valid(config: dict) -> dict[str, Run]:
     return runs
 
 def studies_metadata(config: dict) -> list[dict]:
-    """Per study, in config order: name, title, question and the axes it sweeps (more than one
-    value), for the report. A list, since JSON metadata is written with sorted keys."""
+    """Per study, in config order: name, title, question, kind ("runs", or "checkpoints" for a list of
+    pretrained checkpoints, with its models) and the axes it sweeps (more than one value), for the
+    report. A list, since JSON metadata is written with sorted keys."""
     out = []
     for name, spec in config["studies"].items():
         grid = spec.get("grid", {})
-        out.append({
+        study = {
             "name": name,
             "title": spec.get("title", name),
             "question": spec.get("question", ""),
+            "kind": "checkpoints" if checkpoints.is_checkpoint_study(spec) else "runs",
             "axes": [a for a, v in grid.items() if len(v) > 1] or list(grid)[:1],
-        })
+        }
+        if study["kind"] == "checkpoints":
+            study["models"] = [{"name": m["name"], "label": checkpoints.label(m["name"]),
+                                "revisions": m.get("revisions") or [None]} for m in spec["models"]]
+        out.append(study)
     return out
 
 

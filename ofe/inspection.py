@@ -244,9 +244,11 @@ def _run_tokenizer(name: str) -> Any:
 def inspect(out: Path | str, *, model: str | None = None, revision: str | None = None,
             run: Path | str | None = None, data: DataConfig | None = None, text_file: Path | str | None = None,
             settings: Settings | None = None, quant: QuantConfig | None = None,
-            max_memory_gb: float | None = None, cache_dir: Path | str | None = None) -> dict[str, Any]:
+            max_memory_gb: float | None = None, cache_dir: Path | str | None = None,
+            step: int | None = None) -> dict[str, Any]:
     """Inspect `model` (a hub name or folder, at `revision`) or the `ofe` run folder `run`; write
-    OUT/metrics.parquet, OUT/quant.parquet and OUT/inspect.json; return inspect.json's content."""
+    OUT/metrics.parquet, OUT/quant.parquet and OUT/inspect.json; return inspect.json's content.
+    `step` is the checkpoint's training step where its revision does not carry it (a local folder)."""
     settings, quant = settings or Settings(), quant or QuantConfig()
     if (model is None) == (run is None):
         raise InspectError("pass exactly one of --model NAME_OR_PATH and --run RUN_DIR")
@@ -279,7 +281,7 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
         raise InspectError(f"{target.meta['model']}: its tokenizer produced id {top}, beyond the model's "
                            f"{target.vocab_size} embeddings; the tokenizer does not belong to this model")
 
-    step = target.step
+    step = target.step if step is None else step
     tokens = step * target.tokens_per_step if target.tokens_per_step else (0 if step == 0 else -1)
     sums: dict[tuple[int, str, str], list[float]] = {}
     for w in batches.probe:

@@ -26,8 +26,9 @@ import subprocess
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import submitit
 
@@ -58,6 +59,37 @@ class TrainJob(submitit.helpers.Checkpointable):
         return summary
 
 
+class InspectJob(submitit.helpers.Checkpointable):
+    """`ofe inspect` of one checkpoint of a checkpoint study, as a job: a requeued job measures again
+    from the start (an inspection keeps no state between its steps)."""
+
+    def __call__(self, ckpt: dict[str, Any], out_dir: str, settings: dict[str, Any], data: dict[str, Any],
+                 quant: dict[str, Any], max_memory_gb: float | None = None) -> dict[str, Any]:
+        from ofe.config import DataConfig, QuantConfig, build_section
+        from ofe.inspection import Settings, inspect
+
+        return inspect(out_dir, model=ckpt["model"], revision=ckpt["revision"], step=ckpt["step"],
+                       data=build_section(DataConfig, data, "data."),
+                       settings=Settings(settings["batches"], settings["batch_size"], settings["context"],
+                                         settings["threads"]),
+                       quant=build_section(QuantConfig, quant, "quant."), max_memory_gb=max_memory_gb)
+
+
+@dataclass
+class Work:
+    """One job for `launch_work`: the callable and its arguments, its name and resources, and the files
+    it leaves when it finishes (the first one's JSON is what the launcher returns)."""
+
+    call: submitit.helpers.Checkpointable
+    args: tuple
+    name: str
+    scale: str  # the launcher's per-scale resources it gets ("" for none)
+    done: tuple[str, ...]
+    what: str  # "training" or "inspection", for messages
+    resources: dict[str, Any] = field(default_factory=dict)  # over the launcher's and the scale's
+    before_submit: Callable[[dict[str, Any]], None] | None = None  # checks/writes once params are known
+
+
 def quantise_in_process(run_dir: Path | str, quant: dict[str, Any]) -> dict[str, Any]:
     """int8 evaluation of a finished run (RUN/quant.parquet); returns the number of rows."""
     from ofe.config import build_section
@@ -67,12 +99,14 @@ def quantise_in_process(run_dir: Path | str, quant: dict[str, Any]) -> dict[str,
     return {"rows": len(df)}
 
 
-def executor_parameters(launcher: dict[str, Any], scale: str, name: str) -> dict[str, Any]:
-    """submitit parameters for one job: launcher defaults, then the run's scale's resources, then
-    partition/account/QoS/constraint from the launcher or the OFE_SLURM_* environment variables."""
+def executor_parameters(launcher: dict[str, Any], scale: str, name: str,
+                        resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """submitit parameters for one job: launcher defaults, then the run's scale's resources (then the
+    job's own `resources`), then partition/account/QoS/constraint from the launcher or the OFE_SLURM_*
+    environment variables."""
     cluster = launcher.get("cluster", "local")
     merged = {"timeout_min": 120, **{k: launcher[k] for k in GENERIC if k in launcher},
-              **launcher.get("scales", {}).get(scale, {})}
+              **launcher.get("scales", {}).get(scale, {}), **(resources or {})}
     params: dict[str, Any] = {k: v for k, v in merged.items() if k in GENERIC}
     params["name"] = name
     if cluster == "slurm":
@@ -132,13 +166,45 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status
     Raises RuntimeError with the job's traceback (also saved to DIR/error.txt) if the job fails.
     """
     out = Path(out_dir).resolve()
+    config_path = out / "config.json"
+
+    def before_submit(params: dict[str, Any]) -> None:
+        # the processes are known only here: refuse now, not after a queue wait, a batch they cannot split
+        check_micro_batch(cfg.train, int(params.get("tasks_per_node", 1)) * int(params.get("nodes", 1)))
+        atomic_write_text(config_path, cfg.to_json())
+
+    name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
+    done = ("summary.json", "quant.parquet") if quant is not None else ("summary.json",)
+    work = Work(TrainJob(), (str(config_path), str(out), quant), name, cfg.grid.get("scale", ""), done,
+                "training", before_submit=before_submit)
+    return launch_work(work, out, launcher, status_dir)
+
+
+def launch_inspect(ckpt: dict[str, Any], out_dir: Path | str, launcher: dict[str, Any], settings: dict[str, Any],
+                   data: dict[str, Any], quant: dict[str, Any], status_dir: Path | str | None = None) -> dict[str, Any]:
+    """`launch` for one checkpoint of a checkpoint study (`ofe.checkpoints`): an `InspectJob` with the
+    `inspect:` section's resources, re-attached and waited on like a training job; returns inspect.json.
+    The memory the job is given (inspect.mem_gb, else the launcher's on SLURM) is the limit the model's
+    weights are checked against before they are read."""
+    from ofe.checkpoints import job_resources
+
+    out = Path(out_dir).resolve()
+    resources = job_resources(settings)
+    memory = resources.get("mem_gb") or (launcher.get("mem_gb") if launcher.get("cluster") == "slurm" else None)
+    name = launcher.get("job_name_prefix", "ofe-") + "inspect_" + ckpt["ckpt_id"].replace("/", "_")
+    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "", ("inspect.json",),
+                "inspection", resources)
+    return launch_work(work, out, launcher, status_dir)
+
+
+def launch_work(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
+    """Submit `work` from its folder `out` (or re-attach to its recorded job) under the folder's lock."""
     out.mkdir(parents=True, exist_ok=True)
     with run_lock(out):
-        return _launch(cfg, out, launcher, status_dir, quant)
+        return _launch(work, out, launcher, status_dir)
 
 
-def _launch(cfg: RunConfig, out: Path, launcher: dict[str, Any], status_dir: Path | str | None,
-            quant: dict[str, Any] | None) -> dict[str, Any]:
+def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
     poll = float(launcher.get("poll_s", 2.0))
     cluster = launcher.get("cluster", "local")
     info = live_job(out / JOB)
@@ -148,21 +214,18 @@ def _launch(cfg: RunConfig, out: Path, launcher: dict[str, Any], status_dir: Pat
     elif info is not None:
         print(f"[ofe] waiting for local job {info['job_id']} for {out}", flush=True)
         try:
-            return _wait_local_pid(info, out, poll, quant is not None)
+            return _wait_local_pid(info, out, poll, work.done)
         except RuntimeError as e:
-            raise _fail(out, info["job_id"], e) from None
+            raise _fail(out, info["job_id"], e, work.what) from None
     else:
         (out / ERROR).unlink(missing_ok=True)
-        config_path = out / "config.json"
-        atomic_write_text(config_path, cfg.to_json())
         folder = out / "submitit" / time.strftime("%Y%m%dT%H%M%S")  # one folder per submission
-        name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
-        params = executor_parameters(launcher, cfg.grid.get("scale", ""), name)
-        # the processes are known only here: refuse now, not after a queue wait, a batch they cannot split
-        check_micro_batch(cfg.train, int(params.get("tasks_per_node", 1)) * int(params.get("nodes", 1)))
+        params = executor_parameters(launcher, work.scale, work.name, work.resources)
+        if work.before_submit is not None:
+            work.before_submit(params)
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         executor.update_parameters(**params)
-        job = executor.submit(TrainJob(), str(config_path), str(out), quant)
+        job = executor.submit(work.call, *work.args)
         record = {"job_id": str(job.job_id), "cluster": cluster, "folder": str(folder),
                   "stdout": str(job.paths.stdout), "submitted": time.time()}
         if cluster == "local":
@@ -170,7 +233,8 @@ def _launch(cfg: RunConfig, out: Path, launcher: dict[str, Any], status_dir: Pat
             # -1: the job had already ended, so no later process with this pid is taken for it
             record["pid_start"] = process_start_time(record["pid"]) or -1
         atomic_write_json(out / JOB, record)
-        print(f"[ofe] submitted {cluster} job {job.job_id} for {out} (log: {job.paths.stdout})", flush=True)
+        print(f"[ofe] submitted {cluster} {work.what} job {job.job_id} for {out} (log: {job.paths.stdout})",
+              flush=True)
     offset = [0]
 
     def echo() -> None:
@@ -187,25 +251,25 @@ def _launch(cfg: RunConfig, out: Path, launcher: dict[str, Any], status_dir: Pat
     try:
         return job.results()[0]  # rank 0 writes the summary (one result per task)
     except Exception as e:  # submitit's FailedJobError carries the remote traceback
-        raise _fail(out, job.job_id, e) from None
+        raise _fail(out, job.job_id, e, work.what) from None
 
 
-def _wait_local_pid(info: dict[str, Any], out: Path, poll: float, quantised: bool) -> dict[str, Any]:
-    """Wait for a local job started by an earlier (killed) head process, then read its summary."""
+def _wait_local_pid(info: dict[str, Any], out: Path, poll: float, done: tuple[str, ...]) -> dict[str, Any]:
+    """Wait for a local job started by an earlier (killed) head process, then read what it left."""
     log, offset = Path(info["stdout"]), 0
     while pid_alive(int(info["pid"]), info.get("pid_start")):
         offset = _echo_new(log, offset)
         time.sleep(poll)
     _echo_new(log, offset)
-    missing = [f for f in ("summary.json", "quant.parquet" if quantised else None) if f and not (out / f).exists()]
+    missing = [f for f in done if not (out / f).exists()]
     if not missing:
-        return json.loads((out / "summary.json").read_text())
+        return json.loads((out / done[0]).read_text())
     raise RuntimeError(f"local job {info['job_id']} for {out} ended without {', '.join(missing)}; see {log}")
 
 
-def _fail(out: Path, job_id: str, e: BaseException) -> RuntimeError:
+def _fail(out: Path, job_id: str, e: BaseException, what: str = "training") -> RuntimeError:
     atomic_write_text(out / ERROR, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    return RuntimeError(f"training job {job_id} for {out} failed:\n{e}")
+    return RuntimeError(f"{what} job {job_id} for {out} failed:\n{e}")
 
 
 def cancel(results_dir: Path | str, dry_run: bool = False) -> list[str]:

@@ -44,14 +44,18 @@ REPORT = PLAN["config"].get("report", "reports/index.html")
 # partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
 LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
 RUNS = {r["run_id"]: r for r in PLAN["runs"]}
-RUNS_DIGEST = runs_digest(RUNS)  # the report refuses tables of another set of runs
-print(f"ofe: {len(RUNS)} runs in {len(PLAN['studies'])} studies; training jobs go to "
-      f"{LAUNCHER.get('cluster', 'local')} (submitit)", file=sys.stderr)
+CHECKPOINTS = {c["ckpt_id"]: c for c in PLAN["checkpoints"]}  # checkpoint studies (ofe/checkpoints.py)
+# the report refuses tables of another set of runs and checkpoints
+RUNS_DIGEST = runs_digest([*RUNS, *(f"checkpoint:{c}" for c in CHECKPOINTS)])
+print(f"ofe: {len(RUNS)} runs" + (f" and {len(CHECKPOINTS)} checkpoints" if CHECKPOINTS else "")
+      + f" in {len(PLAN['studies'])} studies; jobs go to {LAUNCHER.get('cluster', 'local')} (submitit)",
+      file=sys.stderr)
 DATA_DIR = PLAN["data"]["dir"]
 
 
 wildcard_constraints:
     run=".+",
+    ckpt=".+",
 
 
 @functools.lru_cache(maxsize=None)  # Snakemake expands a job's params more than once

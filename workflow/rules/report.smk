@@ -28,10 +28,14 @@ rule aggregate:
         plan=f"{RESULTS}/plan.json",
         # each run's completion mark (the train job writes its summary and metrics before it)
         runs=expand(f"{RESULTS}/runs/{{run}}/quant.parquet", run=RUNS),
+        checkpoints=expand(f"{RESULTS}/checkpoints/{{ckpt}}/inspect.json", ckpt=CHECKPOINTS),
     output:
         runs=f"{RESULTS}/runs.parquet",
         metrics=f"{RESULTS}/metrics.parquet",
         quant=f"{RESULTS}/quant.parquet",
+        checkpoints=f"{RESULTS}/checkpoints.parquet",
+        checkpoint_metrics=f"{RESULTS}/checkpoint_metrics.parquet",
+        checkpoint_quant=f"{RESULTS}/checkpoint_quant.parquet",
     log:
         f"{RESULTS}/logs/aggregate.log",
     shell:
