@@ -4,6 +4,7 @@ trained on a few strings and saved beside the model, as save_pretrained would le
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -80,3 +81,35 @@ def text_file(folder: Path, chars: int = 60_000) -> Path:
     path = folder / "text.txt"
     path.write_text((text * (chars // len(text) + 1))[:chars])
     return path
+
+
+def plant_outlier(model, r: float, s: float = 0.05, channel: int = 7, seed: int = 1):
+    """Embeddings of +-s in every channel (random signs) and one channel of +-r*s, learned positions
+    zeroed: the stream entering layer 0 is then the token's embedding, whatever the tokens, so its
+    kurtosis is `planted_kurtosis(r)` exactly (rotary models have no position embedding to zero)."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        signs = torch.randint(0, 2, emb.shape, generator=torch.Generator().manual_seed(seed)) * 2.0 - 1
+        emb.copy_(signs * s)
+        emb[:, channel] *= r
+        for name, p in model.named_parameters():
+            if name.endswith(("wpe.weight", "embed_positions.weight")):
+                p.zero_()
+    return model
+
+
+def planted_kurtosis(r: float, d: int = D) -> float:
+    """Kurt = mean(s_j^4) / mean(s_j^2)^2 with s_j^2 = s^2 for d - 1 channels and r^2 s^2 for one:
+    d (r^4 + d - 1) / (r^2 + d - 1)^2 (1 for r = 1; 18.70 for d = 32, r = 10)."""
+    return d * (r**4 + d - 1) / (r**2 + d - 1) ** 2
+
+
+def fake_hub_cache(root: Path, model_dir: Path, repo: str, refs: dict[str, str]) -> Path:
+    """The layout huggingface_hub leaves after a download: models--org--name/{refs/REV, snapshots/SHA}."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    for ref, sha in refs.items():
+        if not (folder / "snapshots" / sha).exists():
+            shutil.copytree(model_dir, folder / "snapshots" / sha)
+        (folder / "refs").mkdir(parents=True, exist_ok=True)
+        (folder / "refs" / ref).write_text(sha)
+    return root

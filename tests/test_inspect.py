@@ -116,19 +116,11 @@ def test_planted_outlier_channel_matches_closed_form(family, tok, text, tmp_path
     the stream entering layer 0 is the token's embedding, so over any tokens s_j^2 = s^2 for j != c and
     s_c^2 = r^2 s^2 exactly, and Kurt = mean(s_j^4) / mean(s_j^2)^2 = d (r^4 + d - 1) / (r^2 + d - 1)^2.
     (GPT-NeoX and Llama have rotary positions, OPT and GPT-2 learned ones, set to zero here.)"""
-    d, r, s, c = hf_models.D, 10.0, 0.05, 7
-    model = hf_models.build(family)
-    with torch.no_grad():
-        emb = model.get_input_embeddings().weight
-        signs = torch.randint(0, 2, emb.shape, generator=torch.Generator().manual_seed(1)) * 2.0 - 1
-        emb.copy_(signs * s)
-        emb[:, c] *= r
-        for name, p in model.named_parameters():
-            if name.endswith(("wpe.weight", "embed_positions.weight")):
-                p.zero_()
+    d, r, s = hf_models.D, 10.0, 0.05
+    model = hf_models.plant_outlier(hf_models.build(family), r, s)
     inspect(tmp_path / "out", model=str(hf_models.save(model, tmp_path / "m", tok)), text_file=text, **NO_QUANT)
     df = pd.read_parquet(tmp_path / "out" / "metrics.parquet").set_index(["layer", "site", "metric"]).value
-    expected = d * (r**4 + d - 1) / (r**2 + d - 1) ** 2
+    expected = hf_models.planted_kurtosis(r)
     assert expected == pytest.approx(18.70, abs=0.01)
     assert df[(0, "block_input", "kurtosis")] == pytest.approx(expected, rel=1e-5)
     assert df[(0, "block_input", "rms")] == pytest.approx(s * math.sqrt((r**2 + d - 1) / d), rel=1e-5)
@@ -154,23 +146,12 @@ def test_cli_inspects_the_stdlib_corpus_offline_and_writes_nothing_to_the_hub_ca
     assert not any(cache.rglob("*"))  # nothing was fetched into (or even looked up in) the hub cache
 
 
-def _fake_hub_cache(root: Path, model_dir: Path, repo: str, refs: dict[str, str]) -> Path:
-    """The layout huggingface_hub leaves after a download: models--org--name/{refs/REV, snapshots/SHA}."""
-    folder = root / f"models--{repo.replace('/', '--')}"
-    for ref, sha in refs.items():
-        if not (folder / "snapshots" / sha).exists():
-            shutil.copytree(model_dir, folder / "snapshots" / sha)
-        (folder / "refs").mkdir(parents=True, exist_ok=True)
-        (folder / "refs" / ref).write_text(sha)
-    return root
-
-
 def test_hub_name_resolves_offline_from_the_cache_and_reads_the_step(saved, text, tmp_path):
     """A hub cache as a download leaves it: the revision resolves to its commit, the step is read from it,
     and Pythia's tokens per step (1024 x 2048) give the tokens; an uncached revision is refused."""
     sha = "0123456789abcdef0123456789abcdef01234567"
-    cache = _fake_hub_cache(tmp_path / "hub", saved["gpt_neox"], "ofe-test/tiny-neox", {"step1000": sha})
-    _fake_hub_cache(cache, saved["gpt_neox"], "EleutherAI/pythia-ofe-test", {"step1000": sha})
+    cache = hf_models.fake_hub_cache(tmp_path / "hub", saved["gpt_neox"], "ofe-test/tiny-neox", {"step1000": sha})
+    hf_models.fake_hub_cache(cache, saved["gpt_neox"], "EleutherAI/pythia-ofe-test", {"step1000": sha})
     summary = inspect(tmp_path / "out", model="ofe-test/tiny-neox", revision="step1000", text_file=text,
                       cache_dir=cache, **NO_QUANT)
     assert summary["step"] == 1000 and summary["resolved_commit"] == sha
