@@ -2,7 +2,9 @@
 
 - Front page: the grid (each study, its question, swept axes and their values, run counts by status),
   total wall time, a banner while results are partial (runs failed, corrupt or missing), and provenance.
-- One section per study, headline figure first (`report_sections`).
+- One section per study, headline figure first (`report_sections`); a checkpoint study (pretrained
+  checkpoints inspected, not a training grid) gets its own kind of section (`report_ckpt`), in the
+  config's order among the others.
 - int8 quantisation over every run (when `quant.parquet` has rows; `report_int8`), then the runs table:
   configuration, status, final loss, kurtosis, the last line of a failed run's error (a corrupt run's
   reason), a relative link to the run folder (`report_tables`).
@@ -31,6 +33,7 @@ import vl_convert
 
 from ofe.grid import default_figures_dir
 from ofe.htmlparts import Figure, relative_href, render
+from ofe.report_ckpt import checkpoint_section, checkpoint_summary, load_checkpoint_tables, pending_checkpoints
 from ofe.report_int8 import int8_context, load_quant
 from ofe.report_sections import pending_runs, provenance, study_section, summary, unique_slugs
 from ofe.report_tables import runs_table
@@ -54,7 +57,8 @@ def build_report(
     runs_dir: Path | str | None = None,
     png: bool = True,
 ) -> Path:
-    """Write the HTML report of `results_dir/{runs,metrics,quant}.parquet` to `out_html` (atomically) and
+    """Write the HTML report of `results_dir/{runs,metrics,quant}.parquet` (and of the checkpoint tables
+    where they exist: `report_ckpt.TABLE_FILES`) to `out_html` (atomically) and
     every figure as SVG and, if `png`, PNG to `figures_dir` (default: `default_figures_dir`); return
     the page's path.
 
@@ -69,6 +73,7 @@ def build_report(
     runs = pd.read_parquet(runs_path)
     metrics = pd.read_parquet(results_dir / "metrics.parquet")
     quant = load_quant(results_dir, runs)
+    checkpoints = load_checkpoint_tables(results_dir)
     meta = read_metadata(runs_path)
     grid = grid_columns(runs, meta)
     study_list = studies(meta)
@@ -82,9 +87,13 @@ def build_report(
     sections, figures = [], []
     slugs = unique_slugs([name for name, _ in study_list])
     for index, ((name, study), slug) in enumerate(zip(study_list, slugs), start=1):
-        section, study_figures = study_section(index, name, slug, study, runs, metrics, quant, links)
+        if study.get("kind") == "checkpoints":
+            section, study_figures = checkpoint_section(index, name, slug, study, checkpoints, links)
+        else:  # "runs", or no kind: tables from before checkpoint studies existed
+            section, study_figures = study_section(index, name, slug, study, runs, metrics, quant, links)
         sections.append(section)
         figures += study_figures
+    has_checkpoints = any(study.get("kind") == "checkpoints" for _, study in study_list)
     int8 = None
     if not quant.empty:
         int8, quant_figures = int8_context(len(study_list) + 1, quant, grid, links)
@@ -96,11 +105,14 @@ def build_report(
         vega_bundle=vl_convert.javascript_bundle(vl_version=_vl_version()),
         embed_options=EMBED_OPTIONS,
         pending=pending_runs(runs),
+        pending_checkpoints=pending_checkpoints(checkpoints.checkpoints),
         summary=summary(runs),
+        checkpoints=checkpoint_summary(checkpoints.checkpoints),
         provenance=provenance(meta.get("provenance", {})),
         studies=sections,
         int8=int8,
-        runs_table=runs_table(runs, grid, runs_dir, out_html.parent),
+        # A config of checkpoint studies alone has no runs: no empty runs table.
+        runs_table=None if runs.empty and has_checkpoints else runs_table(runs, grid, runs_dir, out_html.parent),
     )
     atomic_write_text(out_html, page)
     return out_html

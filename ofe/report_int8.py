@@ -143,17 +143,23 @@ def int8_context(index: int, quant: pd.DataFrame, grid: list[str], links: Links)
                               LOSS_CAPTION.format(name=name)))
     context = {
         "number": index,
-        "protocols": [
-            {"short": PROTOCOL_SHORT.get(p, p), "name": plots_int8.PROTOCOL_NAMES.get(p, p),
-             "tensors": QUANTISED_TENSORS.get(p, "see ofe/quant.py")}
-            for p in protocols
-        ],
+        "protocols": protocol_list(protocols),
         "damage": damage_summary(quant),
         "by_config": config_table_context(config_table(quant, by_config), by_config, quant) if several_seeds else None,
         "per_run": quant_table_context(quant_table(quant, shown), shown, quant),
         "figures": [figure_context(f, f"{index}.{n}", links(f.stem)) for n, f in enumerate(figures, start=1)],
     }
     return context, figures
+
+
+def protocol_list(protocols: list[str], tensors: dict[str, str] = QUANTISED_TENSORS) -> list[dict]:
+    """Each protocol's short name, full name and the tensors it quantises (`tensors`: ofe's models',
+    by default), for the templates."""
+    return [
+        {"short": PROTOCOL_SHORT.get(p, p), "name": plots_int8.PROTOCOL_NAMES.get(p, p),
+         "tensors": tensors.get(p, "see ofe/quant.py")}
+        for p in protocols
+    ]
 
 
 def int8_section(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[str, list[Figure]]:
@@ -213,6 +219,11 @@ def perplexity_cell(value: object, reference: object = None) -> dict:
         return cell(text, "num")
     if not math.isfinite(rel):
         return cell(text, "num")
+    return cell(text, "num", rel=fmt_change(rel))
+
+
+def fmt_change(rel: float) -> str:
+    """A relative change as a signed percentage, with fewer decimals the larger it is: "+296%", "+1.9%",
+    "-0.07%"."""
     pct = 100 * rel
-    change = f"{pct:+,.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%" if abs(pct) >= 1 else f"{pct:+.2f}%"
-    return cell(text, "num", rel=change)
+    return f"{pct:+,.0f}%" if abs(pct) >= 100 else f"{pct:+.1f}%" if abs(pct) >= 1 else f"{pct:+.2f}%"

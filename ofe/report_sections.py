@@ -126,6 +126,7 @@ def study_section(
     several_seeds = bool(len(members)) and int(config_labels.value_counts().max()) > 1
     int8, int8_by_config = _int8_tables(members, axes, labels, quant, several_seeds)
     context = {
+        "kind": "runs",  # the page includes study.html.j2 (checkpoint studies: checkpoints.html.j2)
         "number": index,
         "slug": slug,
         "name": name,

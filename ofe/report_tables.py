@@ -42,7 +42,7 @@ def runs_table(runs: pd.DataFrame, grid: list[str], runs_dir: Path, page_dir: Pa
             cell(fmt_number(run.get("peak_kurtosis"), ".4g"), "num"),
             cell(fmt_number(run.get("tokens_per_s"), ",.0f"), "num"),
             files,
-            cell(_last_line(run.get("error")), "error"),
+            cell(last_line(run.get("error")), "error"),
         ]
         rows.append({"title": None, "cells": cells})
     return {"cls": "runs", "header": header, "rows": rows}
@@ -81,7 +81,8 @@ def spread_cell(
     return cell(text + note, "num", title=f"range over seeds: {lo:{sign}{fmt}}{unit} to {hi:{sign}{fmt}}{unit}")
 
 
-def _last_line(error: object) -> str:
+def last_line(error: object) -> str:
+    """The last line of an error (a traceback ends with the exception), "" when there is none."""
     if not isinstance(error, str) or not error.strip():
         return ""
     return error.strip().splitlines()[-1]
