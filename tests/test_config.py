@@ -331,12 +331,25 @@ def test_a_text_axis_plans_and_keeps_its_type(config):
     ("results_dir", "a/../../b", ["results_dir", "'..'"]),
     ("report", "reports/index.txt", ["report", ".html"]),
     ("report", "reports/$(id).html", ["report", "letters, digits and _ . / -"]),
+    # a leading '-' reads as an option to the commands the workflow passes these paths to, quoted or not
+    ("results_dir", "-x", ["results_dir: '-x' is not allowed", "none starting with '-'"]),
+    ("results_dir", "out/-rf", ["results_dir: 'out/-rf' is not allowed", "none starting with '-'"]),
+    ("report", "--help.html", ["report: '--help.html' is not allowed", "none starting with '-'"]),
+    ("report", "reports/-page.html", ["report: 'reports/-page.html' is not allowed", "none starting with '-'"]),
 ])
 def test_results_dir_and_report_must_be_safe_paths(config, key, value, expected):
     config[key] = value
     message = expand_error(config)
     for fragment in expected:
         assert fragment in message
+
+
+@pytest.mark.parametrize("key, value", [("results_dir", "res-ults/a-b_c.d"), ("results_dir", "/abs/x-"),
+                                        ("report", "my-reports/x-1.html")])
+def test_a_dash_inside_a_path_component_is_fine(config, key, value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing there is an existing file or folder of that name
+    config[key] = value
+    assert grid.expand(config, SCHEMA)
 
 
 def test_results_dir_is_not_a_file_and_report_not_a_folder(config, tmp_path, monkeypatch):
