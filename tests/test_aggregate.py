@@ -156,7 +156,7 @@ DAMAGE = {  # how run b's folder is damaged -> the start of its reason
     "truncated quant": (lambda d: _truncate(d / "quant.parquet"), "corrupt: quant.parquet: Parquet magic bytes"),
     "quant of the wrong schema": (lambda d: _wrong_schema(d / "quant.parquet"),
                                   "corrupt: quant.parquet: wrong schema: no column protocol"),
-    # outputs whose summary.json (written last, marking them final) is gone: not a run yet to start
+    # outputs without the summary.json written after them, which marks them final
     "no summary beside the tables": (lambda d: (d / "summary.json").unlink(),
                                      "corrupt: summary.json: missing, though metrics.parquet and "
                                      "quant.parquet exist"),
