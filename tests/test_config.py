@@ -13,9 +13,9 @@ import yaml
 
 import ofe.fields as fields_module
 from ofe import grid, presets
-from ofe.__main__ import plan_from_config
-from ofe.config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
-                        build_section)
+from ofe.__main__ import main, plan_from_config
+from ofe.config import (SUPPORTED_BITS, ConfigError, DataConfig, ModelConfig, OptimConfig, QuantConfig,
+                        RunConfig, TrainConfig, build_section)
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -188,6 +188,22 @@ def test_quant_bits_are_the_supported_ones(config):
     config["quant"]["bits"] = [8, 5]
     message = expand_error(config)
     assert "quant.bits[1]" in message and "[4, 6, 8]" in message
+
+
+def test_quant_bits_have_one_definition():
+    """The schema's literal enum and QuantConfig's set are the same, whichever way the bits arrive."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert schema["properties"]["quant"]["properties"]["bits"]["items"]["enum"] == list(SUPPORTED_BITS)
+    assert build_section(QuantConfig, {"bits": [4, 6, 8]}, "quant.").bits == (4, 6, 8)
+    for bits in (5, 2, 16):  # inside the old 2..16, which `--quant-json` let through
+        with pytest.raises(ConfigError) as err:
+            build_section(QuantConfig, {"bits": [8, bits]}, "quant.")
+        assert str(err.value) == f"quant.bits[1]: {bits} is not allowed; choose from [4, 6, 8]"
+
+
+def test_quantise_cli_refuses_unsupported_bits_before_reading_the_run(tmp_path, capsys):
+    assert main(["quantise", "--run", str(tmp_path / "no-run"), "--quant-json", '{"bits": [5]}']) == 2
+    assert "quant.bits[0]: 5 is not allowed; choose from [4, 6, 8]" in capsys.readouterr().err
 
 
 # ---- numbers as users write them -------------------------------------------------------------------
