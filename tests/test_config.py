@@ -184,6 +184,64 @@ def test_tokenizer_is_bytes_or_a_plausible_transformers_name(config, monkeypatch
     assert DataConfig(tokenizer="EleutherAI/gpt-neox-20b").tokenizer == "EleutherAI/gpt-neox-20b"
 
 
+# ---- the tokenizer's vocabulary, at plan time (ofe/vocab.py) ---------------------------------------
+
+@pytest.fixture
+def saved_tokenizer(tmp_path) -> str:
+    """A 300-token byte-level BPE (tests/hf_models.py) in a local folder, as save_pretrained writes it."""
+    pytest.importorskip("transformers")
+    from tests import hf_models
+
+    path = tmp_path / "tok"
+    hf_models.tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_model_vocab_below_a_local_tokenizers_is_refused_at_plan_time(config, saved_tokenizer, monkeypatch):
+    import transformers
+
+    loads = []
+    load = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or load(*a, **k))
+    config["data"]["tokenizer"] = saved_tokenizer
+    config["defaults"]["model"] = {"vocab_size": 299}
+    message = expand_error(config)
+    assert (f"model.vocab_size: 299 is smaller than the tokenizer's vocabulary (300 for data.tokenizer "
+            f"{saved_tokenizer!r}); must be >= 300") in message
+    config["defaults"]["model"] = {"vocab_size": 300}
+    runs = grid.expand(config, SCHEMA)
+    assert len(runs) > 10 and {r.config.model.vocab_size for r in runs.values()} == {300}
+    assert len(loads) == 1  # loaded once for the whole plan, not once per run
+
+
+def test_a_tokenizer_path_that_is_missing_or_holds_no_tokenizer_is_refused(config, tmp_path):
+    pytest.importorskip("transformers")
+    config["data"]["tokenizer"] = str(tmp_path / "no-such-tokenizer")
+    message = expand_error(config)
+    assert "data.tokenizer" in message and repr(str(tmp_path / "no-such-tokenizer")) in message
+    (tmp_path / "empty").mkdir()
+    config["data"]["tokenizer"] = str(tmp_path / "empty")
+    message = expand_error(config)
+    assert message.startswith(f"config.yaml: data.tokenizer: {str(tmp_path / 'empty')!r} exists but "
+                              "transformers cannot load a tokenizer from it"), message
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_hub_tokenizer_not_cached_here_does_not_fail_planning(config, monkeypatch):
+    """The prepare step may download it on a machine with network; training checks the vocabulary."""
+    pytest.importorskip("transformers")
+    import socket
+
+    tried = []
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: tried.append(a))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: tried.append(a))
+    config["data"]["tokenizer"] = "ofe-tests/no-such-tokenizer"
+    config["defaults"]["model"] = {"vocab_size": 256}
+    assert grid.expand(config, SCHEMA) and tried == []
+
+
 def test_quant_bits_are_the_supported_ones(config):
     config["quant"]["bits"] = [8, 5]
     message = expand_error(config)
