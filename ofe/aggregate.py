@@ -6,8 +6,9 @@
   columns and kurtosis (mean over layers at the last step, and peak).
 Runs that have not finished are listed too (status `failed` with the last line of their error, or
 `missing`), so a partial grid still aggregates. A run whose files cannot be trusted (unreadable, empty,
-the wrong schema, or written for another config than the plan's) is `corrupt`, with the reason in its
-`error` cell, and contributes no rows: one bad folder never stops the others from aggregating.
+the wrong schema, written for another config than the plan's, or outputs without the summary.json
+that marks them final) is `corrupt`, with the reason in its `error` cell, and contributes no rows:
+one bad folder never stops the others from aggregating.
 """
 
 from __future__ import annotations
@@ -114,6 +115,13 @@ def run_status(run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
         except OSError as e:
             lines = [f"error.txt: {_brief(e)}"]
         return "failed", {}, lines[-1] if lines else "unknown error"
+    # Training writes metrics.parquet, then summary.json; quantisation runs after both. Outputs without
+    # the summary were stopped between those writes or damaged: not known to be final. A run in
+    # progress has only the launcher's files, checkpoints and logs, and stays `missing`.
+    outputs = [name for name in ("metrics.parquet", "quant.parquet") if (run_dir / name).exists()]
+    if outputs:
+        return "corrupt", {}, (f"corrupt: summary.json: missing, though {' and '.join(outputs)} "
+                               f"exist{'s' if len(outputs) == 1 else ''}")
     return "missing", {}, None
 
 

@@ -23,6 +23,9 @@ from ofe.fields import (SECTIONS, ConfigError, _checkers, _validate, check_field
 
 NormKind = Literal["layernorm", "rmsnorm", "srms", "none"]  # srms: RMSNorm without a gain
 PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
+# Bit widths ofe.quant is tested at; the schema's quant.bits enum lists the same (a test compares them),
+# so a config file and `--quant-json` on the command line accept exactly one set.
+SUPPORTED_BITS: tuple[int, ...] = (4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -219,9 +222,9 @@ class QuantConfig:
         for p in self.protocols:
             if p not in PROTOCOLS:
                 raise ConfigError(f"quant.protocols: {p!r} is not allowed; choose from {list(PROTOCOLS)}")
-        for b in self.bits:
-            if not 2 <= b <= 16:
-                raise ConfigError(f"quant.bits: {b} is outside 2..16")
+        for i, b in enumerate(self.bits):
+            if b not in SUPPORTED_BITS:
+                raise ConfigError(f"quant.bits[{i}]: {b} is not allowed; choose from {list(SUPPORTED_BITS)}")
         if self.weight_range not in ("mse", "absmax"):
             raise ConfigError(f"quant.weight_range: {self.weight_range!r}; choose 'mse' or 'absmax'")
 

@@ -20,7 +20,8 @@ from typing import Any, Iterable
 from ofe import checkpoints, presets
 from ofe.config import SECTIONS as SECTIONS_BY_NAME
 from ofe.config import ConfigError, DataConfig, RunConfig, build_section, section_fields
-from ofe.validate import AXES, DEFAULT_SCHEMA, SECTIONS, TOKENIZER_VOCAB, _segment, format_value, validate
+from ofe.validate import AXES, DEFAULT_SCHEMA, SECTIONS, _segment, format_value, validate
+from ofe.vocab import tokenizer_vocab
 # re-exported: the workflow reaches the config checks through ofe.grid
 from ofe.validate import check_launcher, launcher_settings, load_config  # noqa: F401
 
@@ -92,7 +93,7 @@ def resolve_run(config: dict, point: dict[str, Any], data: DataConfig | None = N
         section, name = key.split(".", 1)
         axis_values[section][name] = value
     cfg = _run_config(_merge(sections, axis_values), data)
-    vocab = TOKENIZER_VOCAB.get(data.tokenizer)
+    vocab = tokenizer_vocab(data.tokenizer)  # None: a hub tokenizer not cached here; training checks it
     if vocab and cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({vocab} for data.tokenizer {data.tokenizer!r}); must be >= {vocab}")
@@ -125,6 +126,10 @@ def expand_valid(config: dict) -> dict[str, Run]:
     their configs are equal (a run shared by studies); if they differ, ConfigError names both."""
     defaults = config.get("defaults", {})
     data = build_section(DataConfig, config.get("data") or {}, "data.")
+    try:  # once, before the runs, so a tokenizer that does not load is named as data's, not a study's
+        tokenizer_vocab(data.tokenizer)
+    except ConfigError as e:
+        raise ConfigError(f"config.yaml: {e}") from None
     runs: dict[str, Run] = {}
     origin: dict[str, tuple[str, dict, str]] = {}  # run id -> (study, point, config hash)
     for study, spec in config["studies"].items():

@@ -34,7 +34,7 @@ AXIS_FIELDS = {"lr": ("optim", "lr"), "beta": ("model", "beta"), "seed": ("train
 DEFAULT_SCHEMA = Path("workflow/schemas/config.schema.yaml")
 MAX_RUNS = 20_000  # config.yaml's top-level `max_runs` raises it
 SAFE_SEGMENT = re.compile(r"[A-Za-z0-9._,+=-]+")  # a run folder name: no spaces, quotes, ':', '/'
-SAFE_PATH = re.compile(r"[A-Za-z0-9_./-]+")  # results_dir and report
+SAFE_PATH = re.compile(r"(?!-)(?!.*/-)[A-Za-z0-9_./-]+")  # results_dir, report: no part an option ('-x')
 TOKENIZER_VOCAB = {"bytes": 256}  # tokenizers whose vocabulary is known without loading them
 
 
@@ -214,7 +214,7 @@ def _check_paths(config: dict) -> list[str]:
         value = config.get(key, default)
         if not isinstance(value, str) or not SAFE_PATH.fullmatch(value) or ".." in Path(value).parts:
             errors.append(f"{key}: {value!r} is not allowed; use letters, digits and _ . / - with no "
-                          f"'..' component")
+                          f"'..' component and none starting with '-'")
         elif key == "results_dir" and Path(value).is_file():
             errors.append(f"results_dir: {value!r} is an existing file; it must be a folder (or not exist)")
         elif key == "report" and not value.endswith(".html"):

@@ -156,6 +156,12 @@ DAMAGE = {  # how run b's folder is damaged -> the start of its reason
     "truncated quant": (lambda d: _truncate(d / "quant.parquet"), "corrupt: quant.parquet: Parquet magic bytes"),
     "quant of the wrong schema": (lambda d: _wrong_schema(d / "quant.parquet"),
                                   "corrupt: quant.parquet: wrong schema: no column protocol"),
+    # outputs without the summary.json written after them, which marks them final
+    "no summary beside the tables": (lambda d: (d / "summary.json").unlink(),
+                                     "corrupt: summary.json: missing, though metrics.parquet and "
+                                     "quant.parquet exist"),
+    "no summary beside an int8 table": (lambda d: [(d / n).unlink() for n in ("summary.json", "metrics.parquet")],
+                                        "corrupt: summary.json: missing, though quant.parquet exists"),
 }
 
 
@@ -220,6 +226,22 @@ def test_older_summaries_with_nan_and_integral_floats_read(three_runs):
     runs = aggregate(plan, path)["runs"].set_index("run_id")
     assert runs.loc["b", "status"] == "diverged" and runs.loc["b", "steps_done"] == 10
     assert math.isnan(runs.loc["b", "final_val_loss"]) and runs.loc["b", "tokens_per_s"] == math.inf
+
+
+def test_a_run_in_progress_or_never_finished_is_missing_not_corrupt(three_runs):
+    """What a launched, running or killed run leaves before its last writes is no damage."""
+    path, plan = three_runs
+    b = path / "runs" / "b"
+    for name in ("summary.json", "metrics.parquet", "quant.parquet"):
+        (b / name).unlink()
+    for name in ("job.json", "config.json"):
+        (b / name).write_text("{}")
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", ".checkpoint.pt.1234.tmp", "stdout.log"):
+        (b / name).write_bytes(b"partial")
+    (b / "stale" / "20250101T000000Z").mkdir(parents=True)  # another config's outputs, moved aside
+    (b / "stale" / "20250101T000000Z" / "metrics.parquet").write_bytes(b"old")
+    runs = aggregate(plan, path)["runs"].set_index("run_id")
+    assert runs.loc["b", "status"] == "missing" and pd.isna(runs.loc["b", "error"])
 
 
 def test_a_failed_run_with_a_stale_quant_table_shows_no_numbers(three_runs):

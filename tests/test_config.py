@@ -13,9 +13,9 @@ import yaml
 
 import ofe.fields as fields_module
 from ofe import grid, presets
-from ofe.__main__ import plan_from_config
-from ofe.config import (ConfigError, DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig,
-                        build_section)
+from ofe.__main__ import main, plan_from_config
+from ofe.config import (SUPPORTED_BITS, ConfigError, DataConfig, ModelConfig, OptimConfig, QuantConfig,
+                        RunConfig, TrainConfig, build_section)
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -184,10 +184,84 @@ def test_tokenizer_is_bytes_or_a_plausible_transformers_name(config, monkeypatch
     assert DataConfig(tokenizer="EleutherAI/gpt-neox-20b").tokenizer == "EleutherAI/gpt-neox-20b"
 
 
+# ---- the tokenizer's vocabulary, at plan time (ofe/vocab.py) ---------------------------------------
+
+@pytest.fixture
+def saved_tokenizer(tmp_path) -> str:
+    """A 300-token byte-level BPE (tests/hf_models.py) in a local folder, as save_pretrained writes it."""
+    pytest.importorskip("transformers")
+    from tests import hf_models
+
+    path = tmp_path / "tok"
+    hf_models.tokenizer().save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_model_vocab_below_a_local_tokenizers_is_refused_at_plan_time(config, saved_tokenizer, monkeypatch):
+    import transformers
+
+    loads = []
+    load = transformers.AutoTokenizer.from_pretrained
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: loads.append(a) or load(*a, **k))
+    config["data"]["tokenizer"] = saved_tokenizer
+    config["defaults"]["model"] = {"vocab_size": 299}
+    message = expand_error(config)
+    assert (f"model.vocab_size: 299 is smaller than the tokenizer's vocabulary (300 for data.tokenizer "
+            f"{saved_tokenizer!r}); must be >= 300") in message
+    config["defaults"]["model"] = {"vocab_size": 300}
+    runs = grid.expand(config, SCHEMA)
+    assert len(runs) > 10 and {r.config.model.vocab_size for r in runs.values()} == {300}
+    assert len(loads) == 1  # loaded once for the whole plan, not once per run
+
+
+def test_a_tokenizer_path_that_is_missing_or_holds_no_tokenizer_is_refused(config, tmp_path):
+    pytest.importorskip("transformers")
+    config["data"]["tokenizer"] = str(tmp_path / "no-such-tokenizer")
+    message = expand_error(config)
+    assert "data.tokenizer" in message and repr(str(tmp_path / "no-such-tokenizer")) in message
+    (tmp_path / "empty").mkdir()
+    config["data"]["tokenizer"] = str(tmp_path / "empty")
+    message = expand_error(config)
+    assert message.startswith(f"config.yaml: data.tokenizer: {str(tmp_path / 'empty')!r} exists but "
+                              "transformers cannot load a tokenizer from it"), message
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_hub_tokenizer_not_cached_here_does_not_fail_planning(config, monkeypatch):
+    """The prepare step may download it on a machine with network; training checks the vocabulary."""
+    pytest.importorskip("transformers")
+    import socket
+
+    tried = []
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: tried.append(a))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: tried.append(a))
+    config["data"]["tokenizer"] = "ofe-tests/no-such-tokenizer"
+    config["defaults"]["model"] = {"vocab_size": 256}
+    assert grid.expand(config, SCHEMA) and tried == []
+
+
 def test_quant_bits_are_the_supported_ones(config):
     config["quant"]["bits"] = [8, 5]
     message = expand_error(config)
     assert "quant.bits[1]" in message and "[4, 6, 8]" in message
+
+
+def test_quant_bits_have_one_definition():
+    """The schema's literal enum and QuantConfig's set are the same, whichever way the bits arrive."""
+    schema = yaml.safe_load(SCHEMA.read_text())
+    assert schema["properties"]["quant"]["properties"]["bits"]["items"]["enum"] == list(SUPPORTED_BITS)
+    assert build_section(QuantConfig, {"bits": [4, 6, 8]}, "quant.").bits == (4, 6, 8)
+    for bits in (5, 2, 16):  # inside the old 2..16, which `--quant-json` let through
+        with pytest.raises(ConfigError) as err:
+            build_section(QuantConfig, {"bits": [8, bits]}, "quant.")
+        assert str(err.value) == f"quant.bits[1]: {bits} is not allowed; choose from [4, 6, 8]"
+
+
+def test_quantise_cli_refuses_unsupported_bits_before_reading_the_run(tmp_path, capsys):
+    assert main(["quantise", "--run", str(tmp_path / "no-run"), "--quant-json", '{"bits": [5]}']) == 2
+    assert "quant.bits[0]: 5 is not allowed; choose from [4, 6, 8]" in capsys.readouterr().err
 
 
 # ---- numbers as users write them -------------------------------------------------------------------
@@ -331,12 +405,25 @@ def test_a_text_axis_plans_and_keeps_its_type(config):
     ("results_dir", "a/../../b", ["results_dir", "'..'"]),
     ("report", "reports/index.txt", ["report", ".html"]),
     ("report", "reports/$(id).html", ["report", "letters, digits and _ . / -"]),
+    # a leading '-' reads as an option to the commands the workflow passes these paths to, quoted or not
+    ("results_dir", "-x", ["results_dir: '-x' is not allowed", "none starting with '-'"]),
+    ("results_dir", "out/-rf", ["results_dir: 'out/-rf' is not allowed", "none starting with '-'"]),
+    ("report", "--help.html", ["report: '--help.html' is not allowed", "none starting with '-'"]),
+    ("report", "reports/-page.html", ["report: 'reports/-page.html' is not allowed", "none starting with '-'"]),
 ])
 def test_results_dir_and_report_must_be_safe_paths(config, key, value, expected):
     config[key] = value
     message = expand_error(config)
     for fragment in expected:
         assert fragment in message
+
+
+@pytest.mark.parametrize("key, value", [("results_dir", "res-ults/a-b_c.d"), ("results_dir", "/abs/x-"),
+                                        ("report", "my-reports/x-1.html")])
+def test_a_dash_inside_a_path_component_is_fine(config, key, value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing there is an existing file or folder of that name
+    config[key] = value
+    assert grid.expand(config, SCHEMA)
 
 
 def test_results_dir_is_not_a_file_and_report_not_a_folder(config, tmp_path, monkeypatch):

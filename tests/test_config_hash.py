@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ofe.config import HASH_NEUTRAL, RunConfig, TrainConfig
+from ofe.config import HASH_NEUTRAL, DataConfig, RunConfig, TrainConfig
 
 
 def _hash_of(d: dict) -> str:
@@ -37,3 +37,13 @@ def test_every_other_field_changes_the_hash() -> None:
     base = RunConfig().config_hash()
     assert RunConfig(train=TrainConfig(steps=401)).config_hash() != base
     assert RunConfig(train=TrainConfig(parallel="fsdp")).config_hash() != base
+
+
+def test_grid_labels_and_the_data_folder_are_not_the_identity() -> None:
+    """Labels are not read by training and the token cache's folder is content-addressed by the data
+    config (which is in the hash): a run moved to other labels or another cache path is the same run."""
+    base = RunConfig()
+    relabelled = RunConfig(grid={"block": "pre_ln", "seed": 7, "optim.eps": 1e-4}, data_dir="/elsewhere/abc")
+    assert relabelled.config_hash() == base.config_hash()
+    assert RunConfig(train=TrainConfig(batch_size=base.train.batch_size + 1)).config_hash() != base.config_hash()
+    assert RunConfig(data=DataConfig(max_documents=10)).config_hash() != base.config_hash()  # the data is in

@@ -88,6 +88,9 @@ def test_another_configs_outputs_are_moved_aside_and_training_starts_fresh(
     assert moved["config_hash"] == a.config_hash() and moved["rows"] == a_rows
     assert (f"[ofe] checkpoint.pt belongs to config {a.config_hash()}, this run is {b.config_hash()}: "
             f"moved to stale/{aside.name}; starting fresh") in log
+    for name in expected_aside - {"checkpoint.pt", "checkpoint.prev.pt"}:  # each output moved says so
+        assert (f"[ofe] {name} belongs to config {a.config_hash()}, this run is {b.config_hash()}: "
+                f"moved to stale/{aside.name}\n") in log, name
     assert torch.load(run / "checkpoint.pt", weights_only=True)["config_hash"] == b.config_hash()
     assert json.loads((run / "summary.json").read_text())["config_hash"] == b.config_hash()
 
