@@ -1,12 +1,13 @@
 """One scheduler query per poll interval for the whole workflow, shared by every waiting rule.
 
-Each train or quantise rule waits on its own SLURM job in its own process. Asking `squeue`/`sacct`
-from each of them makes N scheduler calls per poll with N jobs in flight, the RPC flood cluster admins
-complain about. Instead every waiter registers its job id in a shared folder (RESULTS/.ofe-status/)
-and reads the states from one cache file there; whichever waiter finds the cache older than the poll
-interval refreshes it, under a file lock, with one `squeue` for all of the user's jobs and one `sacct`
-for the registered ones that have left the queue. A failed query keeps the last known states, backs
-off, and is never read as "job gone": waiting goes on until the scheduler answers again.
+Each train rule waits in its own process on its own SLURM job (which trains the run, then quantises
+it). Asking `squeue`/`sacct` from each of them makes N scheduler calls per poll with N jobs in flight,
+the RPC flood cluster admins complain about. Instead every waiter registers its job id in a shared
+folder (RESULTS/.ofe-status/) and reads the states from one cache file there; whichever waiter finds
+the cache older than the poll interval refreshes it, under a file lock, with one `squeue` for all of
+the user's jobs and one `sacct` for the registered ones that have left the queue. A failed query keeps
+the last known states, backs off, and is never read as "job gone": waiting goes on until the scheduler
+answers again.
 """
 
 from __future__ import annotations
