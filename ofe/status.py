@@ -1,9 +1,11 @@
 """`python -m ofe status`: where every run of the grid stands, from the run folders alone.
 
-It needs no Snakemake head: it reads results/plan.json, each run folder (summary.json, error.txt,
-job.json and the tail of the job's log) and the workflow's shared SLURM status cache. When that cache
-is older than `max_age_s` (no head is polling), it refreshes it with one batched squeue/sacct for all
-recorded jobs, never one query per run.
+It needs no Snakemake head: it reads results/plan.json, each run folder (summary.json, quant.parquet,
+error.txt, job.json and the tail of the job's log) and the workflow's shared SLURM status cache, which
+the waiting heads keep. When that cache is fresher than `max_age_s` and knows every recorded job, the
+scheduler is not asked at all; otherwise one batched squeue (and one sacct for jobs that left the
+queue) covers all recorded jobs, never one query per run. The answer is shown, not written to the
+cache: only the waiting heads write it.
 """
 
 from __future__ import annotations
@@ -127,10 +129,11 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
 
 
 def slurm_states(results_dir: Path, job_ids: list[str], max_age_s: float, query_scheduler: bool) -> dict[str, str]:
-    """The shared cache's states, refreshed by one batched query when it is older than `max_age_s`."""
-    cache = StatusCache(results_dir / ".ofe-status", max_age_s=max_age_s)
-    data = cache.read()
-    states = dict(data.get("states", {}))
+    """The shared cache's states when it is fresher than `max_age_s` and knows every job, else those
+    of one batched query (not written back)."""
+    data = StatusCache(results_dir / ".ofe-status", max_age_s=max_age_s).read()
+    # the whole queue listing of the last refresh is newer than states kept from earlier ones
+    states = {**data.get("states", {}), **data.get("queue", {})}
     missing = [j for j in job_ids if j not in states]
     if query_scheduler and job_ids and (time.time() - data.get("time", 0.0) > max_age_s or missing):
         try:
