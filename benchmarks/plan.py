@@ -1,6 +1,6 @@
 """Snakemake plan time (dry run) for a ~10,000-run grid. Prints figures; target 10 s or less.
 
-    .venv/bin/python benchmarks/plan.py [--runs-per-block 1440]
+    .venv/bin/python benchmarks/plan.py
 
 The grid: 7 blocks x 5 betas x 4 optimisers x 6 learning rates x 2 scales x 6 seeds = 10,080 runs,
 i.e. 10,080 jobs (each trains and quantises one run) in the DAG. Runs three times: the spread is about

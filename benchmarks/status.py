@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/status.py [--runs 1000]
 
-The synthetic grid mixes finished runs (summary.json), failed runs (error.txt), running local jobs (a
-job.json for this very process and a job log with progress lines) and runs not started, in equal parts.
+The synthetic grid mixes finished runs (summary.json, metrics.parquet, quant.parquet), failed runs
+(error.txt), running local jobs (a job.json for this very process and a job log with progress lines)
+and runs not started, in equal parts.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def make_grid(root: Path, n: int) -> None:
         if kind == 0:
             (out / "summary.json").write_text(json.dumps({"status": "completed", "steps_done": 400, "config": config,
                                                           "max_kurtosis_last": 5.0}))
+            for name in ("metrics.parquet", "quant.parquet"):  # status reads only their presence
+                (out / name).write_bytes(b"PAR1")
         elif kind == 1:
             (out / "error.txt").write_text("Traceback ...\nRuntimeError: out of memory\n")
         elif kind == 2:

@@ -207,7 +207,9 @@ def launch_work(work: Work, out: Path, launcher: dict[str, Any], status_dir: Pat
 def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
     poll = float(launcher.get("poll_s", 2.0))
     cluster = launcher.get("cluster", "local")
-    info = live_job(out / JOB)
+    # one shared squeue/sacct per poll for the whole workflow, for re-attach as for waiting
+    cache = StatusCache(Path(status_dir) if status_dir else out / ".ofe-status", max_age_s=poll)
+    info = live_job(out / JOB, cache)
     if info is not None and info["cluster"] == "slurm":
         print(f"[ofe] re-attaching to SLURM job {info['job_id']} for {out}", flush=True)
         job = submitit.SlurmJob(folder=info["folder"], job_id=str(info["job_id"]))
@@ -240,8 +242,7 @@ def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | 
     def echo() -> None:
         offset[0] = _echo_new(job.paths.stdout, offset[0])
 
-    if isinstance(job, submitit.SlurmJob):  # one shared squeue/sacct per poll for the whole workflow
-        cache = StatusCache(Path(status_dir) if status_dir else out / ".ofe-status", max_age_s=poll)
+    if isinstance(job, submitit.SlurmJob):
         wait_for(cache, str(job.job_id), job.paths.result_pickle, poll, on_poll=echo)
     else:
         while not job.done():
@@ -272,12 +273,15 @@ def _fail(out: Path, job_id: str, e: BaseException, what: str = "training") -> R
     return RuntimeError(f"{what} job {job_id} for {out} failed:\n{e}")
 
 
-def cancel(results_dir: Path | str, dry_run: bool = False) -> list[str]:
+def cancel(results_dir: Path | str, dry_run: bool = False, max_age_s: float = 10.0) -> list[str]:
     """Cancel every pending or running job of this workflow's run folders (Ctrl-C of Snakemake does
-    not cancel jobs already on SLURM: that is what makes re-attach possible)."""
+    not cancel jobs already on SLURM: that is what makes re-attach possible). The jobs' states come
+    from one queue listing, the workflow's shared one when a waiting head took it in the last
+    `max_age_s`, never from one query per job."""
     cancelled = []
+    cache = StatusCache(Path(results_dir) / ".ofe-status", max_age_s=max_age_s)
     for path in sorted(Path(results_dir, "runs").rglob(JOB)):
-        info = live_job(path)
+        info = live_job(path, cache)
         if info is None:
             continue
         cancelled.append(f"{info['cluster']} job {info['job_id']} ({path.parent})")

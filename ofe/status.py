@@ -1,9 +1,11 @@
 """`python -m ofe status`: where every run of the grid stands, from the run folders alone.
 
-It needs no Snakemake head: it reads results/plan.json, each run folder (summary.json, error.txt,
-job.json and the tail of the job's log) and the workflow's shared SLURM status cache. When that cache
-is older than `max_age_s` (no head is polling), it refreshes it with one batched squeue/sacct for all
-recorded jobs, never one query per run.
+It needs no Snakemake head: it reads results/plan.json, each run folder (summary.json, quant.parquet,
+error.txt, job.json and the tail of the job's log) and the workflow's shared SLURM status cache, which
+the waiting heads keep. When that cache is fresher than `max_age_s` and knows every recorded job, the
+scheduler is not asked at all; otherwise one batched squeue (and one sacct for jobs that left the
+queue) covers all recorded jobs, never one query per run. The answer is shown, not written to the
+cache: only the waiting heads write it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ofe.launch import ERROR, JOB
 STATUSES = ("done", "running", "pending", "failed", "diverged", "corrupt", "missing")
 PROGRESS = re.compile(rb"\[ofe\] step (\d+)/(\d+) .*?max-kurtosis (\S+)")
 TAIL_BYTES = 8192
+QUANT_MISSING = "quant.parquet missing (quantisation did not finish); rerun the workflow"
 
 
 def _tail(path: Path, n: int = TAIL_BYTES) -> bytes:
@@ -52,8 +55,32 @@ def _last_line(text: str) -> str:
     return lines[-1].strip() if lines else ""
 
 
+def _live(row: dict[str, Any], info: dict[str, Any], slurm_states: dict[str, str]) -> str | None:
+    """Set `row` to running/pending when the recorded job is still live; else return why it is not."""
+    if not info:
+        return "no job recorded"
+    if info.get("cluster") == "slurm":
+        state = slurm_states.get(str(info.get("job_id")), "UNKNOWN")
+        row["detail"] = f"slurm {state}"
+        if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING"):
+            row["status"] = "pending"
+        elif is_live(state):
+            row["status"] = "running"
+        else:
+            return f"slurm {state}"
+        return None
+    if info.get("pid") and pid_alive(int(info["pid"]), info.get("pid_start")):
+        row["status"] = "running"
+        return None
+    return "local job ended"
+
+
 def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) -> dict[str, Any]:
-    """One run's row: status, step/steps, latest max kurtosis, job id and, for failures, the last line."""
+    """One run's row: status, step/steps, latest max kurtosis, job id and, for failures, the last line.
+
+    The run is complete (done or diverged) only once RUN/quant.parquet exists: the job writes
+    metrics.parquet, then summary.json, then quant.parquet, so a summary alone means quantisation
+    failed, is running (a quant-only rerun) or was cut short."""
     steps = run["config"]["train"]["steps"]
     row = {"run_id": run["run_id"], "status": "missing", "step": None, "steps": steps, "max_kurtosis": None,
            "job": None, "detail": ""}
@@ -67,45 +94,46 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
         row["job"] = info.get("job_id")
     log = _tail(Path(info["stdout"])) if info.get("stdout") else b""
     row["step"], row["max_kurtosis"] = _progress(log)
-    summary = run_dir / "summary.json"
+    summary, error = run_dir / "summary.json", run_dir / ERROR
     if summary.exists():
         try:
             s = json.loads(summary.read_text())
-            row["status"] = "done" if s["status"] == "completed" else s["status"]
+            finished = "done" if s["status"] == "completed" else s["status"]
             row["step"] = s.get("steps_done", row["step"])
             row["max_kurtosis"] = s.get("max_kurtosis_last", row["max_kurtosis"])
             if config_hash(s["config"]) != config_hash(run["config"]):
                 row["status"], row["detail"] = "corrupt", "summary.json belongs to another config"
+                return row
         except (ValueError, KeyError, TypeError) as e:
             row["status"], row["detail"] = "corrupt", f"summary.json: {e}"
+            return row
+        if (run_dir / "quant.parquet").exists():
+            row["status"] = finished
+            if not (run_dir / "metrics.parquet").exists():
+                row["status"], row["detail"] = "corrupt", "metrics.parquet missing; rerun the workflow"
+        elif error.exists():
+            row["status"], row["detail"] = "failed", _last_line(error.read_text())
+        elif _live(row, info, slurm_states) is not None:
+            row["status"], row["detail"] = "corrupt", QUANT_MISSING
         return row
-    if (run_dir / ERROR).exists():
-        row["status"], row["detail"] = "failed", _last_line((run_dir / ERROR).read_text())
+    if error.exists():
+        row["status"], row["detail"] = "failed", _last_line(error.read_text())
         return row
     if not info:
         return row
-    if info.get("cluster") == "slurm":
-        state = slurm_states.get(str(info.get("job_id")), "UNKNOWN")
-        row["detail"] = f"slurm {state}"
-        if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "CONFIGURING"):
-            row["status"] = "pending"
-        elif is_live(state):
-            row["status"] = "running"
-        else:  # ended without a summary: the head has not (yet) recorded the failure
-            row["status"], row["detail"] = "failed", f"slurm {state}; " + _last_line(log.decode(errors="replace"))
-    elif info.get("pid") and pid_alive(int(info["pid"]), info.get("pid_start")):
-        row["status"] = "running"
-    else:
-        row["status"], row["detail"] = "failed", "local job ended without a summary; " + _last_line(
+    why = _live(row, info, slurm_states)
+    if why is not None:  # ended without a summary: the head has not (yet) recorded the failure
+        row["status"], row["detail"] = "failed", f"{why} without a summary; " + _last_line(
             log.decode(errors="replace"))
     return row
 
 
 def slurm_states(results_dir: Path, job_ids: list[str], max_age_s: float, query_scheduler: bool) -> dict[str, str]:
-    """The shared cache's states, refreshed by one batched query when it is older than `max_age_s`."""
-    cache = StatusCache(results_dir / ".ofe-status", max_age_s=max_age_s)
-    data = cache.read()
-    states = dict(data.get("states", {}))
+    """The shared cache's states when it is fresher than `max_age_s` and knows every job, else those
+    of one batched query (not written back)."""
+    data = StatusCache(results_dir / ".ofe-status", max_age_s=max_age_s).read()
+    # the whole queue listing of the last refresh is newer than states kept from earlier ones
+    states = {**data.get("states", {}), **data.get("queue", {})}
     missing = [j for j in job_ids if j not in states]
     if query_scheduler and job_ids and (time.time() - data.get("time", 0.0) > max_age_s or missing):
         try:
@@ -125,7 +153,7 @@ def grid_status(results_dir: Path | str, max_age_s: float = 60.0, query_schedule
     slurm_ids = []
     for run in plan["runs"]:
         record = results_dir / "runs" / run["run_id"] / JOB
-        if record.exists() and not (record.parent / "summary.json").exists():
+        if record.exists() and not (record.parent / "quant.parquet").exists():  # complete runs need no query
             try:
                 info = json.loads(record.read_text())
             except ValueError:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import ofe.jobstate as jobstate
-from ofe.jobstate import SchedulerUnavailable
-from ofe.launch import launch, run_lock
+from ofe.jobstate import SchedulerUnavailable, StatusCache
+from ofe.launch import cancel, launch, run_lock
 from tests.conftest import tiny_run
 
 LOCAL = {"cluster": "local", "poll_s": 0.2, "timeout_min": 5}
@@ -45,7 +47,7 @@ def _start_ticks(pid: int) -> int:
 
 
 def live_job(out: Path) -> dict | None:
-    return jobstate.live_job(out / "job.json")
+    return jobstate.live_job(out / "job.json", StatusCache(out / ".ofe-status", max_age_s=2.0))
 
 
 def _record(out: Path, **info) -> None:
@@ -61,6 +63,20 @@ def test_a_reused_pid_is_not_taken_for_the_job(tmp_path):
     assert live_job(tmp_path / "reused") is None  # same pid, another process
 
 
+class _Clock:
+    """ofe.jobstate's clock: real time plus every sleep, which returns at once, so back-offs of minutes
+    take no test time and still order the shared cache's timestamps."""
+
+    def __init__(self) -> None:
+        self.slept = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.slept
+
+    def sleep(self, seconds: float) -> None:
+        self.slept += max(seconds, 0.0)
+
+
 def _fake_slurm(tmp_path: Path, monkeypatch, squeue: str, sacct: str) -> Path:
     """squeue and sacct scripts on PATH that log each call to calls.txt and run the given body."""
     bin_dir = tmp_path / "bin"
@@ -70,7 +86,7 @@ def _fake_slurm(tmp_path: Path, monkeypatch, squeue: str, sacct: str) -> Path:
         path.write_text(f"#!/bin/sh\necho {name} >> {tmp_path}/calls.txt\n{body}\n")
         path.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
-    monkeypatch.setattr(jobstate.time, "sleep", lambda s: None)
+    monkeypatch.setattr(jobstate, "time", _Clock())
     return tmp_path / "calls.txt"
 
 
@@ -88,18 +104,58 @@ def test_a_failing_scheduler_is_retried_and_never_read_as_job_gone(tmp_path, mon
 def test_a_transient_scheduler_failure_then_running_is_live(tmp_path, monkeypatch):
     counter = tmp_path / "n"
     squeue = (f"n=$(cat {counter} 2>/dev/null || echo 0); echo $((n+1)) > {counter}; "
-              "if [ $n -lt 2 ]; then exit 1; fi; echo RUNNING")
+              "if [ $n -lt 2 ]; then exit 1; fi; echo '123|RUNNING'")
     calls = _fake_slurm(tmp_path, monkeypatch, squeue, "exit 1")
     _record(tmp_path / "run", cluster="slurm")
     assert live_job(tmp_path / "run")["job_id"] == "123"
     assert calls.read_text().split() == ["squeue"] * 3
 
 
-def test_a_purged_job_is_looked_up_in_accounting(tmp_path, monkeypatch):
-    _fake_slurm(tmp_path, monkeypatch, "echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1",
-                "echo COMPLETED")
+def test_a_job_that_left_the_queue_is_not_live(tmp_path, monkeypatch):
+    calls = _fake_slurm(tmp_path, monkeypatch, "echo '5|RUNNING'", "echo '123|COMPLETED'")
     _record(tmp_path / "run", cluster="slurm")
     assert live_job(tmp_path / "run") is None
+    assert calls.read_text().split() == ["squeue"]
+
+
+N_RECORDS = 20  # jobs 1001..1015 are in the queue, 1016..1020 have ended and left it
+
+
+def _twenty_records(tmp_path: Path, monkeypatch) -> tuple[Path, Path]:
+    listing = "; ".join(f"echo '{1000 + i}|{'PENDING' if i % 2 else 'RUNNING'}'" for i in range(1, 16))
+    calls = _fake_slurm(tmp_path, monkeypatch, f"{listing}; echo '999|RUNNING'", "echo '1016|COMPLETED'")
+    results = tmp_path / "results"
+    for i in range(1, N_RECORDS + 1):
+        _record(results / "runs" / f"r{i:02d}", cluster="slurm", job_id=str(1000 + i), submitted=time.time())
+    return results, calls
+
+
+def _restarted_rule(results: str, run: str, queue) -> None:
+    cache = StatusCache(Path(results) / ".ofe-status", max_age_s=15)  # as launch builds it (poll_s 15)
+    info = jobstate.live_job(Path(results) / "runs" / run / "job.json", cache)
+    queue.put((run, info and info["job_id"]))
+
+
+def test_cancel_and_re_attach_ask_the_scheduler_once_for_twenty_jobs(tmp_path, monkeypatch):
+    results, calls = _twenty_records(tmp_path, monkeypatch)
+    live = [str(1000 + i) for i in range(1, 16)]
+    jobs = cancel(results, dry_run=True)
+    assert [j.split()[2] for j in jobs] == live
+    assert len(calls.read_text().split()) <= 2  # not one query per job
+    # a head restarted with twenty runs: its rules check their jobs at once, in twenty processes
+    calls.unlink()
+    (results / ".ofe-status" / "slurm-status.json").unlink()
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_restarted_rule, args=(str(results), f"r{i:02d}", queue))
+             for i in range(1, N_RECORDS + 1)]
+    for proc in procs:
+        proc.start()
+    found = dict(queue.get(timeout=60) for _ in procs)
+    for proc in procs:
+        proc.join(10)
+    assert sorted(j for j in found.values() if j) == live
+    assert len(calls.read_text().split()) <= 2
 
 
 def test_a_run_folder_is_locked_while_a_head_waits_on_it(tmp_path):

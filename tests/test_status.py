@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ofe.quant import QuantConfig, quantise_run
 from ofe.train import train
 from tests.conftest import REPO, tiny_run
 
@@ -40,6 +41,10 @@ def grid(data_dir, tmp_path):
     run = {name: results / "runs" / "tiny" / name / "seed0" for name in cfgs}
     done = train(cfgs["done"], run["done"])
     train(cfgs["diverged"], run["diverged"])
+    quant = QuantConfig(protocols=("dynamic_per_token",), bits=(8,), calib_batches=1, eval_batches=1)
+    for name in ("done", "diverged"):  # the job's last step: quant.parquet marks the run complete
+        quantise_run(run[name], quant)
+    assert pd.read_parquet(run["diverged"] / "quant.parquet").ppl_fp.isna().all()  # written, with NaN rows
     run["failed"].mkdir(parents=True)
     (run["failed"] / "error.txt").write_text("Traceback...\nRuntimeError: CUDA out of memory\n")
     # a live local job: this test's own process stands in for it, its log says where it is
@@ -98,3 +103,89 @@ def test_status_without_a_plan_says_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(tmp_path)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "snakemake -n" in out.stderr
+
+
+def _finished(run_dir: Path, cfg, status: str = "completed", metrics: bool = True, quant: bool = True) -> None:
+    """A run folder as training leaves it (summary.json of `cfg`), with or without its other files."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps(
+        {"status": status, "steps_done": cfg.train.steps, "max_kurtosis_last": 3.5, "config": cfg.to_dict()}))
+    for name, present in (("metrics.parquet", metrics), ("quant.parquet", quant)):
+        if present:
+            (run_dir / name).write_bytes(b"PAR1")  # only the file's presence is read
+
+
+def test_a_run_is_complete_only_once_quant_parquet_is_written(tmp_path, monkeypatch):
+    from ofe.status import grid_status
+
+    cfg = tiny_run(tmp_path / "data", train={"steps": 8})
+    names = ("complete", "diverged", "quant_failed", "quant_pending", "quant_running", "quant_lost",
+             "quant_no_job", "no_metrics")
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "plan.json").write_text(json.dumps({"runs": [
+        {"run_id": f"tiny/{n}/seed0", "grid": {}, "studies": ["s"], "config": cfg.to_dict()} for n in names]}))
+    run = {n: results / "runs" / "tiny" / n / "seed0" for n in names}
+    _finished(run["complete"], cfg)
+    _finished(run["diverged"], cfg, status="diverged")
+    for n in names[2:7]:
+        _finished(run[n], cfg, quant=False)
+    _finished(run["no_metrics"], cfg, metrics=False)
+    (run["quant_failed"] / "error.txt").write_text("Traceback...\nRuntimeError: int8 evaluation ran out of memory\n")
+    me, ticks = os.getpid(), _start_ticks(os.getpid())  # this process stands in for a live local job
+    for n, record in (("quant_pending", {"job_id": "78", "cluster": "slurm"}),  # a quant-only rerun, queued
+                      ("quant_running", {"job_id": "79", "cluster": "local", "pid": me, "pid_start": ticks}),
+                      ("quant_lost", {"job_id": "80", "cluster": "local", "pid": me, "pid_start": ticks + 1})):
+        (run[n] / "job.json").write_text(json.dumps({**record, "stdout": str(tmp_path / "none.out"),
+                                                     "folder": str(tmp_path)}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text("#!/bin/sh\necho '78|PENDING'\n")
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    rows = {r["run_id"].split("/")[1]: r for r in grid_status(results)}
+    assert {n: r["status"] for n, r in rows.items()} == {
+        "complete": "done", "diverged": "diverged", "quant_failed": "failed", "quant_pending": "pending",
+        "quant_running": "running", "quant_lost": "corrupt", "quant_no_job": "corrupt", "no_metrics": "corrupt"}
+    assert rows["quant_failed"]["detail"] == "RuntimeError: int8 evaluation ran out of memory"
+    for n in ("quant_lost", "quant_no_job"):
+        assert rows[n]["detail"] == "quant.parquet missing (quantisation did not finish); rerun the workflow"
+    assert "metrics.parquet" in rows["no_metrics"]["detail"]
+    assert rows["complete"]["step"] == 8 and rows["complete"]["max_kurtosis"] == 3.5
+
+
+def test_a_fresh_shared_cache_answers_without_a_scheduler_call(tmp_path, monkeypatch):
+    """A waiting head (waiting on job 81) keeps the shared cache; status reads the states from it, 81's
+    and that of job 82, which only the cache's queue listing holds, with no squeue or sacct call."""
+    from ofe.jobstate import StatusCache
+
+    cfg = tiny_run(tmp_path / "data", train={"steps": 8})
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "plan.json").write_text(json.dumps({"runs": [
+        {"run_id": f"tiny/{n}/seed0", "grid": {}, "studies": ["s"], "config": cfg.to_dict()}
+        for n in ("waited", "queued")]}))
+    for name, job in (("waited", "81"), ("queued", "82")):
+        run = results / "runs" / "tiny" / name / "seed0"
+        run.mkdir(parents=True)
+        (run / "job.json").write_text(json.dumps({"job_id": job, "cluster": "slurm", "folder": str(run),
+                                                  "stdout": str(tmp_path / "none.out")}))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", "echo '81|RUNNING'; echo '82|PENDING'"), ("sacct", "exit 0")):
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name} >> {tmp_path}/calls.txt\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    cache = StatusCache(results / ".ofe-status", max_age_s=15)  # the waiting head's query, in this process
+    with cache.waiting("81"):
+        assert cache.state("81") == "RUNNING"
+    assert (tmp_path / "calls.txt").read_text().split() == ["squeue"]
+    (tmp_path / "calls.txt").unlink()
+    out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(results)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0].split("/")[1]: line.split() for line in out.stdout.splitlines()
+            if line.startswith("tiny/")}
+    assert rows["waited"][1] == "running" and "RUNNING" in rows["waited"]
+    assert rows["queued"][1] == "pending" and "PENDING" in rows["queued"]
+    assert not (tmp_path / "calls.txt").exists()  # zero scheduler calls
