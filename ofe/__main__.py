@@ -180,7 +180,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from ofe.results import atomic_write_json
 
     if args.cmd == "check-config":
-        from ofe import grid, memplan
+        from ofe import checkpoints, grid, memplan
 
         config = grid.load_config(args.config_opt or args.config or Path("config.yaml"))
         for extra in args.configfile:
@@ -189,13 +189,18 @@ def _dispatch(args: argparse.Namespace) -> int:
             config = {**config, "launcher_file": str(args.launcher_file)}
         config = grid.validate(config, args.schema)
         runs = grid.expand_valid(config)
+        ckpts = checkpoints.expand(config)
         launcher = grid.launcher_settings(config, args.schema)  # and its launcher_file, if any
         grid.check_launcher(runs.values(), launcher)
         for r in runs.values():
             print(f"{r.run_id}  ({', '.join(r.studies)})")
-        print(f"{len(runs)} runs; training jobs go to {launcher.get('cluster', 'local')}")
+        for c in ckpts:
+            print(f"checkpoints/{c['ckpt_id']}  ({', '.join(c['studies'])})")
+        print(f"{len(runs)} runs" + (f" and {len(ckpts)} checkpoints" if ckpts else "")
+              + f"; jobs go to {launcher.get('cluster', 'local')}")
         rows = memplan.plan(runs.values(), launcher)
-        print(memplan.format_plan(rows))
+        if rows:  # checkpoint studies are checked against memory by their jobs (ofe.hf)
+            print(memplan.format_plan(rows))
         memplan.check(rows)  # a run that does not fit: ConfigError, exit 2
     elif args.cmd == "plan":
         from ofe import grid
@@ -298,8 +303,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             import pandas as pd
 
             runs = pd.read_parquet(args.results / "runs.parquet")
+            ckpt_path = args.results / "checkpoints.parquet"
+            ckpts = pd.read_parquet(ckpt_path, columns=["status"]) if ckpt_path.exists() else runs[["status"]][:0]
             atomic_write_json(args.manifest, {"report": str(path.resolve()), "runs": len(runs),
                                               "status": runs.status.value_counts().to_dict(),
+                                              "checkpoints": len(ckpts),
+                                              "checkpoint_status": ckpts.status.value_counts().to_dict(),
                                               "figures_dir": str(figures.resolve()), "figures": exported})
         print(f"[ofe] report: {path.resolve()} ({len(exported)} figure files in {figures})")
     return 0

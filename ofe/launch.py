@@ -280,7 +280,8 @@ def cancel(results_dir: Path | str, dry_run: bool = False, max_age_s: float = 10
     `max_age_s`, never from one query per job."""
     cancelled = []
     cache = StatusCache(Path(results_dir) / ".ofe-status", max_age_s=max_age_s)
-    for path in sorted(Path(results_dir, "runs").rglob(JOB)):
+    paths = [p for sub in ("runs", "checkpoints") for p in sorted(Path(results_dir, sub).rglob(JOB))]
+    for path in paths:  # training jobs, then the checkpoint studies' inspection jobs
         info = live_job(path, cache)
         if info is None:
             continue

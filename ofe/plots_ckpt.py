@@ -194,11 +194,12 @@ def _kurtosis(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def _x(df: pd.DataFrame, by_step: bool) -> alt.X:
     if by_step:
-        # Vega's symlog axis places its ticks linearly, nearly all of them at the far right: 0 and powers
-        # of ten from 10 instead (1 would sit on top of 0), labelled 10k rather than 10000. Not the "~s"
-        # format: Vega gives every label of an axis the largest tick's SI prefix ("0k" for 10).
+        # Vega's symlog axis places its ticks linearly, nearly all of them at the far right: 0 and 1, 2, 5
+        # times powers of ten from 10 instead (1 would sit on top of 0), labelled 10k rather than 10000.
+        # Not the "~s" format: Vega gives every label of an axis the largest tick's SI prefix ("0k" for 10).
         top = float(df["step"].max()) if not df.empty else 0.0
-        ticks = [0] + [10**k for k in range(1, int(math.log10(top)) + 1)] if top >= 10 else [0]
+        ticks = [0] + [m * 10**k for k in range(1, int(math.log10(top)) + 1) for m in (1, 2, 5)
+                       if m * 10**k <= top] if top >= 10 else [0]
         return alt.X("step:Q", title="training step", scale=alt.Scale(type="symlog", constant=1),
                      axis=alt.Axis(values=ticks, labelExpr=STEP_LABEL))
     return alt.X("checkpoint:O", title="checkpoint (config order)", sort=alt.EncodingSortField("order", op="min"),

@@ -75,6 +75,37 @@ def _live(row: dict[str, Any], info: dict[str, Any], slurm_states: dict[str, str
     return "local job ended"
 
 
+def _record(folder: Path) -> dict[str, Any]:
+    """The folder's job.json ({} when there is none or it is unreadable)."""
+    try:
+        info = json.loads((folder / JOB).read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def checkpoint_row(ckpt: dict[str, Any], folder: Path, slurm_states: dict[str, str]) -> dict[str, Any]:
+    """One checkpoint of a checkpoint study: done once its inspect.json (written last) exists, failed
+    with its error's last line, running or pending while its job lives, else missing."""
+    row = {"run_id": f"checkpoints/{ckpt['ckpt_id']}", "status": "missing", "step": ckpt.get("step"),
+           "steps": None, "max_kurtosis": None, "job": None, "detail": ""}
+    info = _record(folder)
+    row["job"] = info.get("job_id")
+    if (folder / "inspect.json").exists():
+        try:
+            done = json.loads((folder / "inspect.json").read_text())
+            row["max_kurtosis"], row["status"] = done["max_kurtosis"], "done"
+            if done["revision"] != ckpt["revision"]:
+                row["status"], row["detail"] = "corrupt", f"inspect.json: measured revision {done['revision']}"
+        except (ValueError, KeyError, TypeError) as e:
+            row["status"], row["detail"] = "corrupt", f"inspect.json: {e}"
+    elif (folder / ERROR).exists():
+        row["status"], row["detail"] = "failed", _last_line((folder / ERROR).read_text())
+    elif info and (why := _live(row, info, slurm_states)) is not None:
+        row["status"], row["detail"] = "failed", f"{why} without inspect.json"
+    return row
+
+
 def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) -> dict[str, Any]:
     """One run's row: status, step/steps, latest max kurtosis, job id and, for failures, the last line.
 
@@ -84,14 +115,8 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
     steps = run["config"]["train"]["steps"]
     row = {"run_id": run["run_id"], "status": "missing", "step": None, "steps": steps, "max_kurtosis": None,
            "job": None, "detail": ""}
-    record = run_dir / JOB
-    info: dict[str, Any] = {}
-    if record.exists():
-        try:
-            info = json.loads(record.read_text())
-        except ValueError:
-            info = {}
-        row["job"] = info.get("job_id")
+    info = _record(run_dir)
+    row["job"] = info.get("job_id")
     log = _tail(Path(info["stdout"])) if info.get("stdout") else b""
     row["step"], row["max_kurtosis"] = _progress(log)
     summary, error = run_dir / "summary.json", run_dir / ERROR
@@ -144,24 +169,23 @@ def slurm_states(results_dir: Path, job_ids: list[str], max_age_s: float, query_
 
 
 def grid_status(results_dir: Path | str, max_age_s: float = 60.0, query_scheduler: bool = True) -> list[dict]:
-    """Every planned run's row, in plan order."""
+    """Every planned run's row, in plan order, then every checkpoint's (checkpoint studies)."""
     results_dir = Path(results_dir)
     plan_path = results_dir / "plan.json"
     if not plan_path.exists():
         raise FileNotFoundError(f"{plan_path} does not exist: run `snakemake -n` or `python -m ofe plan` first")
     plan = json.loads(plan_path.read_text())
+    runs = [(results_dir / "runs" / r["run_id"], r) for r in plan["runs"]]
+    ckpts = [(results_dir / "checkpoints" / c["ckpt_id"], c) for c in plan.get("checkpoints", [])]
     slurm_ids = []
-    for run in plan["runs"]:
-        record = results_dir / "runs" / run["run_id"] / JOB
-        if record.exists() and not (record.parent / "quant.parquet").exists():  # complete runs need no query
-            try:
-                info = json.loads(record.read_text())
-            except ValueError:
-                continue
+    for folder, done in [(f, "quant.parquet") for f, _ in runs] + [(f, "inspect.json") for f, _ in ckpts]:
+        if (folder / JOB).exists() and not (folder / done).exists():  # complete ones need no query
+            info = _record(folder)
             if info.get("cluster") == "slurm":
                 slurm_ids.append(str(info["job_id"]))
     states = slurm_states(results_dir, slurm_ids, max_age_s, query_scheduler) if slurm_ids else {}
-    return [run_row(run, results_dir / "runs" / run["run_id"], states) for run in plan["runs"]]
+    return ([run_row(run, folder, states) for folder, run in runs]
+            + [checkpoint_row(c, folder, states) for folder, c in ckpts])
 
 
 def format_table(rows: list[dict]) -> str:
@@ -172,7 +196,7 @@ def format_table(rows: list[dict]) -> str:
         return f"{v:.2f}" if isinstance(v, float) else str(v)
 
     header = ("run", "status", "step", "max kurt", "job", "detail")
-    body = [(r["run_id"], r["status"], f"{cell(r['step'])}/{r['steps']}", cell(r["max_kurtosis"]), cell(r["job"]),
+    body = [(r["run_id"], r["status"], f"{cell(r['step'])}/{cell(r['steps'])}", cell(r["max_kurtosis"]), cell(r["job"]),
              r["detail"][:100]) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]

@@ -306,6 +306,10 @@ def validate(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> d
     errors = _non_finite(config)
     if schema_path is not None:
         errors += _schema_errors(_schema(str(schema_path)), config)
+    if not errors and "defaults" not in config:  # what training runs start from; checkpoints need none
+        grids = [s for s, spec in config["studies"].items() if "grid" in spec]
+        errors = [f"defaults: required, since studies {grids} train runs from it"] if grids else []
+        config["defaults"] = {}
     if not errors:
         errors = _check_paths(config)
     if not errors:

@@ -19,6 +19,7 @@ from ofe.aggregate import aggregate
 from ofe.checkpoints import ckpt_id, revision_step
 from ofe.config import ConfigError, QuantConfig
 from ofe.inspection import Settings, inspect
+from ofe.status import grid_status
 from tests import hf_models
 from tests.test_workflow import TEST_CONFIG, job_counts, snakemake
 
@@ -76,7 +77,8 @@ def test_checkpoint_ids_and_steps():
 
 
 @pytest.mark.parametrize("case", ["missing_folder", "no_config_json", "revisions_on_folder", "step_for_many",
-                                  "twice", "collision", "both", "neither", "bad_inspect", "too_many"])
+                                  "twice", "collision", "both", "neither", "bad_inspect", "too_many",
+                                  "grid_without_defaults"])
 def test_bad_checkpoint_studies_are_refused_by_key(case, models, tmp_path):
     config = study_config(models)
     entry = config["studies"]["pretrained"]["models"]
@@ -104,6 +106,10 @@ def test_bad_checkpoint_studies_are_refused_by_key(case, models, tmp_path):
         match = r"studies.pretrained: give exactly one of \['grid', 'models'\]"
     elif case == "bad_inspect":
         config["inspect"]["batches"], match = 0, r"inspect.batches: 0 is less than the minimum of 1"
+    elif case == "grid_without_defaults":  # a checkpoint study needs no defaults; a training grid does
+        del config["defaults"]
+        config["studies"]["norms"] = {"grid": {"block": ["op"]}}
+        match = r"defaults: required, since studies \['norms'\] train runs from it"
     else:
         config["max_runs"], match = 2, r"the grid has 3 runs \(pretrained: 3\), more than max_runs = 2"
     with pytest.raises(ConfigError, match=match):
@@ -157,6 +163,14 @@ def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypat
     assert done.mean_kurtosis == pytest.approx(kurt.value.xs("block_input", level="site").mean())
     for name in ("checkpoints", "checkpoint_metrics", "checkpoint_quant"):
         assert len(pd.read_parquet(tmp_path / "results" / f"{name}.parquet")) == len(frames[name])
+    # `ofe status` lists the checkpoints after the runs, each in its state
+    (tmp_path / "results" / "plan.json").write_text(json.dumps(plan))
+    rows = {r["run_id"]: (r["status"], r["step"]) for r in grid_status(tmp_path / "results")}
+    assert rows == {"checkpoints/ofe-test--tiny-neox/step1000": ("done", 1000),
+                    "checkpoints/ofe-test--tiny-neox/step8000": ("corrupt", 8000),
+                    "checkpoints/ofe-test--tiny-neox/main": ("failed", None),
+                    "checkpoints/ofe-test--tiny-neox/v2": ("done", None),  # its tables are checked by aggregate
+                    "checkpoints/llama-local/local": ("missing", None)}
 
 
 @pytest.mark.slow
@@ -198,3 +212,25 @@ def test_checkpoint_study_runs_through_the_workflow_offline(models, tmp_path, mo
     assert json.loads((tmp_path / "results" / "checkpoints" / "llama-local" / "local" / "inspect.json")
                       .read_text())["step"] == 5000
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_cancel_reaches_the_inspection_jobs(tmp_path):
+    """`ofe cancel` stops the checkpoint studies' jobs too, not only the training runs'."""
+    import subprocess
+    import sys
+
+    from ofe.jobstate import process_start_time
+    from ofe.launch import cancel
+
+    folder = tmp_path / "results" / "checkpoints" / "org--m" / "main"
+    folder.mkdir(parents=True)
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        record = {"job_id": str(job.pid), "cluster": "local", "pid": job.pid, "folder": str(folder),
+                  "pid_start": process_start_time(job.pid), "stdout": str(folder / "log")}
+        (folder / "job.json").write_text(json.dumps(record))
+        assert cancel(tmp_path / "results", dry_run=True) == [f"local job {job.pid} ({folder})"]
+        cancel(tmp_path / "results")
+        assert job.wait(timeout=10) != 0  # terminated
+    finally:
+        job.kill()

@@ -37,7 +37,7 @@ def test_there_are_study_sets() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_each_config_validates_and_plans(path: Path) -> None:
     plan = _plan(path)
-    assert plan["runs"], f"{path.name} plans no run"
+    assert plan["runs"] or plan["checkpoints"], f"{path.name} plans no run and no checkpoint"
     assert len({r["run_id"] for r in plan["runs"]}) == len(plan["runs"])
     assert plan["config"]["results_dir"] != "results"  # never mixes its runs with the default grid's
     assert plan["config"]["report"] != "reports/index.html"
@@ -90,3 +90,14 @@ def test_cpu_study_compares_pre_ln_adamw_with_op_soap_over_length_width_and_seed
     assert seeds(("pre_ln", "adamw"), 128, 3000) == seeds(("op", "soap"), 128, 3000) == {0, 1, 2}
     assert seeds(("op", "soap"), 128, 1000) == {0, 1, 2}
     assert all(run["config"]["optim"]["lr"] == 1e-2 for run in plan["runs"])  # one LR: the default grid's
+
+
+def test_pythia_study_inspects_every_listed_checkpoint_and_trains_nothing() -> None:
+    """configs/pythia.yaml: the paper's Figure 1 view over two Pythia sizes, one job per revision, each
+    at the step its revision names (planned offline: nothing is looked up on the hub)."""
+    plan = _plan(REPO / "configs" / "pythia.yaml")
+    assert plan["runs"] == []
+    got = [(c["model"], c["revision"], c["step"]) for c in plan["checkpoints"]]
+    steps = [0, 1000, 4000, 16000, 64000, 143000]
+    assert got == [(f"EleutherAI/pythia-{size}", f"step{s}", s) for size in ("160m", "410m") for s in steps]
+    assert plan["inspect"]["mem_gb"] == 32 and plan["studies"][0]["kind"] == "checkpoints"

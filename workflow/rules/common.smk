@@ -33,7 +33,8 @@ try:
     # each run's estimated memory per process against its launcher entry's (ofe/memory.py): printed,
     # and a run that would not fit stops the workflow here rather than hours later in the queue
     MEMORY = memplan.plan(PLAN["runs"], LAUNCHER)
-    print(memplan.format_compact(MEMORY), file=sys.stderr)
+    if MEMORY:  # training runs only: an inspection job checks its model against its memory (ofe.hf)
+        print(memplan.format_compact(MEMORY), file=sys.stderr)
     memplan.check(MEMORY)
 except ConfigError as e:
     sys.exit(f"ofe: configuration error:\n{e}")
@@ -48,8 +49,8 @@ CHECKPOINTS = {c["ckpt_id"]: c for c in PLAN["checkpoints"]}  # checkpoint studi
 # the report refuses tables of another set of runs and checkpoints
 RUNS_DIGEST = runs_digest([*RUNS, *(f"checkpoint:{c}" for c in CHECKPOINTS)])
 print(f"ofe: {len(RUNS)} runs" + (f" and {len(CHECKPOINTS)} checkpoints" if CHECKPOINTS else "")
-      + f" in {len(PLAN['studies'])} studies; jobs go to {LAUNCHER.get('cluster', 'local')} (submitit)",
-      file=sys.stderr)
+      + f" in {len(PLAN['studies'])} studies; training jobs go to {LAUNCHER.get('cluster', 'local')} (submitit)"
+      + (", inspection jobs too" if CHECKPOINTS else ""), file=sys.stderr)
 DATA_DIR = PLAN["data"]["dir"]
 
 
