@@ -118,8 +118,11 @@ def test_max_median_ratio_centres_each_token_across_the_width():
 
 
 def test_correlation_rms_closed_forms():
-    """Features f1 = a, f2 = -a, f3 = 0 across 4 tokens (each token width-centred already):
-    feature Gram off-diagonals are exactly +-1 for (1,2) and 0 elsewhere after normalisation."""
+    """Features f1 = a, f2 = -a, f3 = 0 across 4 tokens (each token width-centred already): after the
+    division by the global RMS the feature Gram's (1,2) entry is -1.5 (the public code normalises by the
+    global RMS, not per feature, so entries are not confined to [-1, 1]) and 0 elsewhere. Tokens: two
+    equal ones and one orthogonal to them, so the RMS (1/sqrt 3) and the mean (1/3) of the token Gram's
+    off-diagonal entries differ."""
     from ofe.metrics import feature_correlation_rms, token_correlation, token_correlation_rms
 
     a = torch.tensor([1.0, -1.0, 2.0, -2.0])
@@ -131,3 +134,8 @@ def test_correlation_rms_closed_forms():
     same = torch.tensor([[1.0, -1.0, 0.0]]).repeat(5, 1)
     assert token_correlation_rms(same) == pytest.approx(abs(token_correlation(same)), rel=1e-6)
     assert token_correlation_rms(same) == pytest.approx(1.0, rel=1e-6)
+    # t1 = t2 = [1,-1,0,0], t3 = [0,0,1,-1]: global RMS 1/sqrt 2, so Xn = sqrt 2 x and the Gram / d has
+    # entries 1 for (1,2) and (2,1), 0 for the four others: RMS sqrt(2/6), mean 2/6
+    t = torch.tensor([[1.0, -1.0, 0.0, 0.0], [1.0, -1.0, 0.0, 0.0], [0.0, 0.0, 1.0, -1.0]])
+    assert token_correlation_rms(t) == pytest.approx(math.sqrt(1 / 3), rel=1e-6)
+    assert token_correlation(t) == pytest.approx(1 / 3, rel=1e-6)
