@@ -237,3 +237,31 @@ def test_cancel_command_cancels_live_jobs(tmp_path, data_dir):
     proc.wait(timeout=120)
     assert proc.returncode != 0  # the waiting launcher reports the cancelled job as failed
     assert settled_jobs(prefix).state.str.startswith("CANCELLED").all()
+
+
+def test_a_checkpoint_study_inspects_on_slurm(tmp_path):
+    """A checkpoint study's inspection is a SLURM job of its own (the launcher's settings, the
+    `inspect:` section's resources), recorded for re-attach like a training job, into the report."""
+    pytest.importorskip("transformers")
+    from tests import hf_models
+
+    prefix = f"ofe{uuid.uuid4().hex[:6]}-"
+    model = hf_models.save(hf_models.build("llama"), tmp_path / "models" / "tiny-llama")
+    config = {"data": {"source": "stdlib", "max_documents": 60},
+              "quant": {"bits": [8], "calib_batches": 1, "eval_batches": 1},
+              "inspect": {"batches": 1, "batch_size": 2, "context": 16, "mem_gb": 2, "cpus_per_task": 1,
+                          "timeout_min": 10},
+              "studies": {"pretrained": {"models": [{"name": str(model), "step": 100}]}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "launcher.yaml").write_text(yaml.safe_dump(launcher(prefix)))
+    out = run_snakemake(tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = settled_jobs(prefix, expected=1)
+    assert len(jobs) == 1 and set(jobs.state) == {"COMPLETED"}, jobs
+    assert jobs.name.iloc[0] == f"{prefix}inspect_tiny-llama_local"
+    folder = tmp_path / "results" / "checkpoints" / "tiny-llama" / "local"
+    info = json.loads((folder / "job.json").read_text())
+    assert info["cluster"] == "slurm" and info["job_id"] == jobs.job_id.iloc[0]
+    ck = pd.read_parquet(tmp_path / "results" / "checkpoints.parquet")
+    assert list(ck.status) == ["completed"] and list(ck.step) == [100]
+    assert "pretrained" in (tmp_path / "reports" / "index.html").read_text()
