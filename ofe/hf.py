@@ -175,8 +175,8 @@ def load_causal_lm(src: Source, max_memory_gb: float | None = None) -> tuple[nn.
     if need > limit:
         raise InspectError(f"{src.name}: {n_params:,} parameters need about {need:.3g} GB in fp32 "
                            f"(the model and its quantised copy), above the limit of {limit:.3g} GB "
-                           "(--max-memory-gb); inspect it on a machine with more memory and a higher "
-                           "--max-memory-gb, or pick a smaller model")
+                           "(--max-memory-gb; in a checkpoint study, inspect.mem_gb); inspect it on a "
+                           "machine with more memory and a higher limit, or pick a smaller model")
     with explain_load_errors(src.name, src.revision):
         model = transformers.AutoModelForCausalLM.from_pretrained(
             src.path, dtype=torch.float32, attn_implementation="eager", **kw)

@@ -234,3 +234,19 @@ def test_cancel_reaches_the_inspection_jobs(tmp_path):
         assert job.wait(timeout=10) != 0  # terminated
     finally:
         job.kill()
+
+
+def test_a_model_above_the_jobs_memory_fails_its_job_by_name(models, tmp_path):
+    """inspect.mem_gb is the job's memory and the limit its model is checked against before any weight
+    is read: a model above it fails the job with the model's name and what to change, in error.txt."""
+    from ofe.checkpoints import inspect_settings
+    from ofe.launch import launch_inspect
+
+    ckpt = {"ckpt_id": "llama-local/local", "model": str(models["llama"]), "revision": None, "step": None}
+    settings = inspect_settings({"inspect": {"batches": 1, "batch_size": 2, "context": 16, "mem_gb": 1e-4}})
+    with pytest.raises(RuntimeError, match="inspection job .* failed"):
+        launch_inspect(ckpt, tmp_path / "out", {"cluster": "local", "poll_s": 0.2}, settings,
+                       {"source": "stdlib", "max_documents": 20}, {"bits": [8]})
+    error = (tmp_path / "out" / "error.txt").read_text()
+    assert f"{models['llama']}: " in error and "above the limit of 0.0001 GB" in error
+    assert "inspect.mem_gb" in error and not (tmp_path / "out" / "inspect.json").exists()
