@@ -60,25 +60,20 @@ def _read_inspect(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         raise CorruptRun(f"inspect.json: {_brief(e)}") from e
     if not isinstance(summary, dict) or summary.get("status") != "completed":
         raise CorruptRun("inspect.json: not the summary of a completed inspection")
-    if (summary.get("model"), summary.get("revision")) != (_resolved(ckpt["model"]), ckpt["revision"]):
+    # the job is given the model's name as the config spells it, and inspect.json records it so
+    if (summary.get("model"), summary.get("revision")) != (ckpt["model"], ckpt["revision"]):
         raise CorruptRun(f"inspect.json: measured {summary.get('model')!r} at {summary.get('revision')!r}, "
                          f"not the planned {ckpt['model']!r} at {ckpt['revision']!r}; rerun it")
     return summary
-
-
-def _resolved(model: str) -> str:
-    # `ofe inspect` records a local folder by its absolute path and a hub name as given
-    folder = Path(model).expanduser()
-    return str(folder.resolve()) if folder.is_dir() else model
 
 
 def read_checkpoint(folder: Path, ckpt: dict[str, Any], schema: dict[str, pa.Schema]) -> dict[str, Any]:
     """Status, summary figures and tables of one checkpoint folder (absent tables where not completed)."""
     from ofe.quant import QUANT_SCHEMA
 
-    if not (folder / "inspect.json").exists():
-        status, _, error = run_status(folder)  # error.txt: failed with its last line; else missing
-        return {"status": "failed" if status == "failed" else "missing", "error": error}
+    if not (folder / "inspect.json").exists():  # error.txt: failed with its last line; else not run yet
+        status, _, error = run_status(folder) if (folder / "error.txt").exists() else ("missing", {}, None)
+        return {"status": status, "error": error}
     try:
         summary = _read_inspect(folder, ckpt)
         metrics = _read_table(folder / "metrics.parquet", METRIC_SCHEMA, None).to_pandas()
@@ -87,13 +82,16 @@ def read_checkpoint(folder: Path, ckpt: dict[str, Any], schema: dict[str, pa.Sch
     except (CorruptRun, *READ_ERRORS) as e:  # the metadata, read after the tables, can still be damaged
         return {"status": "corrupt", "error": f"corrupt: {e if isinstance(e, CorruptRun) else _brief(e)}"}
     peak, mean = kurtosis(metrics)
-    tokens = summary.get("tokens")
+    # tokens seen only where the step is known (an unknown step reads as 0 in inspect.json)
+    tokens = summary.get("tokens") if ckpt["step"] is not None else None
+    if tokens is None or not isinstance(tokens, int) or tokens < 0:
+        metrics["tokens"], tokens = None, None
     return {"status": "completed", "error": None, "architecture": info.get("architecture"),
             "n_params": info.get("n_params"), "n_layers": info.get("n_layers"),
             "resolved_commit": summary.get("resolved_commit"), "ppl_fp": summary.get("ppl_fp"),
             "val_loss": math.log(summary["ppl_fp"]) if summary.get("ppl_fp") else None,
             "max_kurtosis": peak, "mean_kurtosis": mean, "wall_s": summary.get("wall_s"),
-            "tokens": tokens if isinstance(tokens, int) and tokens >= 0 else None,
+            "tokens": tokens,
             "metrics": metrics, "quant": quant}
 
 

@@ -49,9 +49,14 @@ def _is_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+def is_local(name: str) -> bool:
+    """A local folder (as `ofe.hf` loads it: an existing folder wins over a hub name of the same spelling)."""
+    return _is_path(name) or Path(name).expanduser().is_dir()
+
+
 def label(name: str) -> str:
     """A model's short display name: the hub name, or a local folder's own name."""
-    return Path(name).expanduser().name if _is_path(name) else name
+    return Path(name).expanduser().resolve().name if is_local(name) else name
 
 
 def _slug(text: str) -> str:
@@ -62,8 +67,8 @@ def _slug(text: str) -> str:
 def ckpt_id(name: str, revision: str | None) -> str:
     """The checkpoint's folder under RESULTS/checkpoints: `org--model/revision` for a hub name (the hub
     cache's spelling), `folder-name/local` for a local folder."""
-    model = _slug(label(name)) if _is_path(name) else "--".join(_slug(p) for p in name.split("/"))
-    return f"{model}/{_slug(revision) if revision else ('local' if _is_path(name) else 'main')}"
+    model = _slug(label(name)) if is_local(name) else "--".join(_slug(p) for p in name.split("/"))
+    return f"{model}/{_slug(revision) if revision else ('local' if is_local(name) else 'main')}"
 
 
 def count(spec: dict[str, Any]) -> int:
@@ -76,7 +81,7 @@ def count(spec: dict[str, Any]) -> int:
 
 def _entry_errors(key: str, entry: dict[str, Any]) -> list[str]:
     name, revisions = entry["name"], entry.get("revisions")
-    if _is_path(name) or Path(name).expanduser().is_dir():
+    if is_local(name):
         folder = Path(name).expanduser()
         if not folder.is_dir():
             return [f"{key}.name: {name!r} is no folder; pass a save_pretrained folder that exists, or a hub "
@@ -115,7 +120,10 @@ def expand(config: dict[str, Any]) -> list[dict[str, Any]]:
                 first = out.get(cid)
                 if first is None:
                     out[cid] = item
-                elif (first["model"], first["revision"], first["step"]) != (item["model"], revision, step):
+                elif (first["model"], first["revision"]) == (item["model"], revision) and first["step"] != step:
+                    errors.append(f"{key}: {entry['name']!r} at {revision or 'its only revision'} is given step "
+                                  f"{step} here and {first['step']} in studies {first['studies']}; give it one step")
+                elif (first["model"], first["revision"]) != (item["model"], revision):
                     errors.append(f"{key}: {entry['name']!r} at {revision or 'its only revision'} would share the "
                                   f"folder checkpoints/{cid} with {first['model']!r} at "
                                   f"{first['revision'] or 'its only revision'} (studies {first['studies']}); "
@@ -133,6 +141,19 @@ def expand(config: dict[str, Any]) -> list[dict[str, Any]]:
 def inspect_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The `inspect:` section with its defaults (the schema has checked its types and ranges)."""
     return {**INSPECT_DEFAULTS, **(config.get("inspect") or {})}
+
+
+# The settings that shape an inspection's numbers: a change reruns it. Threads and resources do not.
+MEASURE = ("batches", "batch_size", "context")
+
+
+def measure_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: settings[k] for k in MEASURE}
+
+
+def job_spec(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """What an inspection job needs of a planned checkpoint (not the studies listing it, or its order)."""
+    return {k: ckpt[k] for k in ("ckpt_id", "model", "revision", "step")}
 
 
 def job_resources(settings: dict[str, Any]) -> dict[str, Any]:

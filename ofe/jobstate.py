@@ -46,7 +46,9 @@ def _run(cmd: list[str]) -> tuple[bool, str]:
 def queue_listing() -> dict[str, str]:
     """Every job of the user in the controller's queue ({job id: state}), in one squeue call; raises
     RuntimeError if it fails."""
-    ok, text = _run(["squeue", "-h", "-u", getpass.getuser(), "-o", "%i|%T"])
+    # -a: also jobs in hidden partitions or ones the user's groups cannot use; a job missing from the
+    # listing is taken as gone, so the listing must hold every job of the user
+    ok, text = _run(["squeue", "-h", "-a", "-u", getpass.getuser(), "-o", "%i|%T"])
     if not ok:
         raise RuntimeError(text)
     listing = {}

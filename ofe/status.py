@@ -95,8 +95,9 @@ def checkpoint_row(ckpt: dict[str, Any], folder: Path, slurm_states: dict[str, s
         try:
             done = json.loads((folder / "inspect.json").read_text())
             row["max_kurtosis"], row["status"] = done["max_kurtosis"], "done"
-            if done["revision"] != ckpt["revision"]:
-                row["status"], row["detail"] = "corrupt", f"inspect.json: measured revision {done['revision']}"
+            if (done["model"], done["revision"]) != (ckpt["model"], ckpt["revision"]):
+                row["status"], row["detail"] = "corrupt", (f"inspect.json: measured {done['model']} at "
+                                                           f"{done['revision']}, not the planned checkpoint")
         except (ValueError, KeyError, TypeError) as e:
             row["status"], row["detail"] = "corrupt", f"inspect.json: {e}"
     elif (folder / ERROR).exists():
@@ -157,8 +158,11 @@ def slurm_states(results_dir: Path, job_ids: list[str], max_age_s: float, query_
     """The shared cache's states when it is fresher than `max_age_s` and knows every job, else those
     of one batched query (not written back)."""
     data = StatusCache(results_dir / ".ofe-status", max_age_s=max_age_s).read()
-    # the whole queue listing of the last refresh is newer than states kept from earlier ones
-    states = {**data.get("states", {}), **data.get("queue", {})}
+    # the whole queue listing of the last refresh is newer than states kept from earlier ones, and a job
+    # it lacks has left the queue: a pending or running state kept for it is stale, so it is asked again
+    queue = data.get("queue")
+    states = {j: s for j, s in data.get("states", {}).items() if queue is None or j in queue or not is_live(s)}
+    states.update(queue or {})
     missing = [j for j in job_ids if j not in states]
     if query_scheduler and job_ids and (time.time() - data.get("time", 0.0) > max_age_s or missing):
         try:
@@ -202,5 +206,7 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
-    lines.append(f"{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    ckpts = sum(r["run_id"].startswith("checkpoints/") for r in rows)
+    what = f"{len(rows) - ckpts} runs" + (f" and {ckpts} checkpoints" if ckpts else "")
+    lines.append(f"{what}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
     return "\n".join(lines)

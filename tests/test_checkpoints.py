@@ -78,7 +78,7 @@ def test_checkpoint_ids_and_steps():
 
 @pytest.mark.parametrize("case", ["missing_folder", "no_config_json", "revisions_on_folder", "step_for_many",
                                   "twice", "collision", "both", "neither", "bad_inspect", "too_many",
-                                  "grid_without_defaults"])
+                                  "grid_without_defaults", "step_conflict"])
 def test_bad_checkpoint_studies_are_refused_by_key(case, models, tmp_path):
     config = study_config(models)
     entry = config["studies"]["pretrained"]["models"]
@@ -106,6 +106,9 @@ def test_bad_checkpoint_studies_are_refused_by_key(case, models, tmp_path):
         match = r"studies.pretrained: give exactly one of \['grid', 'models'\]"
     elif case == "bad_inspect":
         config["inspect"]["batches"], match = 0, r"inspect.batches: 0 is less than the minimum of 1"
+    elif case == "step_conflict":  # one checkpoint, two steps: which one would its figures use?
+        config["studies"]["again"] = {"models": [{"name": str(models["llama"]), "step": 6000}]}
+        match = r"is given step 6000 here and 5000 in studies \['pretrained'\]; give it one step"
     elif case == "grid_without_defaults":  # a checkpoint study needs no defaults; a training grid does
         del config["defaults"]
         config["studies"]["norms"] = {"grid": {"block": ["op"]}}
@@ -204,7 +207,14 @@ def test_checkpoint_study_runs_through_the_workflow_offline(models, tmp_path, mo
     assert "Tiny models over training" in html
     again = snakemake(tmp_path, "-n")
     assert "Nothing to be done" in again.stdout + again.stderr
-    # a changed inspect setting reruns the inspections only
+    # resources, threads and a second study listing a checkpoint change no number: nothing reruns but
+    # the plan and the tables after it
+    config["inspect"].update(threads=2, mem_gb=8)
+    config["studies"]["again"] = {"models": [{"name": "ofe-test/tiny-neox", "revisions": ["step8000"]}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    counts = job_counts(snakemake(tmp_path, "-n").stdout)
+    assert "inspect" not in counts and "train" not in counts and counts["plan"] == 1, counts
+    # a changed inspect setting that shapes the numbers reruns the inspections only
     config["inspect"]["batch_size"] = 1
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     counts = job_counts(snakemake(tmp_path, "-n").stdout)
@@ -250,3 +260,44 @@ def test_a_model_above_the_jobs_memory_fails_its_job_by_name(models, tmp_path):
     error = (tmp_path / "out" / "error.txt").read_text()
     assert f"{models['llama']}: " in error and "above the limit of 0.0001 GB" in error
     assert "inspect.mem_gb" in error and not (tmp_path / "out" / "inspect.json").exists()
+
+
+def test_a_relative_local_folder_is_a_local_checkpoint(models, tmp_path, monkeypatch):
+    """`models/llama` (one slash, like a hub name) names an existing folder: a local checkpoint, folder
+    llama/local, whose inspection aggregates as completed (inspect.json records the name as written)."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(models["llama"], tmp_path / "models" / "llama")
+    config = study_config(models)
+    config["studies"]["pretrained"]["models"] = [{"name": "models/llama"}]
+    plan = plan_from_config(config, None)
+    assert [(c["ckpt_id"], c["label"]) for c in plan["checkpoints"]] == [("llama/local", "llama")]
+    out = tmp_path / "results" / "checkpoints" / "llama" / "local"
+    inspect(out, model="models/llama", text_file=hf_models.text_file(tmp_path),
+            settings=Settings(batches=1, batch_size=2, context=16), quant=QuantConfig(protocols=()))
+    ck = aggregate(plan, tmp_path / "results")["checkpoints"]
+    assert list(ck.status) == ["completed"] and ck.tokens.isna().all()  # no step, so no token count
+    (tmp_path / "results" / "plan.json").write_text(json.dumps(plan))
+    assert [r["status"] for r in grid_status(tmp_path / "results")] == ["done"]
+
+
+def test_tokens_are_known_only_with_the_step(models, tmp_path):
+    """A Pythia-named model: step1000 has 1000 x 1024 x 2048 tokens; its `main` (no step in the name) has
+    neither step nor tokens, not 0."""
+    cache = hf_models.fake_hub_cache(tmp_path / "hub", models["llama"], "EleutherAI/pythia-ofe-test",
+                                     {"main": "a" * 40, "step1000": "b" * 40})
+    config = study_config(models)
+    config["studies"]["pretrained"]["models"] = [{"name": "EleutherAI/pythia-ofe-test",
+                                                  "revisions": ["main", "step1000"]}]
+    plan = plan_from_config(config, None)
+    for ckpt in plan["checkpoints"]:
+        out = tmp_path / "results" / "checkpoints" / ckpt["ckpt_id"]
+        out.mkdir(parents=True)
+        inspect(out, model=ckpt["model"], revision=ckpt["revision"], text_file=hf_models.text_file(out),
+                cache_dir=cache, settings=Settings(batches=1, batch_size=2, context=16), quant=QuantConfig(protocols=()))
+    frames = aggregate(plan, tmp_path / "results")
+    ck = frames["checkpoints"].set_index("revision")
+    assert ck.status.tolist() == ["completed", "completed"]
+    assert pd.isna(ck.step["main"]) and pd.isna(ck.tokens["main"])
+    assert ck.step["step1000"] == 1000 and ck.tokens["step1000"] == 1000 * 1024 * 2048
+    m = frames["checkpoint_metrics"].set_index("revision")
+    assert m.tokens["main"].isna().all() and (m.tokens["step1000"] == 1000 * 1024 * 2048).all()

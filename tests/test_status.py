@@ -189,3 +189,15 @@ def test_a_fresh_shared_cache_answers_without_a_scheduler_call(tmp_path, monkeyp
     assert rows["waited"][1] == "running" and "RUNNING" in rows["waited"]
     assert rows["queued"][1] == "pending" and "PENDING" in rows["queued"]
     assert not (tmp_path / "calls.txt").exists()  # zero scheduler calls
+    # 81 then leaves the queue while nobody waits on it: a later listing (for 82) lacks it, so the
+    # RUNNING kept for it is stale; status asks accounting instead of calling it running
+    (bin_dir / "squeue").write_text(f"#!/bin/sh\necho squeue >> {tmp_path}/calls.txt\necho '82|PENDING'\n")
+    (bin_dir / "sacct").write_text(f"#!/bin/sh\necho sacct >> {tmp_path}/calls.txt\necho '81|FAILED'\n")
+    later = StatusCache(results / ".ofe-status", max_age_s=0)
+    with later.waiting("82"):
+        assert later.state("82") == "PENDING"
+    out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(results)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    rows = {line.split()[0].split("/")[1]: line for line in out.stdout.splitlines() if line.startswith("tiny/")}
+    assert rows["waited"].split()[1] == "failed" and "slurm FAILED" in rows["waited"], rows
+    assert "sacct" in (tmp_path / "calls.txt").read_text().split()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ofe.__main__ import plan_from_config
 from ofe.config import ConfigError
+from ofe.checkpoints import job_spec, measure_settings
 from ofe.grid import check_launcher, default_figures_dir, launcher_settings, load_config, runs_digest, validate
 from ofe import memplan
 
