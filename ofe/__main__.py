@@ -320,10 +320,9 @@ def _inspect(args: argparse.Namespace) -> int:
     from ofe.inspection import Settings, inspect
 
     for name in ("batches", "batch_size", "context", "threads", "step"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "step" else 1):
-            print(f"ofe inspect: --{name.replace('_', '-')} must be at least {0 if name == 'step' else 1}, "
-                  f"got {value}", file=sys.stderr)
+        value, least = getattr(args, name), 0 if name == "step" else 1
+        if value is not None and value < least:
+            print(f"ofe inspect: --{name.replace('_', '-')} must be at least {least}, got {value}", file=sys.stderr)
             return 2
     try:
         data = build_section(DataConfig, args.data_config, "data.") if args.data_config is not None else None

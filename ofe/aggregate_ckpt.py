@@ -67,7 +67,7 @@ def _read_inspect(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def read_checkpoint(folder: Path, ckpt: dict[str, Any], schema: dict[str, pa.Schema]) -> dict[str, Any]:
+def read_checkpoint(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     """Status, summary figures and tables of one checkpoint folder (absent tables where not completed)."""
     from ofe.quant import QUANT_SCHEMA
 
@@ -101,7 +101,7 @@ def aggregate_checkpoints(plan: dict[str, Any], results_dir: Path, out_dir: Path
     schema = schemas()
     rows, metric_frames, quant_frames = [], [], []
     for ckpt in plan.get("checkpoints", []):
-        got = read_checkpoint(results_dir / "checkpoints" / ckpt["ckpt_id"], ckpt, schema)
+        got = read_checkpoint(results_dir / "checkpoints" / ckpt["ckpt_id"], ckpt)
         ids = {name: ckpt[name] for name, _ in ID_FIELDS}
         rows.append({**ids, "studies": ckpt["studies"], "tokens": got.get("tokens"),
                      **{name: got.get(name) for name, _ in SUMMARY}})

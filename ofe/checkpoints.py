@@ -21,6 +21,7 @@ so that is checked by the job, which names the model and revision when it is not
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -44,14 +45,15 @@ def revision_step(revision: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _is_path(name: str) -> bool:
-    # a hub name is "model" or "org/model"; anything else can only be meant as a path (as ofe.hf reads it)
-    return name.startswith((".", "/", "~")) or name.count("/") > 1
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be meant as a path: a hub name is "model" or "org/model" (`ofe.hf` reads
+    names the same way; here, not there, so that planning imports neither torch nor transformers)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def is_local(name: str) -> bool:
     """A local folder (as `ofe.hf` loads it: an existing folder wins over a hub name of the same spelling)."""
-    return _is_path(name) or Path(name).expanduser().is_dir()
+    return looks_like_path(name) or Path(name).expanduser().is_dir()
 
 
 def label(name: str) -> str:
@@ -60,8 +62,7 @@ def label(name: str) -> str:
 
 
 def _slug(text: str) -> str:
-    slug = SAFE.sub("_", text).strip("._") or "_"
-    return slug
+    return SAFE.sub("_", text).strip("._") or "_"
 
 
 def ckpt_id(name: str, revision: str | None) -> str:

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe import metrics
+from ofe.checkpoints import looks_like_path
 
 INSTALL_HINT = "pip install -e '.[hf]'"
 
@@ -67,11 +68,6 @@ class Source:
     cache_dir: str | None = None
 
 
-def _looks_like_path(name: str) -> bool:
-    # A hub name is "model" or "org/model"; anything else can only have been meant as a path.
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
-
-
 def resolve_source(name: str, revision: str | None = None, cache_dir: str | Path | None = None) -> Source:
     """Check that `name` (at `revision`) can be loaded without loading it; raise InspectError if not."""
     folder = Path(name).expanduser()
@@ -83,7 +79,7 @@ def resolve_source(name: str, revision: str | None = None, cache_dir: str | Path
             raise InspectError(f"{name}: this folder has no config.json; pass a folder written by "
                                "save_pretrained (config.json, weights and tokenizer files)")
         return Source(name, None, True, str(folder.resolve()), None)
-    if folder.exists() or _looks_like_path(name):
+    if folder.exists() or looks_like_path(name):
         raise InspectError(f"{name}: no such model folder; check the path, or pass a hub name such as "
                            "EleutherAI/pythia-160m")
     require_transformers()

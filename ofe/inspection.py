@@ -28,7 +28,6 @@ import hashlib
 import json
 import math
 import random
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ofe import checkpoints
 from ofe.config import DataConfig, QuantConfig
 from ofe.hf import HF_LIBRARIES, InspectError
 from ofe.quant import QUANT_COLUMNS, QUANT_SCHEMA
@@ -60,9 +60,9 @@ class Settings:
 
 
 def revision_step(revision: str | None) -> int:
-    """Pythia-style revision names carry the training step: 'step1000' -> 1000; anything else -> 0."""
-    m = re.fullmatch(r"step[-_]?(\d+)", revision or "")
-    return int(m.group(1)) if m else 0
+    """Pythia-style revision names carry the training step: 'step1000' -> 1000; anything else -> 0
+    (`ofe.checkpoints.revision_step`, which says None there, with 0 for the unknown step)."""
+    return checkpoints.revision_step(revision) or 0
 
 
 # ---- data ---------------------------------------------------------------------------------------------

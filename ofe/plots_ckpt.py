@@ -17,6 +17,7 @@ checkpoint list, failed ones included, so every figure of a study uses the same 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import altair as alt
 import numpy as np
@@ -66,21 +67,8 @@ def kurtosis_over_checkpoints(metrics: pd.DataFrame, by_step: bool | None = None
     title = chart_title("Kurtosis per layer over training checkpoints", notes, width=_facet_width(df))
     if df.empty:
         return no_data(title)
-    pick = alt.selection_point(fields=["layer"], bind="legend")
-    chart = (
-        alt.Chart(df)
-        .mark_line(point=True, strokeWidth=1.5)
-        .encode(
-            x=_x(df, by_step),
-            y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
-            color=alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis")),
-            order=_path_order(by_step),
-            opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-            tooltip=column_tooltips(df, ["model", "revision", "step", "tokens", "layer", "value"], TOOLTIP_TITLES),
-        )
-        .add_params(pick)
-        .properties(width=CKPT_PANEL_WIDTH, height=CKPT_PANEL_HEIGHT)
-    )
+    chart = _kurtosis_lines(df, "layer", x=_x(df, by_step), order=_path_order(by_step),
+                            color=alt.Color("layer:O", title="layer", scale=alt.Scale(scheme="viridis")))
     return _facet(chart, df, title, independent_x=not by_step)
 
 
@@ -103,23 +91,28 @@ def layer_profile_by_checkpoint(metrics: pd.DataFrame, by_step: bool | None = No
         field = "checkpoint"
         colour = alt.Color("checkpoint:O", title="checkpoint", scale=alt.Scale(scheme="viridis"),
                            sort=alt.EncodingSortField("order", op="min"))
-    pick = alt.selection_point(fields=[field], bind="legend")
-    chart = (
+    chart = _kurtosis_lines(df, field, x=alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0)),
+                            color=colour, detail=alt.Detail("ckpt_id:N"))
+    # Models of different depths: each panel its own layers.
+    return _facet(chart, df, title, independent_x=True)
+
+
+def _kurtosis_lines(df: pd.DataFrame, legend_field: str, **encoding: Any) -> alt.Chart:
+    """Kurt on a log y as lines with points, one panel's size, clicking the legend (on `legend_field`)
+    highlighting its lines; `encoding` gives x, colour and how points join into lines."""
+    pick = alt.selection_point(fields=[legend_field], bind="legend")
+    return (
         alt.Chart(df)
         .mark_line(point=True, strokeWidth=1.5)
         .encode(
-            x=alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0)),
             y=alt.Y("value:Q", title="Kurt", scale=alt.Scale(type="log")),
-            color=colour,
-            detail=alt.Detail("ckpt_id:N"),
             opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
             tooltip=column_tooltips(df, ["model", "revision", "step", "tokens", "layer", "value"], TOOLTIP_TITLES),
+            **encoding,
         )
         .add_params(pick)
         .properties(width=CKPT_PANEL_WIDTH, height=CKPT_PANEL_HEIGHT)
     )
-    # Models of different depths: each panel its own layers.
-    return _facet(chart, df, title, independent_x=True)
 
 
 def int8_over_checkpoints(quant: pd.DataFrame, by_step: bool | None = None) -> alt.Chart | alt.FacetChart:
