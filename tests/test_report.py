@@ -19,6 +19,7 @@ from ofe.__main__ import main
 from ofe.report import build_report, studies
 from ofe.report_sections import FIGURES
 from ofe.results import METRIC_SCHEMA, write_parquet
+from tests.report_html import chart_specs, page_section, spec_values, table_rows
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 N_LAYERS = 2
@@ -145,33 +146,12 @@ def _write_results(
         write_parquet(quant, results / "quant.parquet", metadata=meta)
 
 
-def _spec_blocks(page: str) -> dict[str, dict]:
-    """target div id -> parsed Vega-Lite spec of every chart-spec block of the page."""
-    pattern = r'<script type="application/json" class="chart-spec" data-target="([^"]+)">(.*?)</script>'
-    blocks = re.findall(pattern, page, re.S)
-    return {target: json.loads(payload) for target, payload in blocks}
 
 
-def _values(spec: dict) -> list[dict]:
-    """All inline data rows of a spec (Altair consolidates them under top-level `datasets`)."""
-    return [row for rows in spec.get("datasets", {}).values() for row in rows]
 
 
-def _section(page: str, section_id: str) -> str:
-    match = re.search(rf'<section id="{section_id}">(.*?)</section>', page, re.S)
-    assert match, f"no section {section_id}"
-    return match.group(1)
 
 
-def _table_rows(html_text: str) -> tuple[list[str], dict[str, list[str]]]:
-    """(header, run_id -> cell texts without tags) of the first table in `html_text`."""
-    table = re.search(r"<table.*?</table>", html_text, re.S).group(0)
-    header = re.findall(r"<th>(.*?)</th>", table)
-    rows = {
-        run_id: [re.sub(r"<[^>]+>", "", cell) for cell in re.findall(r"<td[^>]*>(.*?)</td>", body)]
-        for run_id, body in re.findall(r'<tr title="([^"]+)">(.*?)</tr>', table)
-    }
-    return header, rows
 
 
 def _spearman_by_formula(x: list[float], y: list[float]) -> float:
@@ -222,7 +202,7 @@ def test_report_has_one_rendered_spec_per_figure(page: str) -> None:
     # + the lr study's sweep over lr (numeric, two values) + one int8 scatter per protocol + the static
     # protocol's degradation against validation loss
     assert len(div_ids) == len(STUDIES) * len(FIGURES) + 1 + 2 + 1
-    specs = _spec_blocks(page)
+    specs = chart_specs(page)
     assert sorted(specs) == sorted(div_ids)
     for spec in specs.values():
         assert "vega-lite" in spec["$schema"]
@@ -240,10 +220,10 @@ def test_report_lists_runs_and_provenance(page: str) -> None:
 
 
 def test_study_sections_hold_only_their_runs(page: str) -> None:
-    specs = _spec_blocks(page)
-    blocks_runs = {row["run_id"] for row in _values(specs["fig-blocks-final-layer-kurtosis"])}
+    specs = chart_specs(page)
+    blocks_runs = {row["run_id"] for row in spec_values(specs["fig-blocks-final-layer-kurtosis"])}
     assert blocks_runs == {RUNS[0][0], RUNS[1][0]}
-    lr_labels = {row["label"] for row in _values(specs["fig-lr-final-layer-kurtosis"])}
+    lr_labels = {row["label"] for row in spec_values(specs["fig-lr-final-layer-kurtosis"])}
     assert lr_labels == {"block=pre_ln, lr=0.01"}  # the missing run has no metrics
 
 
@@ -253,12 +233,12 @@ def test_kurtosis_chart_is_log_scaled_facets_and_escapes_dotted_fields(synthetic
     assert spec["spec"]["encoding"]["y"]["scale"]["type"] == "log"
     assert spec["facet"]["field"] == "label" and spec["columns"] == plots.FACET_COLUMNS
     assert any(t["field"] == "optim\\.eps" for t in spec["spec"]["encoding"]["tooltip"])
-    assert {row["site"] for row in _values(spec)} == set(plots.LAYER_SITES)
+    assert {row["site"] for row in spec_values(spec)} == set(plots.LAYER_SITES)
 
 
 def test_final_layer_kurtosis_drops_non_finite_values(synthetic) -> None:
     _, metrics = synthetic
-    rows = _values(plots.final_layer_kurtosis(metrics).to_dict())
+    rows = spec_values(plots.final_layer_kurtosis(metrics).to_dict())
     assert all(np.isfinite(row["value"]) for row in rows)
     last_step = {row["run_id"]: row["step"] for row in rows}
     # The diverged run's step 20 is finite in its last layer only: the curve falls back to step 10, whole.
@@ -270,14 +250,14 @@ def test_final_layer_kurtosis_drops_non_finite_values(synthetic) -> None:
 def test_empty_metrics_give_a_no_data_chart(slug, figure) -> None:
     spec = figure(pd.DataFrame(columns=["run_id", "label", *METRIC_SCHEMA.names])).to_dict()
     assert spec["mark"]["type"] == "text"
-    assert _values(spec) == [{"text": "no data"}]
+    assert spec_values(spec) == [{"text": "no data"}]
 
 
 def test_report_renders_with_empty_metrics(synthetic, tmp_path) -> None:
     runs, metrics = synthetic
     _write_results(tmp_path, runs, metrics.iloc[:0])
     page = build_report(tmp_path, tmp_path / "index.html", png=False).read_text()
-    specs = _spec_blocks(page)
+    specs = chart_specs(page)
     assert len(specs) == len(STUDIES) * len(FIGURES) + 1  # the sweep reads runs.parquet, not metrics
     assert all(spec["mark"]["type"] == "text" for stem, spec in specs.items() if "sweep" not in stem)
     assert 'id="int8"' not in page and "<h3>int8" not in page  # no quant.parquet: results from before it existed
@@ -285,7 +265,7 @@ def test_report_renders_with_empty_metrics(synthetic, tmp_path) -> None:
 
 def test_int8_section_table_has_the_papers_columns_and_values(page: str) -> None:
     assert page.index('<section id="study-lr">') < page.index('<section id="int8">') < page.index("<h2>Runs</h2>")
-    header, rows = _table_rows(_section(page, "int8"))
+    header, rows = table_rows(page_section(page, "int8"))
     # block and optimizer always, beta because it varies; status because one run diverged; the final
     # validation loss (runs.parquet) beside the perplexities, to compare at matched loss.
     assert header == ["block", "optimizer", "beta", "status", "val loss", "mean Kurt", "ppl fp",
@@ -297,21 +277,21 @@ def test_int8_section_table_has_the_papers_columns_and_values(page: str) -> None
     ]
     assert rows[QUANT_ONLY_RUNS[0][0]][6:] == ["14.71", "14.87 (+1.1%)", "22.00 (+49.6%)", "14.70 (-0.07%)"]
     assert rows[RUNS[1][0]] == ["op", "adamw", "0.2", "diverged", "-", "300", "-", "-", "-", "-"]
-    assert "<b>static</b>" in _section(page, "int8") and "<b>dynamic</b>" in _section(page, "int8")
+    assert "<b>static</b>" in page_section(page, "int8") and "<b>dynamic</b>" in page_section(page, "int8")
 
 
 def test_study_sections_have_their_own_int8_table(page: str) -> None:
-    header, rows = _table_rows(_section(page, "study-blocks").split("<h3>int8 quantisation</h3>")[1])
+    header, rows = table_rows(page_section(page, "study-blocks").split("<h3>int8 quantisation</h3>")[1])
     assert header[:2] == ["configuration", "status"]
     assert {run_id: cells[0] for run_id, cells in rows.items()} == {RUNS[0][0]: "block=pre_ln", RUNS[1][0]: "block=op"}
-    header, rows = _table_rows(_section(page, "study-lr").split("<h3>int8 quantisation</h3>")[1])
+    header, rows = table_rows(page_section(page, "study-lr").split("<h3>int8 quantisation</h3>")[1])
     assert "status" not in header  # the missing run has no int8 rows; the other one completed
     assert rows == {RUNS[0][0]: ["block=pre_ln, lr=0.01", "3.200", "25.6", "16.00", "63.40 (+296%)",
                                  "64.00 (+300%)", "16.30 (+1.9%)"]}
 
 
 def test_int8_scatter_states_the_spearman_correlation(page: str) -> None:
-    specs = _spec_blocks(page)
+    specs = chart_specs(page)
     static, dynamic = specs["fig-int8-degradation-static_per_tensor"], specs["fig-int8-degradation-dynamic_per_token"]
     completed = [run_id for run_id, (_, ppl_fp, _) in QUANT.items() if math.isfinite(ppl_fp)]
     for bits, expected in ((8, 1.0), (4, 0.8)):  # planted
@@ -322,8 +302,8 @@ def test_int8_scatter_states_the_spearman_correlation(page: str) -> None:
         printed = re.search(rf"W{bits}A{bits} ρ = (-?[0-9.]+) \(n = (\d+)\)", subtitle)
         assert printed and float(printed.group(1)) == pytest.approx(expected) and int(printed.group(2)) == 4
     # The diverged run (NaN perplexities) is left out; every point is finite.
-    assert {row["run_id"] for row in _values(static)} == set(completed)
-    assert all(math.isfinite(row["degradation"]) for row in _values(static))
+    assert {row["run_id"] for row in spec_values(static)} == set(completed)
+    assert all(math.isfinite(row["degradation"]) for row in spec_values(static))
     assert static["encoding"]["x"]["scale"]["type"] == "log"
     assert static["encoding"]["y"]["scale"]["type"] == "log"
     assert dynamic["encoding"]["y"]["scale"]["type"] == "symlog"  # one run improves: no log axis
@@ -347,7 +327,7 @@ def test_spearman_matches_the_rank_formula() -> None:
 def test_empty_quant_gives_a_no_data_scatter(quant) -> None:
     for frame in (pd.DataFrame(), quant.iloc[:0], quant[quant["ppl_fp"].isna()]):
         spec = plots_int8.quant_degradation_scatter(frame).to_dict()
-        assert spec["mark"]["type"] == "text" and _values(spec) == [{"text": "no data"}]
+        assert spec["mark"]["type"] == "text" and spec_values(spec) == [{"text": "no data"}]
 
 
 def test_report_renders_with_an_empty_quant_table(synthetic, quant, tmp_path) -> None:
@@ -355,7 +335,7 @@ def test_report_renders_with_an_empty_quant_table(synthetic, quant, tmp_path) ->
     _write_results(tmp_path, runs, metrics, quant.iloc[:0])
     page = build_report(tmp_path, tmp_path / "index.html", png=False).read_text()
     assert 'id="int8"' not in page and "<h3>int8" not in page
-    assert len(_spec_blocks(page)) == len(STUDIES) * len(FIGURES) + 1
+    assert len(chart_specs(page)) == len(STUDIES) * len(FIGURES) + 1
 
 
 def test_studies_listed_as_a_list_keep_their_order() -> None:
@@ -385,7 +365,7 @@ def test_front_page_lists_the_grid_status_counts_and_wall_time(page: str) -> Non
 
 
 def test_each_study_opens_with_its_headline_figure(page: str) -> None:
-    blocks, lr = _section(page, "study-blocks"), _section(page, "study-lr")
+    blocks, lr = page_section(page, "study-blocks"), page_section(page, "study-lr")
     # categorical study: per-layer kurtosis over training, one panel per block (the paper's figs. 2 and 4)
     assert _figure_ids(blocks)[0] == "fig-blocks-kurtosis-over-steps"
     assert blocks.index('<figure class="headline">') < blocks.index("fig-blocks-kurtosis-over-steps")
@@ -402,12 +382,12 @@ def test_each_study_opens_with_its_headline_figure(page: str) -> None:
 
 
 def test_sweep_chart_of_the_report(page: str) -> None:
-    spec = _spec_blocks(page)["fig-lr-sweep-lr"]
+    spec = chart_specs(page)["fig-lr-sweep-lr"]
     assert spec["facet"]["column"]["field"] == "measure"
     layer = spec["spec"]["layer"]
     assert layer[0]["encoding"]["x"]["field"] == "lr" and layer[0]["encoding"]["x"]["scale"]["type"] == "log"
     assert layer[0]["encoding"]["y"]["scale"]["type"] == "log"
-    rows = _values(spec)
+    rows = spec_values(spec)
     # only the completed run has kurtosis; the missing one is left out (no NaN reaches the spec)
     assert {r["run_id"] for r in rows if r["kind"] == "run"} == {RUNS[0][0]}
     assert {(r["measure"], r["value"]) for r in rows if r["kind"] == "mean"} == {
@@ -438,7 +418,7 @@ def _sweep_runs() -> pd.DataFrame:
 def test_sweep_lines_average_seeds_and_keep_each_run_as_a_point() -> None:
     runs = _sweep_runs()
     spec = plots.sweep_lines(runs, "optim.eps").to_dict()
-    rows = _values(spec)
+    rows = spec_values(spec)
     points = [r for r in rows if r["kind"] == "run"]
     means = {(r["label"], r["optim.eps"], r["measure"]): (r["value"], r["n"]) for r in rows if r["kind"] == "mean"}
     assert len(points) == 2 * (len(runs) - 1)  # every run with kurtosis, in both panels
@@ -456,7 +436,7 @@ def test_sweep_lines_average_seeds_and_keep_each_run_as_a_point() -> None:
     beta = runs.rename(columns={"optim.eps": "beta"}).assign(beta=lambda df: df["beta"] * 1e3 + 0.1)
     assert plots.sweep_lines(beta, "beta").to_dict()["spec"]["layer"][0]["encoding"]["x"]["scale"].get("type") is None
     empty = plots.sweep_lines(runs.assign(peak_kurtosis=math.nan, final_mean_kurtosis=math.nan), "optim.eps")
-    assert _values(empty.to_dict()) == [{"text": "no data"}]
+    assert spec_values(empty.to_dict()) == [{"text": "no data"}]
 
 
 def test_log_axis() -> None:
@@ -467,7 +447,7 @@ def test_log_axis() -> None:
 
 
 def test_runs_table_links_each_run_folder_relative_to_the_page(report: Path, page: str) -> None:
-    runs_section = _section(page, "runs")
+    runs_section = page_section(page, "runs")
     links = dict(re.findall(r"<tr><td>([^<]+)</td>.*?<td class=\"files\">(.*?)</td>", runs_section))
     href = re.search(r'href="([^"]+)"', links[RUNS[0][0]]).group(1)
     assert href == "../results/runs/tiny/pre_ln/beta1/adamw/lr0.01/seed0/"  # from reports/ to results/
@@ -514,12 +494,12 @@ def test_a_study_whose_runs_are_all_missing_renders(synthetic, tmp_path) -> None
     studies_meta = dict(STUDIES, ghost={"title": "Ghost", "question": "?", "axes": ["block", "lr"]})
     write_parquet(runs, results / "runs.parquet", metadata={"studies": studies_meta, "grid_columns": GRID})
     page = build_report(results, tmp_path / "reports" / "index.html", png=False).read_text()
-    ghost_section = _section(page, "study-ghost")
+    ghost_section = page_section(page, "study-ghost")
     assert "No run of this study has finished yet" in ghost_section and "1 failed" in ghost_section
-    specs = _spec_blocks(ghost_section)
+    specs = chart_specs(ghost_section)
     assert len(specs) == len(FIGURES)  # lr has one value here: no sweep
-    assert all(_values(spec) == [{"text": "no data"}] for spec in specs.values())
-    assert "RuntimeError: CUDA out of memory" in _section(page, "runs")
+    assert all(spec_values(spec) == [{"text": "no data"}] for spec in specs.values())
+    assert "RuntimeError: CUDA out of memory" in page_section(page, "runs")
     # every spec still renders
     for spec in specs.values():
         assert "<svg" in vl_convert.vegalite_to_svg(spec)
@@ -537,7 +517,7 @@ def test_a_corrupt_run_is_shown_like_a_failed_one_with_its_reason(synthetic, tmp
     _write_results(tmp_path / "results", runs, metrics)
     page = build_report(tmp_path / "results", tmp_path / "reports" / "index.html", png=False).read_text()
     assert re.search(r"\.status-corrupt[^{}]*\{ color: #c62828; \}", page)
-    row = next(r for r in re.findall(r"<tr>.*?</tr>", _section(page, "runs")) if bad["run_id"] in r)
+    row = next(r for r in re.findall(r"<tr>.*?</tr>", page_section(page, "runs")) if bad["run_id"] in r)
     assert '<td class="status-corrupt">corrupt</td>' in row and f'<td class="error">{reason}</td>' in row
     front = page[: page.index('<section id="study-')]
     assert "7 runs: 4 completed, 1 diverged, 1 corrupt, 1 missing." in front

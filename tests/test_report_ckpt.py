@@ -6,7 +6,6 @@ beside training studies in config order."""
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
 from pathlib import Path
@@ -20,6 +19,7 @@ import vl_convert
 from ofe.report import build_report
 from ofe.report_ckpt import load_checkpoint_tables
 from ofe.results import METRIC_SCHEMA, write_parquet
+from tests.report_html import chart_specs, page_section, spec_values, table_rows
 
 STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"
 PAIRS = [(STATIC, 8), (STATIC, 4), (DYNAMIC, 8)]
@@ -169,33 +169,17 @@ def page(tmp_path_factory: pytest.TempPathFactory) -> str:
     return _build(tmp_path_factory.mktemp("ckpt"), ["pythia", "blocks", "local"], with_run=True)
 
 
-def _specs(html: str) -> dict[str, dict]:
-    pattern = r'<script type="application/json" class="chart-spec" data-target="([^"]+)">(.*?)</script>'
-    return {target: json.loads(payload) for target, payload in re.findall(pattern, html, re.S)}
 
 
-def _values(spec: dict) -> list[dict]:
-    return [row for rows in spec.get("datasets", {}).values() for row in rows]
 
 
-def _section(html: str, section_id: str) -> str:
-    match = re.search(rf'<section id="{section_id}">(.*?)</section>', html, re.S)
-    assert match, f"no section {section_id}"
-    return match.group(1)
 
 
-def _rows(table_html: str) -> tuple[list[str], dict[str, list[str]]]:
-    """(header, row title -> cell texts) of the first table in `table_html`."""
-    table = re.search(r"<table.*?</table>", table_html, re.S).group(0)
-    header = re.findall(r"<th>(.*?)</th>", table)
-    rows = {title: [re.sub(r"<[^>]+>", "", c) for c in re.findall(r"<td[^>]*>(.*?)</td>", body)]
-            for title, body in re.findall(r'<tr title="([^"]+)">(.*?)</tr>', table)}
-    return header, rows
 
 
 def test_figure_1_holds_the_planted_kurtosis_per_model_step_and_layer(page: str) -> None:
-    spec = _specs(page)["fig-pythia-kurtosis-over-checkpoints"]
-    got = {(r["label"], r["step"], r["layer"]): r["value"] for r in _values(spec)}
+    spec = chart_specs(page)["fig-pythia-kurtosis-over-checkpoints"]
+    got = {(r["label"], r["step"], r["layer"]): r["value"] for r in spec_values(spec)}
     want = {(CKPTS[i][1], CKPTS[i][3], layer): value for (i, layer), value in KURT.items() if "pythia" in CKPTS[i][7]}
     assert got == want  # block_input kurtosis only: no other metric or site, nothing of the failed checkpoint
     encoding = spec["spec"]["encoding"]
@@ -206,13 +190,13 @@ def test_figure_1_holds_the_planted_kurtosis_per_model_step_and_layer(page: str)
     assert encoding["color"]["scale"]["scheme"] == "viridis"
     assert spec["facet"]["field"] == "label" and spec["facet"]["sort"] == ["pythia-14m", "pythia-31m"]
     assert {"model", "revision", "step", "tokens", "layer", "value"} <= {t["field"] for t in encoding["tooltip"]}
-    tokens = {r["step"]: r["tokens"] for r in _values(spec)}
+    tokens = {r["step"]: r["tokens"] for r in spec_values(spec)}
     assert tokens[143000] == 143000 * TOKENS_PER_STEP
 
 
 def test_layer_profile_draws_one_line_per_checkpoint(page: str) -> None:
-    spec = _specs(page)["fig-pythia-layer-kurtosis-by-checkpoint"]
-    got = {(r["ckpt_id"], r["layer"]): r["value"] for r in _values(spec)}
+    spec = chart_specs(page)["fig-pythia-layer-kurtosis-by-checkpoint"]
+    got = {(r["ckpt_id"], r["layer"]): r["value"] for r in spec_values(spec)}
     assert got == {(CKPT_IDS[i], layer): v for (i, layer), v in KURT.items() if "pythia" in CKPTS[i][7]}
     encoding = spec["spec"]["encoding"]
     assert encoding["x"]["field"] == "layer" and encoding["y"]["scale"]["type"] == "log"
@@ -220,8 +204,8 @@ def test_layer_profile_draws_one_line_per_checkpoint(page: str) -> None:
 
 
 def test_int8_table_gives_the_change_in_perplexity_per_checkpoint(page: str) -> None:
-    section = _section(page, "study-pythia")
-    header, rows = _rows(section.split("<h3>int8 quantisation</h3>")[1])
+    section = page_section(page, "study-pythia")
+    header, rows = table_rows(section.split("<h3>int8 quantisation</h3>")[1])
     assert header == ["model", "revision", "step", "status", "mean Kurt", "ppl fp", "static W8A8 change",
                       "static W4A4 change", "dynamic W8A8 change"]
     pythia = [i for i, c in enumerate(CKPTS) if "pythia" in c[7]]
@@ -240,33 +224,33 @@ def test_int8_table_gives_the_change_in_perplexity_per_checkpoint(page: str) -> 
 
 
 def test_int8_figure_plots_the_degradation_against_step(page: str) -> None:
-    spec = _specs(page)["fig-pythia-int8-over-checkpoints"]
-    got = {(r["label"], r["step"], r["protocol"], r["bits"]): r["degradation"] for r in _values(spec)}
+    spec = chart_specs(page)["fig-pythia-int8-over-checkpoints"]
+    got = {(r["label"], r["step"], r["protocol"], r["bits"]): r["degradation"] for r in spec_values(spec)}
     want = {(CKPTS[i][1], CKPTS[i][3], p, b): PPL_Q[(i, p, b)] / PPL_FP[i] - 1
             for i in COMPLETED if "pythia" in CKPTS[i][7] for p, b in PAIRS}
     assert got.keys() == want.keys() and all(got[k] == pytest.approx(want[k]) for k in want)
     assert spec["spec"]["encoding"]["x"]["field"] == "step" and spec["facet"]["field"] == "label"
-    assert len({r["series"] for r in _values(spec)}) == len(PAIRS)
+    assert len({r["series"] for r in spec_values(spec)}) == len(PAIRS)
 
 
 def test_unknown_steps_give_an_ordinal_checkpoint_axis(page: str) -> None:
-    section = _section(page, "study-local")
-    specs = _specs(section)
+    section = page_section(page, "study-local")
+    specs = chart_specs(section)
     spec = specs["fig-local-kurtosis-over-checkpoints"]
     x = spec["spec"]["encoding"]["x"]
     assert x["field"] == "checkpoint" and x["type"] == "ordinal" and x["sort"] == {"field": "order", "op": "min"}
     assert spec["resolve"]["scale"]["x"] == "independent"
     # a local folder without a revision is named by its label
-    assert {r["checkpoint"] for r in _values(spec)} == {"run-a", "main"}
+    assert {r["checkpoint"] for r in spec_values(spec)} == {"run-a", "main"}
     assert specs["fig-local-int8-over-checkpoints"]["spec"]["encoding"]["x"]["field"] == "checkpoint"
     assert "The training step of 2 of the study" in section
     caption = re.search(r'id="fig-local-kurtosis-over-checkpoints">.*?<figcaption>(.*?)</figcaption>', section, re.S)
     assert "config order (steps unknown)" in caption.group(1) and "symlog" not in caption.group(1)
-    assert "unknown" not in _section(page, "study-pythia")
+    assert "unknown" not in page_section(page, "study-pythia")
 
 
 def test_failed_and_corrupt_checkpoints_show_their_error(page: str) -> None:
-    header, rows = _rows(_section(page, "study-pythia").split("<h3>Checkpoints</h3>")[1])
+    header, rows = table_rows(page_section(page, "study-pythia").split("<h3>Checkpoints</h3>")[1])
     assert header == ["model", "revision", "step", "tokens", "status", "params", "layers", "ppl fp", "max Kurt",
                       "mean Kurt", "error"]
     failed = rows[CKPT_IDS[2]]
@@ -276,7 +260,7 @@ def test_failed_and_corrupt_checkpoints_show_their_error(page: str) -> None:
     peak, mean = _kurt_summary(3)
     assert done[2:5] == ["143000", f"{143000 * TOKENS_PER_STEP / 1e9:.3g}B", "completed"]
     assert done[8:] == [f"{peak:.3g}", f"{mean:.3g}", ""]
-    _, local = _rows(_section(page, "study-local").split("<h3>Checkpoints</h3>")[1])
+    _, local = table_rows(page_section(page, "study-local").split("<h3>Checkpoints</h3>")[1])
     assert local[CKPT_IDS[8]][4] == "corrupt" and "Parquet magic bytes" in local[CKPT_IDS[8]][-1]
     assert local[CKPT_IDS[6]][1:3] == ["-", "-"]  # no revision, no step
 
@@ -286,9 +270,9 @@ def test_checkpoint_studies_render_in_config_order_beside_training_studies(page:
     assert order == sorted(order) and order[-1] < page.index('<section id="runs">')
     assert "<h2>1. Pythia over training</h2>" in page and "<h2>2. Norm blocks</h2>" in page
     assert "<h2>3. Local folders</h2>" in page
-    assert "Figure 1.1 (headline)." in _section(page, "study-pythia")
-    assert "Figure 3.1 (headline)." in _section(page, "study-local")
-    assert "fig-blocks-kurtosis-over-steps" in _section(page, "study-blocks")  # the training study as before
+    assert "Figure 1.1 (headline)." in page_section(page, "study-pythia")
+    assert "Figure 3.1 (headline)." in page_section(page, "study-local")
+    assert "fig-blocks-kurtosis-over-steps" in page_section(page, "study-blocks")  # the training study as before
     front = page[: page.index('<section id="study-')]
     assert "1 runs: 1 completed." in front
     assert "9 checkpoints: 7 completed, 1 failed, 1 corrupt." in front
@@ -296,7 +280,7 @@ def test_checkpoint_studies_render_in_config_order_beside_training_studies(page:
     grid = re.search(r'<table class="grid">(.*?)</table>', front, re.S).group(1)
     assert "<code>pythia-14m</code>: step0, step1000, step8000, step143000" in grid
     assert "6 checkpoints" in grid
-    specs = _specs(page)
+    specs = chart_specs(page)
     assert len(specs) == len(set(specs))
     for stem, spec in specs.items():
         if "checkpoints" in stem or "checkpoint" in stem:
@@ -331,7 +315,7 @@ def test_a_checkpoint_study_without_results_says_no_data(tmp_path: Path) -> None
     write_parquet(ckpts, results / "checkpoints.parquet", SCHEMAS["checkpoints"])
     for name in ("checkpoint_metrics", "checkpoint_quant"):
         write_parquet(pd.DataFrame(columns=SCHEMAS[name].names), results / f"{name}.parquet", SCHEMAS[name])
-    section = _section(build_report(results, tmp_path / "index.html", png=False).read_text(), "study-pythia")
+    section = page_section(build_report(results, tmp_path / "index.html", png=False).read_text(), "study-pythia")
     assert "No checkpoint of this study has been inspected yet" in section and "<h3>int8" not in section
-    specs = _specs(section)
-    assert len(specs) == 2 and all(_values(s) == [{"text": "no data"}] for s in specs.values())
+    specs = chart_specs(section)
+    assert len(specs) == 2 and all(spec_values(s) == [{"text": "no data"}] for s in specs.values())

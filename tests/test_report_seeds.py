@@ -18,6 +18,7 @@ import vl_convert
 from ofe import htmlparts, plots
 from ofe.report import build_report
 from ofe.results import write_parquet
+from tests.report_html import spec_values
 
 SEEDS = 3
 STEPS = (0, 10, 20)
@@ -62,9 +63,6 @@ def _metrics(seeds: int = SEEDS) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _values(spec: dict) -> list[dict]:
-    """All inline data rows of a spec (Altair consolidates them under top-level `datasets`)."""
-    return [row for rows in spec.get("datasets", {}).values() for row in rows]
 
 
 def _marks(spec: dict) -> list[str]:
@@ -96,7 +94,7 @@ def _check_band(row: dict, planted: np.ndarray) -> None:
 def test_kurtosis_over_steps_draws_the_seed_mean_with_a_min_max_band() -> None:
     spec = plots.kurtosis_over_steps(_metrics()).to_dict()
     assert _marks(spec) == ["area", "line"]  # the band under the mean line, in every panel
-    rows = _values(spec)
+    rows = spec_values(spec)
     multi = {(r["layer"], r["step"]): r for r in rows if r["label"] == MULTI}
     assert len(multi) == len(SITES) * len(STEPS)
     for (s, step), (i, (layer, _)) in itertools.product(enumerate(STEPS), enumerate(SITES)):
@@ -116,7 +114,7 @@ def test_kurtosis_over_steps_draws_the_seed_mean_with_a_min_max_band() -> None:
 def test_final_per_layer_charts_draw_the_seed_mean_with_a_min_max_band(metric, chart) -> None:
     spec = chart(_metrics()).to_dict()
     assert _marks(spec) == ["area", "line"]
-    rows = {(r["label"], r["layer"]): r for r in _values(spec)}
+    rows = {(r["label"], r["layer"]): r for r in spec_values(spec)}
     for i, (layer, _) in enumerate(SITES):
         _check_band(rows[(MULTI, layer)], PLANTED[metric][:, -1, i])  # the last step of every seed
         assert rows[(SINGLE, layer)]["value"] == pytest.approx(PLANTED_SINGLE[metric][-1, i])
@@ -128,7 +126,7 @@ def test_final_per_layer_charts_draw_the_seed_mean_with_a_min_max_band(metric, c
 def test_loss_curves_draw_the_seed_mean_with_a_min_max_band() -> None:
     spec = plots.loss_curves(_metrics()).to_dict()
     assert sorted(_marks(spec)) == ["area", "area", "line", "line"]  # train and val, band and mean each
-    rows = {(r["label"], r["site"], r["step"]): r for r in _values(spec)}
+    rows = {(r["label"], r["site"], r["step"]): r for r in spec_values(spec)}
     for step in range(21):
         _check_band(rows[(MULTI, "train", step)], TRAIN_LOSS[:, step])
     for v, step in enumerate((10, 20)):
@@ -142,7 +140,7 @@ def test_loss_curves_draw_the_seed_mean_with_a_min_max_band() -> None:
 def test_one_seed_per_configuration_draws_no_band(chart) -> None:
     spec = chart(_metrics(seeds=1)).to_dict()
     assert "area" not in _marks(spec)
-    assert all("min" not in row and "max" not in row for row in _values(spec))
+    assert all("min" not in row and "max" not in row for row in spec_values(spec))
     assert "band" not in " ".join(spec["title"]["subtitle"])
 
 
@@ -166,7 +164,7 @@ def test_sweep_draws_the_seed_mean_with_a_band_and_optional_points() -> None:
     runs, peak = _sweep_runs()
     spec = plots.sweep_lines(runs, "lr", band=True).to_dict()
     assert _marks(spec) == ["area", "line", "point"]
-    means = {(r["label"], r["lr"], r["measure"]): r for r in _values(spec) if r["kind"] == "mean"}
+    means = {(r["label"], r["lr"], r["measure"]): r for r in spec_values(spec) if r["kind"] == "mean"}
     for j, lr in enumerate((1e-3, 3e-3, 1e-2)):
         _check_band(means[(MULTI, lr, "peak Kurt")], peak[:, j])
         _check_band(means[(MULTI, lr, "final mean Kurt")], peak[:, j] / 2)
@@ -177,7 +175,7 @@ def test_sweep_draws_the_seed_mean_with_a_band_and_optional_points() -> None:
     # one seed per configuration: no band, whatever `band` says
     one_seed = plots.sweep_lines(_sweep_runs(seeds=1)[0], "lr", band=True).to_dict()
     assert _marks(one_seed) == ["line", "point"]
-    assert all("min" not in row for row in _values(one_seed))
+    assert all("min" not in row for row in spec_values(one_seed))
 
 
 # ---- the page: tables by configuration, captions, templates ---------------------------------------
