@@ -7,7 +7,8 @@ checkpoint studies read, beside runs.parquet:
 
 As for runs, a checkpoint that has not finished is listed (`failed` with the last line of its error, or
 `missing`), and one whose files cannot be trusted (unreadable, the wrong schema, or measured on another
-model or revision than the plan's) is `corrupt` with the reason and contributes no rows.
+model, revision, batches, batch size, context or quant settings than the plan's) is `corrupt` with the
+reason and contributes no rows.
 The step is the plan's (from a `stepN` revision or the entry's `step`), null where unknown.
 """
 
@@ -22,6 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ofe.aggregate import READ_ERRORS, CorruptRun, _brief, _read_table, run_status
+from ofe.checkpoints import measure_settings
 from ofe.results import METRIC_SCHEMA, read_metadata, write_parquet
 
 ID_FIELDS = [("ckpt_id", pa.string()), ("model", pa.string()), ("label", pa.string()),
@@ -67,8 +69,24 @@ def _read_inspect(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def read_checkpoint(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
-    """Status, summary figures and tables of one checkpoint folder (absent tables where not completed)."""
+def _check_settings(meta: dict[str, Any], plan: dict[str, Any]) -> None:
+    """CorruptRun if the tables were measured with other settings than the plan's (batches, batch size,
+    context where the plan sets one, the quant section): Snakemake reruns an inspection whose settings
+    changed, but not when it has lost track of the folder (moved, .snakemake/ removed)."""
+    got = meta.get("inspect", {})
+    planned = measure_settings(plan["inspect"]) if "inspect" in plan else {}  # plans before checkpoint studies
+    want = {k: v for k, v in planned.items() if v is not None}
+    wrong = [f"{k} {got.get(k)} (planned {v})" for k, v in want.items() if got.get(k) != v]
+    # compared as JSON: a plan built in this process holds tuples where the file's metadata holds lists
+    if "quant" in plan and json.dumps(meta.get("quant"), sort_keys=True) != json.dumps(plan["quant"], sort_keys=True):
+        wrong.append("other quant settings than the planned")
+    if wrong:
+        raise CorruptRun(f"metrics.parquet: measured with {', '.join(wrong)}; rerun it")
+
+
+def read_checkpoint(folder: Path, ckpt: dict[str, Any], plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Status, summary figures and tables of one checkpoint folder (absent tables where not completed),
+    checked against the `plan`'s settings where given."""
     from ofe.quant import QUANT_SCHEMA
 
     if not (folder / "inspect.json").exists():  # error.txt: failed with its last line; else not run yet
@@ -78,7 +96,10 @@ def read_checkpoint(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
         summary = _read_inspect(folder, ckpt)
         metrics = _read_table(folder / "metrics.parquet", METRIC_SCHEMA, None).to_pandas()
         quant = _read_table(folder / "quant.parquet", QUANT_SCHEMA, None).to_pandas()
-        info = read_metadata(folder / "metrics.parquet").get("inspect", {})
+        meta = read_metadata(folder / "metrics.parquet")
+        if plan is not None:
+            _check_settings(meta, plan)
+        info = meta.get("inspect", {})
     except (CorruptRun, *READ_ERRORS) as e:  # the metadata, read after the tables, can still be damaged
         return {"status": "corrupt", "error": f"corrupt: {e if isinstance(e, CorruptRun) else _brief(e)}"}
     peak, mean = kurtosis(metrics)
@@ -101,7 +122,7 @@ def aggregate_checkpoints(plan: dict[str, Any], results_dir: Path, out_dir: Path
     schema = schemas()
     rows, metric_frames, quant_frames = [], [], []
     for ckpt in plan.get("checkpoints", []):
-        got = read_checkpoint(results_dir / "checkpoints" / ckpt["ckpt_id"], ckpt)
+        got = read_checkpoint(results_dir / "checkpoints" / ckpt["ckpt_id"], ckpt, plan)
         ids = {name: ckpt[name] for name, _ in ID_FIELDS}
         rows.append({**ids, "studies": ckpt["studies"], "tokens": got.get("tokens"),
                      **{name: got.get(name) for name, _ in SUMMARY}})

@@ -17,7 +17,7 @@ import yaml
 from ofe.__main__ import plan_from_config
 from ofe.aggregate import aggregate
 from ofe.checkpoints import ckpt_id, revision_step
-from ofe.config import ConfigError, QuantConfig
+from ofe.config import ConfigError, QuantConfig, build_section
 from ofe.inspection import Settings, inspect
 from ofe.status import grid_status
 from tests import hf_models
@@ -26,7 +26,7 @@ from tests.test_workflow import TEST_CONFIG, job_counts, snakemake
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("no_network")
 
-SHA = {"step1000": "1" * 40, "step8000": "8" * 40}
+SHA = {"step0": "0" * 40, "step1000": "1" * 40, "step8000": "8" * 40}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root, tok = tmp_path_factory.mktemp("models"), hf_models.tokenizer()
     early = hf_models.save(hf_models.plant_outlier(hf_models.build("gpt_neox"), 1.0), root / "early", tok)
     late = hf_models.save(hf_models.plant_outlier(hf_models.build("gpt_neox"), 10.0), root / "late", tok)
-    cache = hf_models.fake_hub_cache(root / "hub", early, "ofe-test/tiny-neox", {"step1000": SHA["step1000"]})
+    cache = hf_models.fake_hub_cache(root / "hub", early, "ofe-test/tiny-neox",
+                                     {"step0": SHA["step0"], "step1000": SHA["step1000"]})
     hf_models.fake_hub_cache(cache, late, "ofe-test/tiny-neox", {"step8000": SHA["step8000"]})
     llama = hf_models.save(hf_models.build("llama"), root / "llama-local", tok)
     return {"cache": cache, "llama": llama}
@@ -119,11 +120,16 @@ def test_bad_checkpoint_studies_are_refused_by_key(case, models, tmp_path):
         plan_from_config(config, Path("workflow/schemas/config.schema.yaml"))
 
 
-def _inspected(models: dict[str, Path], out: Path, revision: str) -> None:
+def planned(plan: dict, **settings) -> dict:
+    """`inspect`'s settings and quant section as the plan has them (`settings` overriding)."""
+    measure = {k: plan["inspect"][k] for k in ("batches", "batch_size", "context")}
+    return dict(settings=Settings(**{**measure, **settings}), quant=build_section(QuantConfig, plan["quant"], "quant."))
+
+
+def _inspected(models: dict[str, Path], out: Path, revision: str, plan: dict, **settings) -> None:
     out.mkdir(parents=True)
     inspect(out, model="ofe-test/tiny-neox", revision=revision, cache_dir=models["cache"],
-            text_file=hf_models.text_file(out), settings=Settings(batches=1, batch_size=2, context=16),
-            quant=QuantConfig(bits=(8,), calib_batches=1, eval_batches=1))
+            text_file=hf_models.text_file(out), **planned(plan, **settings))
 
 
 def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypatch):
@@ -132,12 +138,13 @@ def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypat
     monkeypatch.setenv("HF_HUB_CACHE", str(models["cache"]))
     config = study_config(models)
     config["studies"]["pretrained"]["models"] = [
-        {"name": "ofe-test/tiny-neox", "revisions": ["step1000", "step8000", "main", "v2"]},
+        {"name": "ofe-test/tiny-neox", "revisions": ["step1000", "step8000", "main", "v2", "step0"]},
         {"name": str(models["llama"])}]
     plan = plan_from_config(config, None)
     root = tmp_path / "results" / "checkpoints"
-    _inspected(models, root / "ofe-test--tiny-neox/step1000", "step1000")
-    _inspected(models, root / "ofe-test--tiny-neox/step8000", "step1000")  # the wrong revision's numbers
+    _inspected(models, root / "ofe-test--tiny-neox/step1000", "step1000", plan)
+    _inspected(models, root / "ofe-test--tiny-neox/step8000", "step1000", plan)  # the wrong revision's numbers
+    _inspected(models, root / "ofe-test--tiny-neox/step0", "step0", plan, batch_size=1)  # another batch size
     (root / "ofe-test--tiny-neox/main").mkdir(parents=True)
     (root / "ofe-test--tiny-neox/main/error.txt").write_text("Traceback\nInspectError: revision 'main' is gone\n")
     shutil.copytree(root / "ofe-test--tiny-neox/step1000", root / "ofe-test--tiny-neox/v2")
@@ -149,10 +156,13 @@ def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypat
     ck = frames["checkpoints"].set_index("ckpt_id")
     assert ck.status.to_dict() == {"ofe-test--tiny-neox/step1000": "completed",
                                    "ofe-test--tiny-neox/step8000": "corrupt", "ofe-test--tiny-neox/main": "failed",
-                                   "ofe-test--tiny-neox/v2": "corrupt", "llama-local/local": "missing"}
+                                   "ofe-test--tiny-neox/v2": "corrupt", "llama-local/local": "missing",
+                                   "ofe-test--tiny-neox/step0": "corrupt"}
     assert "not the planned 'ofe-test/tiny-neox' at 'step8000'" in ck.error["ofe-test--tiny-neox/step8000"]
     assert ck.error["ofe-test--tiny-neox/main"] == "InspectError: revision 'main' is gone"
     assert ck.error["ofe-test--tiny-neox/v2"].startswith("corrupt: quant.parquet")
+    assert ck.error["ofe-test--tiny-neox/step0"] == ("corrupt: metrics.parquet: measured with batch_size 1 "
+                                                     "(planned 2); rerun it")
     done = ck.loc["ofe-test--tiny-neox/step1000"]
     assert done.step == 1000 and done.architecture == "GPTNeoXForCausalLM" and done.n_layers == hf_models.LAYERS
     assert done.val_loss == pytest.approx(math.log(done.ppl_fp))
@@ -173,7 +183,8 @@ def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypat
                     "checkpoints/ofe-test--tiny-neox/step8000": ("corrupt", 8000),
                     "checkpoints/ofe-test--tiny-neox/main": ("failed", None),
                     "checkpoints/ofe-test--tiny-neox/v2": ("done", None),  # its tables are checked by aggregate
-                    "checkpoints/llama-local/local": ("missing", None)}
+                    "checkpoints/llama-local/local": ("missing", None),
+                    "checkpoints/ofe-test--tiny-neox/step0": ("done", 0)}  # settings: checked by aggregate
 
 
 @pytest.mark.slow
@@ -272,8 +283,7 @@ def test_a_relative_local_folder_is_a_local_checkpoint(models, tmp_path, monkeyp
     plan = plan_from_config(config, None)
     assert [(c["ckpt_id"], c["label"]) for c in plan["checkpoints"]] == [("llama/local", "llama")]
     out = tmp_path / "results" / "checkpoints" / "llama" / "local"
-    inspect(out, model="models/llama", text_file=hf_models.text_file(tmp_path),
-            settings=Settings(batches=1, batch_size=2, context=16), quant=QuantConfig(protocols=()))
+    inspect(out, model="models/llama", text_file=hf_models.text_file(tmp_path), **planned(plan))
     ck = aggregate(plan, tmp_path / "results")["checkpoints"]
     assert list(ck.status) == ["completed"] and ck.tokens.isna().all()  # no step, so no token count
     (tmp_path / "results" / "plan.json").write_text(json.dumps(plan))
@@ -293,7 +303,7 @@ def test_tokens_are_known_only_with_the_step(models, tmp_path):
         out = tmp_path / "results" / "checkpoints" / ckpt["ckpt_id"]
         out.mkdir(parents=True)
         inspect(out, model=ckpt["model"], revision=ckpt["revision"], text_file=hf_models.text_file(out),
-                cache_dir=cache, settings=Settings(batches=1, batch_size=2, context=16), quant=QuantConfig(protocols=()))
+                cache_dir=cache, **planned(plan))
     frames = aggregate(plan, tmp_path / "results")
     ck = frames["checkpoints"].set_index("revision")
     assert ck.status.tolist() == ["completed", "completed"]
