@@ -261,9 +261,10 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     def config_hash(self) -> str:
-        """The run's identity: a hash of everything training reads, in canonical JSON. The grid labels
+        """The config's identity: a hash of everything training reads, in canonical JSON. The grid labels
         and the token cache's path are left out (labels are not read by training; the cache folder is
-        already content-addressed by the data config, which is in)."""
+        already content-addressed by the data config, which is in). A trained run's identity also holds
+        the device type and dtype it resolved to (`run_identity`)."""
         return config_hash(self.to_dict())
 
     @classmethod
@@ -305,7 +306,10 @@ def check_parallel(cfg: RunConfig) -> None:
 # existed. A value equal to it is left out of the hash, so adding a knob that changes nothing by default
 # never turns finished runs into "another config" (to be moved aside and retrained); any other value,
 # a later change of the default included, is in the hash. Add every new field here with its neutral value.
-HASH_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"micro_batch_size": None, "parallel": "ddp"}}
+# device_type and dtype are not config fields but what `run_identity` adds: the resolved device type
+# and compute dtype, neutral at CPU fp32, the only way runs trained before they were hashed.
+HASH_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"micro_batch_size": None, "parallel": "ddp",
+                                                     "device_type": "cpu", "dtype": "float32"}}
 
 
 def config_hash(run_config: dict[str, Any]) -> str:
@@ -317,6 +321,16 @@ def config_hash(run_config: dict[str, Any]) -> str:
                                  if not (k in neutral and v == neutral[k])}
     canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=list)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def run_identity(run_config: dict[str, Any], device_type: str, dtype: str) -> str:
+    """The identity of a run as trained: `config_hash` with the resolved device type ('cpu', 'cuda') and
+    compute dtype ('float32', 'bfloat16') added to its train section. `device: auto` and `precision: auto`
+    mean CPU fp32 on one host and CUDA bf16 on another: a checkpoint or summary of one is not a result of
+    the other (different numerics), so neither resumes nor counts as finished there. At CPU fp32 (neutral,
+    `HASH_NEUTRAL`) it equals `config_hash`. What the workflow plans and compares stays `config_hash`."""
+    train = {**run_config.get("train", {}), "device_type": device_type, "dtype": dtype}
+    return config_hash({**run_config, "train": train})
 
 
 def _reject_unknown(prefix: str, d: dict[str, Any], allowed: Iterable[str]) -> None:

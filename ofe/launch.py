@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import submitit
 
-from ofe.config import RunConfig, check_micro_batch
+from ofe.config import ConfigError, RunConfig, check_micro_batch
 from ofe.jobstate import StatusCache, live_job, pid_alive, process_start_time, wait_for
 from ofe.results import atomic_write_json, atomic_write_text
 
@@ -51,12 +51,72 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, config_path: str, out_dir: str, quant: dict[str, Any] | None = None) -> dict[str, Any]:
         from ofe.train import load_run_config, train
 
-        if submitit.JobEnvironment().num_tasks > 1:  # RANK, WORLD_SIZE, LOCAL_RANK, MASTER_* for DDP/FSDP
-            submitit.helpers.TorchDistributedEnvironment().export()
+        export_processes()
         summary = train(load_run_config(config_path), out_dir)
         if quant is not None and int(os.environ.get("RANK", 0)) == 0:  # rank 0 evaluates the saved model
             quantise_in_process(out_dir, quant)
         return summary
+
+
+def export_processes() -> None:
+    """RANK, WORLD_SIZE, LOCAL_RANK and MASTER_* for DDP/FSDP from submitit's tasks (a job of several).
+    CUDA_VISIBLE_DEVICES stays as the job was given it: submitit's default sets it to the local rank,
+    which is physical GPU LOCAL_RANK, another job's on a shared node without device cgroups. Each process
+    takes cuda:LOCAL_RANK among the job's own devices instead (`ofe.parallel.resolve_device`)."""
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+class LocalGpus(submitit.helpers.Checkpointable):
+    """A local job's callable, run with the GPUs the job may use. submitit's local executor sets the
+    job's CUDA_VISIBLE_DEVICES itself: "" (no GPU at all) unless gpus_per_node is given, and then 0..N-1
+    whatever the head's own mask. So ofe passes no gpus_per_node to it and sets the mask in the job's
+    process, before anything there initialises CUDA (`local_gpus` says which). Not submitit's `setup`
+    shell lines: a shell that execs the last command of `a && b` (bash 5.2 does) makes submitit's local
+    controller take its parent's pid for the job id."""
+
+    def __init__(self, call: Callable[..., Any], visible: str | None, count: int | None) -> None:
+        self.call, self.visible, self.count = call, visible, count
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_initialized():  # the mask would no longer apply
+            raise RuntimeError("CUDA was initialised in the job before its CUDA_VISIBLE_DEVICES was set")
+        if self.visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.visible
+        if self.count:  # CUDA silently drops the indices that name no device: count what is left
+            import torch
+
+            from ofe.parallel import DeviceError
+
+            seen = torch.cuda.device_count()
+            if seen < self.count:
+                raise DeviceError(f"launcher gpus_per_node: {self.count}, but the job sees {seen} GPU(s) with "
+                                  f"CUDA_VISIBLE_DEVICES={self.visible!r}; lower gpus_per_node (or remove it "
+                                  f"to use every GPU the launching process sees)")
+        return self.call(*args, **kwargs)
+
+
+def local_gpus(gpus_per_node: int | None, visible: str | None) -> tuple[str | None, int | None]:
+    """(CUDA_VISIBLE_DEVICES for a local job, or None to leave it unset; the GPUs it must see, or None)
+    from the launcher's gpus_per_node and the launching process's own CUDA_VISIBLE_DEVICES (`visible`;
+    None: unset, every GPU). No gpus_per_node: the job sees what the launching process sees. N: the first
+    N of those devices, indices or UUIDs; ConfigError when fewer are listed."""
+    if gpus_per_node is None:
+        return visible, None
+    n = int(gpus_per_node)
+    if n == 0:
+        return "", None
+    if visible is None:
+        return ",".join(str(i) for i in range(n)), n
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    if len(devices) < n:
+        raise ConfigError(f"launcher gpus_per_node: {n}, but this process sees {len(devices)} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={visible!r}); lower gpus_per_node, remove it, or make more "
+                          f"GPUs visible")
+    return ",".join(devices[:n]), n
 
 
 class InspectJob(submitit.helpers.Checkpointable):
@@ -115,8 +175,8 @@ def executor_parameters(launcher: dict[str, Any], scale: str, name: str,
             if os.environ.get(env):
                 slurm[key] = os.environ[env]
         params.update({f"slurm_{k}": v for k, v in slurm.items() if v not in (None, "")})
-    else:  # the local executor knows no memory or CPU reservations
-        params = {k: v for k, v in params.items() if k in ("timeout_min", "name", "tasks_per_node")}
+    else:  # the local executor knows no memory or CPU reservations; gpus_per_node is for `local_gpus`
+        params = {k: v for k, v in params.items() if k in ("timeout_min", "name", "tasks_per_node", "gpus_per_node")}
     return params
 
 
@@ -223,11 +283,15 @@ def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | 
         (out / ERROR).unlink(missing_ok=True)
         folder = out / "submitit" / time.strftime("%Y%m%dT%H%M%S")  # one folder per submission
         params = executor_parameters(launcher, work.scale, work.name, work.resources)
+        call = work.call
+        if cluster == "local":  # the GPUs it may use, never the local executor's mask (`LocalGpus`)
+            call = LocalGpus(call, *local_gpus(params.pop("gpus_per_node", None),
+                                               os.environ.get("CUDA_VISIBLE_DEVICES")))
         if work.before_submit is not None:
             work.before_submit(params)
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
         executor.update_parameters(**params)
-        job = executor.submit(work.call, *work.args)
+        job = executor.submit(call, *work.args)
         record = {"job_id": str(job.job_id), "cluster": cluster, "folder": str(folder),
                   "stdout": str(job.paths.stdout), "submitted": time.time()}
         if cluster == "local":

@@ -2,6 +2,9 @@
 
 A job of N processes gets RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT from submitit's tasks
 (`ofe.launch.TrainJob`) or any torchrun-like launcher; the process group is gloo on CPU, nccl on CUDA.
+Each process of a node takes the GPU of its LOCAL_RANK among the devices the job was given
+(`resolve_device`), and a job given GPUs that torch cannot use fails (`DeviceError`), never falls
+back to CPU.
 `train.parallel: fsdp` shards every transformer block, then the root (embeddings, final norm, the tied
 head), with `fully_shard`; one process of an fsdp run still gets a (one-member) process group, so that
 its model is the same sharded module as at N processes and resumes any sharded checkpoint.
@@ -11,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -21,17 +25,75 @@ from torch import nn
 from ofe.config import TrainConfig
 
 
+class DeviceError(RuntimeError):
+    """The device the config asks for, or the GPUs the job was given, cannot be used: never a silent
+    fallback to CPU, which would train in fp32 at a fraction of the speed and under another identity."""
+
+
+# Where a job learns it was given GPUs: SLURM's variables for a job with GPUs, and the CUDA mask itself.
+GPU_ENV = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
+
+
+def gpus_given(env: Mapping[str, str] | None = None) -> str | None:
+    """The variable that says this job was given GPUs ('NAME=value'), or None. An empty value, a
+    SLURM_GPUS_ON_NODE of 0, and a CUDA_VISIBLE_DEVICES starting with -1 (the usual way to hide every
+    GPU: CUDA stops reading the list at the first invalid index) give none."""
+    env = os.environ if env is None else env
+    for var in GPU_ENV:
+        value = env.get(var, "").strip()
+        nothing = ("", "-1", "0") if var == "SLURM_GPUS_ON_NODE" else ("", "-1")  # a count there, indices else
+        if value.split(",")[0].strip() not in nothing:
+            return f"{var}={value}"
+    return None
+
+
+def _why_no_cuda() -> str:
+    """Why torch cannot use CUDA here, as far as torch can tell."""
+    if torch.version.cuda is None and torch.version.hip is None:
+        return f"torch {torch.__version__} is a CPU-only build; install a CUDA build of torch"
+    mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda or torch.version.hip}) sees no usable GPU: "
+            f"a driver older than this CUDA needs (compare nvidia-smi's 'CUDA Version'), no GPU on this node"
+            + (f", or CUDA_VISIBLE_DEVICES={mask!r} naming none that exists" if mask is not None else ""))
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> CUDA when available, else CPU. A bare 'cuda' in a job of several processes per node
-    means this process's own GPU (LOCAL_RANK), never GPU 0 for all of them."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and torch.cuda.device_count() > 1:
-        name = f"cuda:{local_rank % torch.cuda.device_count()}"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # nccl and FSDP's device mesh use the current device
+    """The device `train.device` means for the process of local rank `local_rank`. 'auto': CUDA when
+    torch can use it, else CPU, unless the job was given GPUs (`gpus_given`): then DeviceError, as for
+    'cuda' without CUDA. A bare 'cuda' (or 'auto' on CUDA) is cuda:LOCAL_RANK among the visible devices,
+    one GPU per process of the node; a local rank with no GPU of its own is refused, never shared.
+    The chosen GPU becomes the current device (nccl and FSDP's device mesh use it)."""
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        given = gpus_given()
+        if name == "auto" and given is None:
+            return torch.device("cpu")
+        job = f"this job was given GPUs ({given}) but " if given else ""
+        raise DeviceError(f"train.device {name!r}: {job}torch cannot use CUDA: {_why_no_cuda()}. To train on "
+                          f"CPU on purpose, set train.device: cpu (and give the job no GPUs)")
+    count = torch.cuda.device_count()
+    device = torch.device("cuda" if name == "auto" else name)
+    if device.index is None:
+        if local_rank >= count:
+            raise DeviceError(f"train.device {name!r}: process of local rank {local_rank} has no GPU of its own: "
+                              f"{count} visible (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                              f"give the job one GPU per task (launcher gpus_per_node >= tasks_per_node)")
+        device = torch.device("cuda", local_rank)
+    elif local_rank > 0:
+        raise DeviceError(f"train.device {name!r} names one GPU for every process of the node (this one has "
+                          f"local rank {local_rank}); use 'cuda' or 'auto': each process takes cuda:LOCAL_RANK")
+    elif device.index >= count:
+        raise DeviceError(f"train.device {name!r}: only {count} GPU(s) visible, cuda:0 to cuda:{count - 1}")
+    torch.cuda.set_device(device)
     return device
+
+
+def runtime(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """What a run actually ran on, for its summary and metadata: device, its type, the compute dtype
+    and the GPU's name (None off CUDA)."""
+    return {"device": str(device), "device_type": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "gpu_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 
 
 @dataclass

@@ -251,7 +251,8 @@ def quantise_run(run_dir: Path | str, cfg: QuantConfig) -> pd.DataFrame:
     else:  # a diverged run has no model worth quantising: keep the row, with NaN perplexities
         rows = [(p, b, math.nan, math.nan, math.nan) for p in cfg.protocols for b in cfg.bits]
     df = pd.DataFrame(rows, columns=QUANT_COLUMNS)
-    meta = {"config": summary["config"], "quant": asdict(cfg), "status": summary["status"],
-            "provenance": provenance()}
+    # the run's identity (ofe.config.run_identity), so a GPU run's table is not taken for another run's
+    meta = {"config": summary["config"], "config_hash": summary.get("config_hash"), "quant": asdict(cfg),
+            "status": summary["status"], "provenance": provenance()}
     write_parquet(df, run_dir / "quant.parquet", QUANT_SCHEMA, meta)
     return df

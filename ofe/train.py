@@ -5,7 +5,8 @@ Outputs in the run folder, each written atomically and fsynced:
                   point, then final model); checkpoint.prev.pt is the one before it. An fsdp run
                   writes the sharded folders checkpoint.dcp and checkpoint.prev.dcp instead (`ofe.dcp`)
 - metrics.parquet long rows (step, tokens, layer, site, metric, value); config + provenance in metadata
-- summary.json    written last: with this config's hash, its presence means the run is finished
+- summary.json    written last: with this run's identity (`ofe.config.run_identity`: the config hash
+                  with the resolved device type and dtype), its presence means the run is finished
 A run killed at any point and started again resumes from its last checkpoint and ends with the same
 metrics as an uninterrupted run: batches and the LR are pure functions of the step. Outputs of another
 config in the folder are moved aside first (`ofe.checkpoint`).
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from ofe import checkpoint, dcp, parallel
 from ofe.checkpoint import METRICS, SUMMARY
-from ofe.config import RunConfig, check_micro_batch
+from ofe.config import RunConfig, TrainConfig, check_micro_batch, run_identity
 from ofe.data import TokenData
 from ofe.model import GPT
 from ofe.optim import build_optimizer, lr_at
@@ -61,7 +62,7 @@ class Trainer:
         self.cfg, self.out = cfg, Path(out_dir)
         tc = cfg.train
         torch.set_num_threads(tc.threads)
-        self.device = parallel.resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.device, self.dtype = resolve_runtime(tc)
         self.procs = parallel.start(tc.parallel, self.device)
         try:
             self._build(cfg)
@@ -92,7 +93,8 @@ class Trainer:
         self.step, self.rows, self.seconds, self.status = 0, [], 0.0, "running"
         self.skipped_steps = self.consecutive_skips = 0
         self.tokens_per_step = tc.batch_size * cfg.model.context
-        self.config_hash = cfg.config_hash()
+        self.runtime = parallel.runtime(self.device, self.dtype)
+        self.config_hash = identity(cfg, self.device, self.dtype)  # not cfg.config_hash(): see run_identity
         self._resume()
 
     @property
@@ -293,7 +295,7 @@ class Trainer:
             return {"status": self.status, "rank": self.rank, "steps_done": self.step}
         df = pd.DataFrame(self.rows, columns=METRIC_SCHEMA.names)
         meta = {"config": self.cfg.to_dict(), "config_hash": self.config_hash, "provenance": provenance(),
-                "status": self.status}
+                "status": self.status, "runtime": self.runtime}
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
         summary = self._summary(df, n_params)
         atomic_write_json(self.out / SUMMARY, summary)  # last: marks the run finished
@@ -320,8 +322,10 @@ class Trainer:
             "tokens_per_s": round(self.step * self.tokens_per_step / max(self.seconds, 1e-9), 1),
             "n_params": n_params,
             "processes": self.world,
-            "device": str(self.device),
-            "precision": str(self.compute_dtype or torch.float32).replace("torch.", ""),
+            "device": self.runtime["device"],
+            "device_type": self.runtime["device_type"],
+            "precision": self.runtime["dtype"],
+            "gpu_name": self.runtime["gpu_name"],
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "peak_cuda_mb": (round(torch.cuda.max_memory_allocated() / 2**20, 1)
                              if self.device.type == "cuda" else None),
@@ -332,13 +336,16 @@ class Trainer:
 
 
 def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) -> dict[str, Any]:
-    """Train one run into `out_dir`, resuming from its checkpoint if it has one of this config;
-    idempotent once finished. A summary of another config is no answer: it is moved aside and the run
-    trains (every rank reads the same summary, so all return or all train)."""
+    """Train one run into `out_dir`, resuming from its checkpoint if it has one of this run's identity;
+    idempotent once finished. A summary of another config, or of this config on another device type or
+    dtype, is no answer: it is moved aside and the run trains (every rank reads the same summary, so all
+    return or all train). The device is resolved first, so a job that cannot use its GPUs fails here."""
     out = Path(out_dir)
-    summary = checkpoint.finished_summary(out, cfg.config_hash())
+    device, dtype = resolve_runtime(cfg.train)
+    summary = checkpoint.finished_summary(out, identity(cfg, device, dtype))
     if summary is not None and (out / METRICS).exists():  # else the final checkpoint rewrites both
-        print(f"[ofe] {out}: already finished ({summary['status']}, this config); nothing to train", flush=True)
+        print(f"[ofe] {out}: already finished ({summary['status']}, this config on {device.type} in "
+              f"{str(dtype).removeprefix('torch.')}); nothing to train", flush=True)
         return summary
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, out)
@@ -346,6 +353,18 @@ def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) ->
         return trainer.run(stop_after=stop_after)
     finally:  # also after an exception: a process group this run made must not outlive it
         trainer.procs.shutdown()
+
+
+def resolve_runtime(tc: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """The device (`ofe.parallel.resolve_device`, this process's LOCAL_RANK) and compute dtype a run
+    trains with in this process."""
+    device = parallel.resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+    return device, parallel.mixed_precision_dtype(tc, device) or torch.float32
+
+
+def identity(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """The run's identity (`ofe.config.run_identity`) when trained on `device` in `dtype`."""
+    return run_identity(cfg.to_dict(), device.type, str(dtype).replace("torch.", ""))
 
 
 def load_run_config(path: Path | str) -> RunConfig:

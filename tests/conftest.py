@@ -17,6 +17,16 @@ if TYPE_CHECKING:
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# Every test runs on CPU, on a GPU machine too: the expectations are CPU ones (fp32, a CPU reference),
+# and the two-task launch tests must not put NCCL on one GPU beside gloo. Hidden here, at import, before
+# anything initialises CUDA; submitted local jobs inherit the mask (ofe.launch.local_gpus). The SLURM
+# variables go too, or a test inside a GPU allocation would be "given GPUs" it cannot see
+# (ofe.parallel.gpus_given). OFE_TEST_GPU=1 leaves the GPUs visible, for a test about the GPU.
+if os.environ.get("OFE_TEST_GPU") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    for _var in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"):
+        os.environ.pop(_var, None)
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,8 +49,9 @@ def tiny_run(data_dir: Path, **sections) -> "RunConfig":
     cfg = RunConfig(
         model=ModelConfig(n_layer=2, d_model=32, n_head=2, context=32),
         optim=OptimConfig(lr=3e-3, betas=(0.9, 0.95)),
+        # device 'cpu', not 'auto': the tests' expectations are CPU fp32 ones, whatever the machine
         train=TrainConfig(steps=12, batch_size=4, log_every=4, eval_every=6, eval_batches=2,
-                          checkpoint_every=4, threads=1),
+                          checkpoint_every=4, threads=1, device="cpu"),
         data_dir=str(data_dir),
     )
     for name, values in sections.items():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ofe.config import HASH_NEUTRAL, DataConfig, RunConfig, TrainConfig
+from ofe.config import HASH_NEUTRAL, DataConfig, RunConfig, TrainConfig, config_hash, run_identity
 
 
 def _hash_of(d: dict) -> str:
@@ -20,8 +20,8 @@ def test_a_config_written_before_the_new_fields_keeps_its_hash() -> None:
     cfg = RunConfig()
     old = cfg.to_dict()
     for section, neutral in HASH_NEUTRAL.items():
-        for key in neutral:
-            del old[section][key]  # what a summary written before these fields existed holds
+        for key in neutral:  # device_type and dtype are run_identity's, never in the config's dict
+            old[section].pop(key, None)  # what a summary written before these fields existed holds
     assert cfg.config_hash() == _hash_of(old)
 
 
@@ -47,3 +47,25 @@ def test_grid_labels_and_the_data_folder_are_not_the_identity() -> None:
     assert relabelled.config_hash() == base.config_hash()
     assert RunConfig(train=TrainConfig(batch_size=base.train.batch_size + 1)).config_hash() != base.config_hash()
     assert RunConfig(data=DataConfig(max_documents=10)).config_hash() != base.config_hash()  # the data is in
+
+
+# RunConfig().config_hash() computed by the code before run_identity existed (commit 5cf4683): every
+# CPU fp32 run must keep the identity it was trained under, or finished runs would be trained again.
+DEFAULT_HASH_BEFORE_IDENTITY = "471acce597297176"
+
+
+def test_a_cpu_fp32_run_keeps_the_hash_it_had_before_the_identity_held_its_device() -> None:
+    cfg = RunConfig().to_dict()
+    assert run_identity(cfg, "cpu", "float32") == DEFAULT_HASH_BEFORE_IDENTITY
+    assert config_hash(cfg) == DEFAULT_HASH_BEFORE_IDENTITY  # the plan-level hash is unchanged too
+
+
+def test_the_resolved_device_type_and_dtype_are_part_of_the_identity() -> None:
+    cfg = RunConfig().to_dict()
+    ids = {run_identity(cfg, d, t) for d in ("cpu", "cuda") for t in ("float32", "bfloat16")}
+    assert len(ids) == 4  # a CPU fp32 checkpoint is no CUDA bf16 run's, nor CUDA fp32's, nor CPU bf16's
+    # what the identity hashes: the config with the two added to its train section
+    cuda = {**cfg, "train": {**cfg["train"], "device_type": "cuda", "dtype": "bfloat16"}}
+    assert run_identity(cfg, "cuda", "bfloat16") == _hash_of(
+        cuda | {"train": {k: v for k, v in cuda["train"].items() if k not in ("micro_batch_size", "parallel")}})
+    assert run_identity(cfg, "cuda", "bfloat16") != config_hash(cfg)
