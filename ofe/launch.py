@@ -86,7 +86,7 @@ class LocalGpus(submitit.helpers.Checkpointable):
             os.environ.pop("CUDA_VISIBLE_DEVICES", None)
         else:
             os.environ["CUDA_VISIBLE_DEVICES"] = self.visible
-        if self.count:  # CUDA silently drops the indices that name no device: count what is left
+        if self.count:  # indices made up by `local_gpus`: CUDA silently drops those naming no device
             import torch
 
             from ofe.parallel import DeviceError
@@ -100,10 +100,13 @@ class LocalGpus(submitit.helpers.Checkpointable):
 
 
 def local_gpus(gpus_per_node: int | None, visible: str | None) -> tuple[str | None, int | None]:
-    """(CUDA_VISIBLE_DEVICES for a local job, or None to leave it unset; the GPUs it must see, or None)
-    from the launcher's gpus_per_node and the launching process's own CUDA_VISIBLE_DEVICES (`visible`;
+    """(CUDA_VISIBLE_DEVICES for a local job, or None to leave it unset; how many GPUs the job must count
+    there, or None) from the launcher's gpus_per_node and the launching process's own mask (`visible`;
     None: unset, every GPU). No gpus_per_node: the job sees what the launching process sees. N: the first
-    N of those devices, indices or UUIDs; ConfigError when fewer are listed."""
+    N of the devices listed there, indices or UUIDs (ConfigError when fewer are listed), or with no mask
+    0..N-1, which the job counts (`LocalGpus`): only there can the machine have fewer than asked for.
+    A listed device that does not exist fails in training, as any job given GPUs it cannot use does
+    (`ofe.parallel.resolve_device`)."""
     if gpus_per_node is None:
         return visible, None
     n = int(gpus_per_node)
@@ -116,7 +119,7 @@ def local_gpus(gpus_per_node: int | None, visible: str | None) -> tuple[str | No
         raise ConfigError(f"launcher gpus_per_node: {n}, but this process sees {len(devices)} GPU(s) "
                           f"(CUDA_VISIBLE_DEVICES={visible!r}); lower gpus_per_node, remove it, or make more "
                           f"GPUs visible")
-    return ",".join(devices[:n]), n
+    return ",".join(devices[:n]), None
 
 
 class InspectJob(submitit.helpers.Checkpointable):

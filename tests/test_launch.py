@@ -13,15 +13,17 @@ import pytest
 
 import ofe.jobstate as jobstate
 from ofe.jobstate import SchedulerUnavailable, StatusCache
-from ofe.launch import cancel, launch, run_lock
+from ofe.config import ConfigError
+from ofe.launch import Work, cancel, launch, launch_work, run_lock
 from tests.conftest import tiny_run
+from tests.launch_probe import EnvProbe
 
 LOCAL = {"cluster": "local", "poll_s": 0.2, "timeout_min": 5}
 
 
 def test_local_launch_trains_and_records_the_job(data_dir, tmp_path, capsys):
     summary = launch(tiny_run(data_dir, train={"steps": 4}), tmp_path, LOCAL)
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed" and summary["device_type"] == "cpu"
     assert json.loads((tmp_path / "summary.json").read_text())["steps_done"] == 4
     job = json.loads((tmp_path / "job.json").read_text())
     assert job["cluster"] == "local" and job["job_id"]
@@ -36,6 +38,54 @@ def test_failing_job_raises_with_its_traceback(tmp_path):
     assert "meta.json is missing" in str(err.value)
     assert "meta.json is missing" in (tmp_path / "run" / "error.txt").read_text()
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ---- the GPUs a local job sees ------------------------------------------------------------------
+
+def _probe(out: Path, tasks: int = 1, **launcher) -> dict:
+    """Submit `EnvProbe` as a local job with these launcher settings; what its task 0 saw."""
+    work = Work(EnvProbe(), (str(out),), "probe", "", ("env0.json",), "probe")
+    return launch_work(work, out, {**LOCAL, "tasks_per_node": tasks, **launcher}, None)
+
+
+@pytest.mark.parametrize("parent, gpus_per_node, seen", [
+    (None, None, None),  # unset: every GPU, as the launching process
+    ("", None, ""),  # hidden stays hidden
+    ("GPU-1f0e3c2a,GPU-9b7d5e4f", None, "GPU-1f0e3c2a,GPU-9b7d5e4f"),  # UUIDs, not just indices
+    ("GPU-1f0e3c2a,GPU-9b7d5e4f", 1, "GPU-1f0e3c2a"),  # the first N of the launching process's
+    ("3,5,6", 2, "3,5"),  # not 0,1: submitit would count from 0 whatever the mask
+    ("3,5", 0, ""),  # asked for none
+])
+def test_a_local_job_sees_the_gpus_of_the_launching_process(tmp_path, monkeypatch, parent, gpus_per_node, seen):
+    """submitit's local executor would give the job CUDA_VISIBLE_DEVICES="" without gpus_per_node (a
+    GPU workstation training on CPU) and 0..N-1 with it; the job gets the launching process's own."""
+    if parent is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", parent)
+    launcher = {} if gpus_per_node is None else {"gpus_per_node": gpus_per_node}
+    assert _probe(tmp_path, **launcher) == {"local_rank": None, "cuda_visible": seen}
+
+
+def test_every_task_of_a_local_job_keeps_the_mask_and_its_local_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    _probe(tmp_path, tasks=2)
+    seen = [json.loads((tmp_path / f"env{r}.json").read_text()) for r in (0, 1)]
+    # never CUDA_VISIBLE_DEVICES=LOCAL_RANK (submitit's export default): each takes cuda:LOCAL_RANK of 3,5
+    assert seen == [{"local_rank": "0", "cuda_visible": "3,5"}, {"local_rank": "1", "cuda_visible": "3,5"}]
+
+
+def test_more_gpus_than_visible_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with pytest.raises(ConfigError, match=r"gpus_per_node: 3, but this process sees 2 GPU\(s\) "
+                                          r"\(CUDA_VISIBLE_DEVICES='0,1'\)"):
+        _probe(tmp_path / "listed", gpus_per_node=3)
+    assert not (tmp_path / "listed" / "job.json").exists()  # refused before any submission
+    # unset: every GPU of the machine, counted in the job, where CUDA drops the indices naming none
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    with pytest.raises(RuntimeError, match=r"gpus_per_node: 64, but the job sees \d+ GPU\(s\) with "
+                                           r"CUDA_VISIBLE_DEVICES='0,1,2,"):
+        _probe(tmp_path / "counted", gpus_per_node=64)
 
 
 # ---- job liveness ---------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
+from ofe import checkpoint, parallel
 from ofe import train as train_mod
+from ofe.config import run_identity
+from ofe.parallel import DeviceError
 from ofe.results import read_metadata
 from ofe.train import train
 from tests.conftest import REPO, tiny_run
@@ -125,10 +128,53 @@ def test_vocab_mismatch_is_a_clear_error(data_dir, tmp_path):
 
 def test_cpu_default_is_fp32_and_bf16_autocast_is_an_option(data_dir, tmp_path):
     fp32 = train(tiny_run(data_dir, train={"steps": 4}), tmp_path / "fp32")
-    assert (fp32["device"], fp32["precision"]) == ("cpu", "float32")
+    cpu = {"device": "cpu", "device_type": "cpu", "dtype": "float32", "gpu_name": None}
+    assert (fp32["device"], fp32["device_type"], fp32["precision"], fp32["gpu_name"]) == ("cpu", "cpu", "float32", None)
+    assert read_metadata(tmp_path / "fp32" / "metrics.parquet")["runtime"] == cpu
     bf16 = train(tiny_run(data_dir, train={"steps": 4, "precision": "bf16"}), tmp_path / "bf16")
     assert bf16["precision"] == "bfloat16" and bf16["status"] == "completed"
+    assert read_metadata(tmp_path / "bf16" / "metrics.parquet")["runtime"] == cpu | {"dtype": "bfloat16"}
     a, b = (pd.read_parquet(tmp_path / d / "metrics.parquet") for d in ("fp32", "bf16"))
     ka, kb = (df[df.metric == "kurtosis"].value.to_numpy() for df in (a, b))
     assert abs(ka - kb).max() < 0.05 * ka.max()  # close, not equal: bf16 activations, fp32 metrics
     assert bf16["peak_rss_mb"] > 0
+
+
+def test_a_job_given_gpus_it_cannot_use_fails_before_writing_anything(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # e.g. a CPU-only torch wheel
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "1")
+    with pytest.raises(DeviceError, match=r"given GPUs \(SLURM_GPUS_ON_NODE=1\) but torch cannot use CUDA"):
+        train(tiny_run(data_dir, train={"device": "auto"}), tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # not a CPU run in its place
+
+
+def test_a_cpu_run_is_neither_finished_nor_resumed_on_a_gpu(data_dir, tmp_path, monkeypatch):
+    """The same config (device auto, precision auto) on a CUDA host is another run: CUDA bf16."""
+    cfg = tiny_run(data_dir, train={"device": "auto"})
+    train(cfg, tmp_path / "done")
+    with pytest.raises(train_mod._Interrupted):
+        train(cfg, tmp_path / "half", stop_after=4)
+    cpu_id = json.loads((tmp_path / "done" / "summary.json").read_text())["config_hash"]
+    assert cpu_id == cfg.config_hash()  # CPU fp32: the config hash, as before the identity held the device
+
+    class Built(Exception):
+        """The trainer was about to be built: the run was not taken for finished."""
+
+    def trainer(c, out):
+        raise Built(out)
+
+    monkeypatch.setattr(train_mod, "Trainer", trainer)
+    # on CPU it is finished: the summary comes back and nothing trains
+    assert train(cfg, tmp_path / "done") == json.loads((tmp_path / "done" / "summary.json").read_text())
+    # the same config on a CUDA host: 'auto' resolves to cuda:0, so bf16 (no trainer is built: no GPU here)
+    monkeypatch.setattr(parallel, "resolve_device", lambda name, local_rank=0: torch.device("cuda", 0))
+    with pytest.raises(Built):
+        train(cfg, tmp_path / "done")  # the CPU summary is no answer there
+    gpu_id = train_mod.identity(cfg, torch.device("cuda", 0), torch.bfloat16)
+    assert gpu_id == run_identity(cfg.to_dict(), "cuda", "bfloat16") != cpu_id
+    # and what the trainer would find: the CPU checkpoint and outputs are moved aside, never resumed
+    for run in ("done", "half"):
+        assert checkpoint.prepare_run_dir(tmp_path / run, gpu_id) is None  # start fresh
+        left = {p.name for p in (tmp_path / run).iterdir()}
+        assert not left & {"checkpoint.pt", "checkpoint.prev.pt", "summary.json", "metrics.parquet"}
+        assert any((tmp_path / run / "stale").rglob("checkpoint.pt"))
