@@ -131,7 +131,8 @@ class TrainConfig:
     threads: int = 1
     """torch CPU threads; resume reproduces an uninterrupted run exactly with the same threads."""
     device: str = "auto"
-    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    """'auto' (CUDA when available, else CPU, but never CPU in a job given GPUs: ofe.parallel.DeviceError),
+    'cpu', 'cuda' or 'cuda:N'. With several processes per node each takes cuda:LOCAL_RANK."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """'auto': bf16 autocast on CUDA (TF32 matmuls too), fp32 on CPU. Metrics are always fp32."""
     compile: bool = False

@@ -6,7 +6,8 @@ wait. It is a submitit `Checkpointable`: on preemption or time-out submitit requ
 `ofe.train.train` resumes from the run's own checkpoint, and a run whose final checkpoint is already
 written only rewrites its files, so a requeued job (or one rerun because `quant:` changed) never trains
 again. The executor comes from the `launcher` settings: `local` (a subprocess; also what the tests use,
-since submitit's `debug` executor opens a debugger when the job raises) or `slurm`.
+since submitit's `debug` executor opens a debugger when the job raises; it sees the launching process's
+GPUs, `LocalGpus`) or `slurm`.
 
 Re-attach: the submitted job is recorded in RUN/job.json. If the Snakemake head is killed and started
 again while that job is still pending or running, `launch` waits on it instead of submitting a
