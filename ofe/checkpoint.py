@@ -3,7 +3,8 @@
 A run folder holds the outputs of exactly one config (`RunConfig.config_hash`). Before training starts,
 `prepare_run_dir` (rank 0 alone) makes it so:
 - temporary files a hard kill left behind (`.<name>.*.tmp`) are removed;
-- outputs of another config (a reused folder, an edited config.yaml) are moved, never deleted, into
+- outputs of another config (a reused folder, an edited config.yaml), the int8 rows in progress
+  (`quant.partial.json`) included, are moved, never deleted, into
   `stale/<UTC time>/`, so training neither resumes from them nor stops at their summary;
 - the checkpoint to resume from is `checkpoint.pt`, else the one before it, `checkpoint.prev.pt`
   (kept by every save), when the latest is unreadable; if neither is usable the run starts fresh.
@@ -30,10 +31,11 @@ from ofe.results import atomic_torch_save, read_metadata
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 METRICS, SUMMARY, QUANT = "metrics.parquet", "summary.json", "quant.parquet"
+QUANT_PARTIAL = "quant.partial.json"  # the int8 rows measured so far (`ofe.quant.PartialRows`)
 STALE = "stale"
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
 # being written by its head process at the very moment the job starts.
-OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, SHARDED, SHARDED_PREV)
+OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV)
 # What a resumable checkpoint holds besides the model; one without them cannot be resumed exactly.
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "rows", "seconds", "status", "skipped_steps", "consecutive_skips"}
 # A sharded checkpoint's state.pt: the same, its model and optimiser being DCP's shards beside it.
@@ -137,12 +139,12 @@ def prepare_run_dir(out: Path, want: str, sharded: bool = False) -> tuple[str, d
     for name in remove_temp_files(out):
         print(f"[ofe] removed {name}, left by an interrupted write", flush=True)
     aside = _Aside(out)
-    for name in (SUMMARY, METRICS, QUANT):
+    for name in (SUMMARY, METRICS, QUANT, QUANT_PARTIAL):
         path = out / name
         if not path.exists():
             continue
         try:
-            record = json.loads(path.read_text()) if name == SUMMARY else read_metadata(path)
+            record = json.loads(path.read_text()) if name.endswith(".json") else read_metadata(path)
             why = _mismatch(recorded_hash(record), want)
         except Exception as e:  # noqa: BLE001 - unreadable is as untrustworthy as foreign
             why = f"is unreadable ({_brief(e)})"
