@@ -3,7 +3,8 @@
 A run folder holds the outputs of exactly one config (`RunConfig.config_hash`). Before training starts,
 `prepare_run_dir` (rank 0 alone) makes it so:
 - temporary files a hard kill left behind (`.<name>.*.tmp`) are removed;
-- outputs of another config (a reused folder, an edited config.yaml) are moved, never deleted, into
+- outputs of another config (a reused folder, an edited config.yaml), the int8 rows in progress
+  (`quant.partial.json`) included, are moved, never deleted, into
   `stale/<UTC time>/`, so training neither resumes from them nor stops at their summary;
 - the checkpoint to resume from is `checkpoint.pt`, else the one before it, `checkpoint.prev.pt`
   (kept by every save), when the latest is unreadable; if neither is usable the run starts fresh.
@@ -30,10 +31,11 @@ from ofe.results import atomic_torch_save, read_metadata
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 METRICS, SUMMARY, QUANT = "metrics.parquet", "summary.json", "quant.parquet"
+QUANT_PARTIAL = "quant.partial.json"  # the int8 rows measured so far (`ofe.quant.PartialRows`)
 STALE = "stale"
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
 # being written by its head process at the very moment the job starts.
-OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, SHARDED, SHARDED_PREV)
+OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV)
 # What a resumable checkpoint holds besides the model; one without them cannot be resumed exactly.
 CHECKPOINT_KEYS = {"model", "optimizer", "step", "rows", "seconds", "status", "skipped_steps", "consecutive_skips"}
 # A sharded checkpoint's state.pt: the same, its model and optimiser being DCP's shards beside it.
@@ -100,16 +102,20 @@ class _Aside:
         return str(self.folder.relative_to(self.out))
 
 
-def _load(path: Path, map_location: Any) -> dict[str, Any]:
+def _load(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, always on the CPU: loading to the GPU would pull a whole checkpoint into
+    GPU memory just to read its hash, and left optimisers' `step` counters there (torch keeps a loaded
+    `step` where it is): a host sync per parameter tensor per step. `load_state_dict` then copies the
+    model's and the optimiser's tensors to their parameters' devices, and leaves `step` on the CPU."""
     if path.name in (SHARDED, SHARDED_PREV):
-        return dcp.read_state(path, map_location)
-    return torch.load(path, map_location=map_location, weights_only=True)
+        return dcp.read_state(path, "cpu")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _examine(path: Path, want: str, map_location: Any) -> tuple[dict[str, Any] | None, str | None]:
+def _examine(path: Path, want: str) -> tuple[dict[str, Any] | None, str | None]:
     """(contents, None) for a checkpoint of config `want` that can be resumed, else (None, why not)."""
     try:
-        ck = _load(path, map_location)
+        ck = _load(path)
     except Exception as e:  # noqa: BLE001 - torn zip, empty file, not a checkpoint at all
         return None, f"is unreadable ({_brief(e)})"
     why = _mismatch(ck.get("config_hash"), want)
@@ -124,21 +130,21 @@ def names(sharded: bool) -> tuple[str, str]:
     return (SHARDED, SHARDED_PREV) if sharded else (CHECKPOINT, PREVIOUS)
 
 
-def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu",
-                    sharded: bool = False) -> tuple[str, dict[str, Any]] | None:
+def prepare_run_dir(out: Path, want: str, sharded: bool = False) -> tuple[str, dict[str, Any]] | None:
     """Clean the run folder for config hash `want` (see the module docstring); return the checkpoint
     to resume from as (file name, contents), or None to start fresh. `sharded`: the run writes DCP
-    folders; the contents returned are then its `state.pt` (`ofe.dcp.load` reads the shards)."""
+    folders; the contents returned are then its `state.pt` (`ofe.dcp.load` reads the shards). The
+    contents are on the CPU (`_load`)."""
     out.mkdir(parents=True, exist_ok=True)
     for name in remove_temp_files(out):
         print(f"[ofe] removed {name}, left by an interrupted write", flush=True)
     aside = _Aside(out)
-    for name in (SUMMARY, METRICS, QUANT):
+    for name in (SUMMARY, METRICS, QUANT, QUANT_PARTIAL):
         path = out / name
         if not path.exists():
             continue
         try:
-            record = json.loads(path.read_text()) if name == SUMMARY else read_metadata(path)
+            record = json.loads(path.read_text()) if name.endswith(".json") else read_metadata(path)
             why = _mismatch(recorded_hash(record), want)
         except Exception as e:  # noqa: BLE001 - unreadable is as untrustworthy as foreign
             why = f"is unreadable ({_brief(e)})"
@@ -149,14 +155,14 @@ def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu",
     own, other = names(sharded), names(not sharded)
     for name in own:
         if (out / name).exists():
-            ck, why = _examine(out / name, want, map_location)
+            ck, why = _examine(out / name, want)
             if why is None:
                 chosen = (name, ck)
                 break
             rejected.append((name, why))
     for name in other:  # the other kind of checkpoint is another config's: train.parallel is hashed
         if (out / name).exists():
-            _, why = _examine(out / name, want, map_location)
+            _, why = _examine(out / name, want)
             rejected.append((name, why or f"is not the kind of checkpoint this run writes ({own[0]})"))
     # a rejected latest goes too: left in place, the next save would rotate it over the good previous
     then = f"resuming from {chosen[0]}" if chosen else "starting fresh"
@@ -165,11 +171,12 @@ def prepare_run_dir(out: Path, want: str, map_location: Any = "cpu",
     return chosen
 
 
-def load_checkpoint(out: Path, map_location: Any = "cpu", sharded: bool = False) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint `prepare_run_dir` left to resume from (for ranks other than 0, which run after it)."""
+def load_checkpoint(out: Path, sharded: bool = False) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint `prepare_run_dir` left to resume from (for ranks other than 0, which run after
+    it), on the CPU (`_load`)."""
     for name in names(sharded):
         if (out / name).exists():
-            return name, _load(out / name, map_location)
+            return name, _load(out / name)
     return None
 
 

@@ -188,23 +188,31 @@ def hf_target(name: str, revision: str | None, cache_dir: Path | None, max_memor
 
 
 def run_target(run_dir: Path) -> Target:
-    """A finished `ofe` run: its final checkpoint and config, as `ofe.quant.quantise_run` loads them."""
+    """A finished `ofe` run: its final checkpoint and config, loaded as `ofe.quant.quantise_run` loads them
+    (`checkpoint.pt`, or an fsdp run's sharded `checkpoint.dcp`)."""
     from ofe import probe, quant
+    from ofe.checkpoint import load_final_model, names
     from ofe.config import RunConfig
     from ofe.model import GPT
 
     run_dir = Path(run_dir)
-    summary_path, ck_path = run_dir / "summary.json", run_dir / "checkpoint.pt"
+    summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise InspectError(f"--run {run_dir}: no summary.json, so not a finished ofe run; train it to the end "
                            "first (python -m ofe train), or pass a run folder")
     summary = json.loads(summary_path.read_text())
-    if summary.get("status") != "completed" or not ck_path.exists():
+    if summary.get("status") != "completed":
         raise InspectError(f"--run {run_dir}: the run {summary.get('status')} at step {summary.get('steps_done')}"
                            " and has no final model to inspect; inspect a completed run")
     cfg = RunConfig.from_dict(summary["config"])
+    sharded = cfg.train.parallel == "fsdp"
+    final = run_dir / names(sharded)[0]
+    if not final.exists():
+        kind = "train.parallel: fsdp, sharded" if sharded else f"train.parallel: {cfg.train.parallel}"
+        raise InspectError(f"--run {run_dir}: the run completed but its final checkpoint {final.name} ({kind}) "
+                           "is missing; it was moved or deleted: restore it, or train the run again")
     model = GPT(cfg.model)
-    model.load_state_dict(torch.load(ck_path, map_location="cpu", weights_only=True)["model"])
+    load_final_model(run_dir, model, sharded=sharded)
     model.eval()
     tok = _run_tokenizer(cfg.data.tokenizer)
 

@@ -155,7 +155,8 @@ class Work:
 
 
 def quantise_in_process(run_dir: Path | str, quant: dict[str, Any]) -> dict[str, Any]:
-    """int8 evaluation of a finished run (RUN/quant.parquet); returns the number of rows."""
+    """int8 evaluation of a finished run (RUN/quant.parquet) on the device it trained on (the job's GPU),
+    resuming from the rows a requeued job already measured; returns the number of rows."""
     from ofe.config import build_section
     from ofe.quant import QuantConfig, quantise_run
 

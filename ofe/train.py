@@ -109,13 +109,14 @@ class Trainer:
     # ---- checkpoints ----------------------------------------------------------------------------
     def _resume(self) -> None:
         # rank 0 alone cleans the folder and picks the checkpoint; the others wait, then load that one
-        found = (checkpoint.prepare_run_dir(self.out, self.config_hash, self.device, self.sharded)
-                 if not self.rank else None)
+        # on the CPU: load_state_dict copies the weights and moments to the parameters' device and
+        # leaves the optimisers' `step` counters on the CPU, where reading them costs no device sync
+        found = checkpoint.prepare_run_dir(self.out, self.config_hash, self.sharded) if not self.rank else None
         if self.world > 1:
             chosen = [found[0] if found else None]
             dist.broadcast_object_list(chosen, src=0)  # the name, not a guess from the folder
             if self.rank and chosen[0] is not None:
-                found = chosen[0], checkpoint.load_checkpoint(self.out, self.device, self.sharded)[1]
+                found = chosen[0], checkpoint.load_checkpoint(self.out, self.sharded)[1]
         if found is None:
             return
         name, ck = found
@@ -125,7 +126,7 @@ class Trainer:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
         if "rng" in ck:  # nothing in training draws from it today; restored so nothing ever differs
-            torch.set_rng_state(ck["rng"].cpu())
+            torch.set_rng_state(ck["rng"])
         self.step, self.rows, self.seconds = ck["step"], [tuple(r) for r in ck["rows"]], ck["seconds"]
         self.status, self.skipped_steps, self.consecutive_skips = (
             ck["status"], ck["skipped_steps"], ck["consecutive_skips"])

@@ -3,6 +3,7 @@ a crash just before the summary, non-finite gradients, NaN in a summary."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,6 +14,9 @@ import pytest
 import torch
 
 from ofe import train as train_mod
+from ofe.config import ModelConfig, OptimConfig
+from ofe.model import GPT
+from ofe.optim import OPTIMIZERS, build_optimizer
 from ofe.results import atomic_write_json, atomic_write_text, write_parquet
 from ofe.train import Trainer, train
 from tests.conftest import tiny_run
@@ -256,3 +260,80 @@ def test_summary_json_is_strict_json(tmp_path):
                        "status": "diverged", "none": None})
     assert _strict((tmp_path / "summary.json").read_text()) == {
         "loss": None, "curve": [1.5, None, {"low": None}], "pair": [None, 2], "status": "diverged", "none": None}
+
+
+# ---- checkpoints load to the CPU -----------------------------------------------------------------
+def _steps(state, key=None) -> list:
+    """Every `step` entry in an optimiser's state or param groups (nested dicts and lists)."""
+    if isinstance(state, dict):
+        return [s for k, v in state.items() for s in _steps(v, k)]
+    if isinstance(state, (list, tuple)):
+        return [s for v in state for s in _steps(v, key)]
+    return [state] if key == "step" else []
+
+
+def _tensors(state, key=None) -> list:
+    """(key, tensor) for every tensor in an optimiser's state."""
+    if isinstance(state, dict):
+        return [t for k, v in state.items() for t in _tensors(v, k)]
+    if isinstance(state, (list, tuple)):
+        return [t for v in state for t in _tensors(v, key)]
+    return [(key, state)] if isinstance(state, torch.Tensor) else []
+
+
+def _parts(opt) -> list:
+    return list(opt.parts.values()) if hasattr(opt, "parts") else [opt]  # MuonWithAdamW: its two
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_loading_an_optimiser_moves_its_moments_to_the_parameters_and_keeps_step_on_the_cpu(name):
+    """What a resume from a CPU-loaded checkpoint relies on, for every optimiser: load_state_dict copies
+    the moments to the parameters' device and leaves `step` on the CPU, where reading it costs no
+    device sync. The 'meta' device stands in for a GPU: any tensor left on the CPU would show."""
+    cfg, ocfg = ModelConfig(n_layer=1, d_model=16, n_head=2, context=8), OptimConfig(name=name, lr=1e-3)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = build_optimizer(model, ocfg)
+    for _ in range(3):  # SOAP's and rotated_adafactor's first step only builds their eigenbases
+        x = torch.randint(0, cfg.vocab_size, (2, 8))
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    with torch.device("meta"):
+        on_device = GPT(cfg)
+    loaded = build_optimizer(on_device, ocfg)
+    loaded.load_state_dict(torch.load(buffer, map_location="cpu", weights_only=True))
+    state = [dict(part.state) for part in _parts(loaded)]
+    groups = [part.param_groups for part in _parts(loaded)]
+    moments = [t for k, t in _tensors(state) if k != "step"]
+    assert moments and all(t.device.type == "meta" for t in moments)
+    steps = _steps(state) + _steps(groups)  # SOAP counts steps in its param groups, as an int
+    assert steps and all(isinstance(s, int) or s.device.type == "cpu" for s in steps)
+
+
+@pytest.mark.parametrize("name,parallel", [(name, "ddp") for name in OPTIMIZERS] + [("adamw", "fsdp")])
+def test_resume_loads_the_checkpoint_to_the_cpu(data_dir, tmp_path, monkeypatch, name, parallel):
+    cfg = tiny_run(data_dir, optim={"name": name}, train={"parallel": parallel})
+    with pytest.raises(train_mod._Interrupted):
+        train(cfg, tmp_path, stop_after=4)
+    seen, real_load = [], torch.load
+
+    def load(f, *args, **kwargs):  # ofe's own loads only (DCP reads its shards' bytes itself)
+        if isinstance(f, (str, os.PathLike)):
+            seen.append((os.path.basename(f), kwargs.get("map_location")))
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", load)
+    trainer = Trainer(cfg, tmp_path)
+    try:
+        assert trainer.step == 4
+        first = "state.pt" if parallel == "fsdp" else "checkpoint.pt"  # the fsdp folder's own state
+        assert seen and seen[0][0] == first and all(m == "cpu" for _, m in seen), seen
+        parts = _parts(trainer.opt)
+        steps = _steps([dict(p.state) for p in parts]) + _steps([p.param_groups for p in parts])
+        assert steps and all(isinstance(s, int) or s.device.type == "cpu" for s in steps)
+    finally:
+        trainer.procs.shutdown()

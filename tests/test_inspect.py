@@ -198,6 +198,44 @@ def test_inspect_an_ofe_run_folder(data_dir, text, tmp_path):
     assert "scores and probabilities" in meta["quantised_tensors"]["static_per_tensor"]  # ofe's own protocol
 
 
+def test_inspect_an_fsdp_run_folder(data_dir, text, tmp_path):
+    """An fsdp run's final weights are only in the sharded checkpoint.dcp: inspect reads them through
+    quantisation's loader. The weights equal those DCP's own converter reads from the shards, and the
+    full-precision perplexity of the inspected model on the run's validation batches is quantise_run's."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from ofe.data import TokenData
+    from ofe.inspection import run_target
+    from ofe.quant import quantise_run
+    from ofe.train import train
+
+    run = tmp_path / "run"
+    cfg = tiny_run(data_dir, train={"steps": 12, "parallel": "fsdp"})
+    assert train(cfg, run)["status"] == "completed"  # one process on the CPU (gloo)
+    assert (run / "checkpoint.dcp").is_dir() and not (run / "checkpoint.pt").exists()
+    res = inspect(tmp_path / "out", run=run, text_file=text, **NO_QUANT)
+    assert res["step"] == 12 and res["kind"] == "run" and math.isfinite(res["ppl_fp"])
+
+    target = run_target(run)
+    dcp_to_torch_save(run / "checkpoint.dcp", tmp_path / "whole.pt")
+    shards = torch.load(tmp_path / "whole.pt", weights_only=False)["model"]
+    weights = target.model.state_dict()
+    assert set(weights) <= set(shards)
+    assert all(torch.equal(weights[k], shards[k]) for k in weights)
+    assert not torch.equal(weights["wte.weight"], type(target.model)(cfg.model).state_dict()["wte.weight"])
+
+    table = quantise_run(run, QuantConfig(protocols=("dynamic_per_token",), bits=(8,), calib_batches=1,
+                                          eval_batches=2), device="cpu")
+    data = TokenData(cfg.data_dir, cfg.model.context, cfg.train.batch_size)
+    windows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in data.val_batches(2)]  # (x, y) as one window
+    assert target.perplexity(target.model, windows) == table.ppl_fp.iloc[0]
+
+    (run / "checkpoint.dcp").rename(run / "moved.dcp")
+    with pytest.raises(InspectError, match=r"its final checkpoint checkpoint\.dcp \(train.parallel: fsdp, "
+                                           r"sharded\) is missing"):
+        inspect(tmp_path / "out2", run=run, text_file=text, **NO_QUANT)
+
+
 @pytest.mark.parametrize("case", ["bert", "t5", "missing", "relative", "too_large", "revision_on_folder",
                                   "uncached_hub_name", "both_sources"])
 def test_bad_input_stops_with_a_message_naming_the_model(case, saved, text, tmp_path, tok):

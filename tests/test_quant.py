@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from dataclasses import asdict, replace
 
 import pandas as pd
 import pytest
 import torch
 
 from ofe import presets
+from ofe import quant as quant_mod
+from ofe.checkpoint import prepare_run_dir
 from ofe.config import ModelConfig
 from ofe.model import GPT
 from ofe.quant import (QuantConfig, RangeObserver, asymmetric_params, fake_quant, quantise_per_token,
@@ -185,3 +190,153 @@ def test_upper_quantile_equals_torch_quantile(n, q):
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     assert upper_quantile(x, q) == pytest.approx(torch.quantile(x, q).item(), rel=1e-5, abs=1e-6)
     assert -upper_quantile(-x, q) == pytest.approx(torch.quantile(x, 1 - q).item(), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("protocol", ["static_per_tensor", "dynamic_per_token"])
+def test_activation_quantisation_computes_on_the_activations_device_and_dtype(protocol, monkeypatch):
+    """No hook brings a tensor of its own (a CPU scale would meet CUDA activations): every scale is a
+    number or a tensor on the activation's device and of its dtype. The 'meta' device in float64
+    stands in for a GPU: a float32 CPU scale would show."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, 256, (2, 16))
+    q = quantised_copy(GPT(ModelConfig(n_layer=2, d_model=32, n_head=2, context=16)), protocol, 8,
+                       QuantConfig(), [idx])
+    calls, real = [], quant_mod.fake_quant
+
+    def recording(x, scale, *args):
+        calls.append((x, scale))
+        return real(x, scale, *args)
+
+    monkeypatch.setattr(quant_mod, "fake_quant", recording)
+    q.to(device="meta", dtype=torch.float64)
+    with torch.no_grad():
+        logits = q(idx.to("meta"))[0]
+    assert logits.device.type == "meta" and logits.dtype == torch.float64
+    assert calls and all(x.device.type == "meta" and x.dtype == torch.float64 for x, _ in calls)
+    assert all(isinstance(s, float) or (s.device == x.device and s.dtype == x.dtype) for x, s in calls)
+
+
+# ---- one run's evaluation: device, resume ----------------------------------------------------------
+ROWS = QuantConfig(bits=(8, 4), calib_batches=2, eval_batches=2)  # 4 rows: 2 protocols x 2 widths
+
+
+@pytest.fixture(scope="module")
+def finished(data_dir, tmp_path_factory):
+    """A completed run and its uninterrupted int8 table (quant.parquet then removed)."""
+    run = tmp_path_factory.mktemp("finished")
+    train(tiny_run(data_dir, train={"steps": 30}), run)
+    table = quantise_run(run, ROWS, device=torch.device("cpu"))
+    (run / "quant.parquet").unlink()
+    return run, table
+
+
+def _counting(monkeypatch, fail_at: int | None = None) -> list:
+    """Record each quantised copy made as (protocol, bits); raise at call number `fail_at` (a kill)."""
+    made, real = [], quant_mod.quantised_copy
+
+    def counting(model, protocol, bits, *args):
+        if fail_at is not None and len(made) + 1 == fail_at:
+            raise KeyboardInterrupt("killed")
+        made.append((protocol, bits))
+        return real(model, protocol, bits, *args)
+
+    monkeypatch.setattr(quant_mod, "quantised_copy", counting)
+    return made
+
+
+def test_interrupted_quantisation_resumes_with_the_missing_rows_only(finished, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    with monkeypatch.context() as m:
+        before = _counting(m, fail_at=3)  # two rows measured, killed while making the third
+        with pytest.raises(KeyboardInterrupt):
+            quantise_run(run, ROWS, device="cpu")
+    partial = json.loads((run / "quant.partial.json").read_text())
+    assert [tuple(r[:2]) for r in partial["rows"]] == before == [("static_per_tensor", 8), ("static_per_tensor", 4)]
+    assert not (run / "quant.parquet").exists()
+    capsys.readouterr()
+    after = _counting(monkeypatch)
+    df = quantise_run(run, ROWS, device="cpu")
+    assert after == [("dynamic_per_token", 8), ("dynamic_per_token", 4)]  # only the missing rows
+    assert "resuming the int8 evaluation from quant.partial.json: 2 of 4 rows done" in capsys.readouterr().out
+    pd.testing.assert_frame_equal(df, finished[1], check_exact=True)
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "quant.parquet"), finished[1], check_exact=True)
+    assert not (run / "quant.partial.json").exists()
+
+
+def _plant(run, rows, quant: QuantConfig = ROWS, identity: str | None = None) -> None:
+    identity = identity or json.loads((run / "summary.json").read_text())["config_hash"]
+    (run / "quant.partial.json").write_text(json.dumps({"config_hash": identity, "quant": asdict(quant),
+                                                        "rows": rows}))
+
+
+def test_a_complete_partial_file_is_the_table(finished, tmp_path, monkeypatch):
+    """Killed after the last row but before quant.parquet: nothing is measured again, no model loaded;
+    non-finite perplexities come back as they were."""
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    _plant(run, [["static_per_tensor", 8, 20.0, 21.0, 1.0], ["static_per_tensor", 4, 20.0, "inf", "inf"],
+                 ["dynamic_per_token", 8, 20.0, 20.5, 0.5], ["dynamic_per_token", 4, 20.0, "nan", "nan"]])
+    made = _counting(monkeypatch)
+    monkeypatch.setattr(quant_mod, "load_final_model", lambda *a, **k: pytest.fail("loaded the model"))
+    df = quantise_run(run, ROWS, device="cpu")
+    assert made == []
+    want = pd.DataFrame([("static_per_tensor", 8, 20.0, 21.0, 1.0), ("static_per_tensor", 4, 20.0, math.inf, math.inf),
+                         ("dynamic_per_token", 8, 20.0, 20.5, 0.5), ("dynamic_per_token", 4, 20.0, math.nan, math.nan)],
+                        columns=["protocol", "bits", "ppl_fp", "ppl_q", "delta"])
+    pd.testing.assert_frame_equal(df, want)
+    assert not (run / "quant.partial.json").exists()
+
+
+@pytest.mark.parametrize("other", ["quant settings", "run"])
+def test_partial_rows_of_other_settings_or_another_run_are_measured_again(other, finished, tmp_path, monkeypatch,
+                                                                          capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    rows = [["static_per_tensor", 8, 1e9, 1e9, 0.0], ["dynamic_per_token", 4, 1e9, 1e9, 0.0]]
+    if other == "run":
+        _plant(run, rows, identity="0" * 16)
+    else:
+        _plant(run, rows, quant=replace(ROWS, calib_batches=3))
+    made = _counting(monkeypatch)
+    df = quantise_run(run, ROWS, device="cpu")
+    assert len(made) == 4
+    pd.testing.assert_frame_equal(df, finished[1], check_exact=True)
+    said = {"run": "holds rows of run 0000000000000000", "quant settings": "rows measured with other quant settings"}
+    assert said[other] in capsys.readouterr().out
+
+
+def test_run_folder_check_keeps_the_runs_partial_rows_and_moves_another_configs_aside(finished, tmp_path):
+    """The trainer's folder check (first thing a requeued job does, when the run is not yet finished):
+    the int8 rows measured for this run stay, those of another config go to stale/ like its other
+    outputs, and a half-written partial file is removed."""
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    identity = json.loads((run / "summary.json").read_text())["config_hash"]
+    _plant(run, [["static_per_tensor", 8, 20.0, 21.0, 1.0]])
+    kept = (run / "quant.partial.json").read_text()
+    (run / ".quant.partial.json.x1y2.tmp").write_text("{")
+    prepare_run_dir(run, identity)
+    assert (run / "quant.partial.json").read_text() == kept and not (run / ".quant.partial.json.x1y2.tmp").exists()
+    assert not (run / "stale").exists()
+    prepare_run_dir(run, "0" * 16)  # the folder reused by another config
+    assert not (run / "quant.partial.json").exists()
+    assert [p.read_text() for p in (run / "stale").glob("*/quant.partial.json")] == [kept]
+
+
+def test_evaluation_device_defaults_to_the_runs_training_device(finished, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    asked = []
+
+    def resolve(name, local_rank=0):
+        asked.append((name, local_rank))
+        return torch.device("cpu")
+
+    monkeypatch.setattr(quant_mod, "resolve_device", resolve)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    one = QuantConfig(protocols=("dynamic_per_token",), bits=(8,), calib_batches=1, eval_batches=1)
+    quantise_run(run, one)
+    assert asked == [("auto", 0)]  # train.device as training resolves it
+    quantise_run(run, one, device=torch.device("cpu"))  # a device given is used as it is
+    assert asked == [("auto", 0)]
