@@ -336,7 +336,8 @@ def test_evaluation_device_defaults_to_the_runs_training_device(finished, tmp_pa
     monkeypatch.setattr(quant_mod, "resolve_device", resolve)
     monkeypatch.setenv("LOCAL_RANK", "0")
     one = QuantConfig(protocols=("dynamic_per_token",), bits=(8,), calib_batches=1, eval_batches=1)
+    trained_on = json.loads((run / "summary.json").read_text())["config"]["train"]["device"]
     quantise_run(run, one)
-    assert asked == [("auto", 0)]  # train.device as training resolves it
+    assert asked == [(trained_on, 0)]  # train.device as training resolves it
     quantise_run(run, one, device=torch.device("cpu"))  # a device given is used as it is
-    assert asked == [("auto", 0)]
+    assert asked == [(trained_on, 0)]
