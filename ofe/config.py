@@ -133,7 +133,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """'auto': bf16 autocast on CUDA (TF32 matmuls too), fp32 on CPU. Metrics are always fp32."""
+    """'auto': bf16 autocast on CUDA, fp32 on CPU. bf16 is autocast on every path (ddp and fsdp): weights,
+    residual stream and norms stay fp32, matmuls run in bf16. Never TF32; metrics are always fp32."""
     compile: bool = False
     """torch.compile the training forward/backward (the probe runs on the uncompiled module)."""
     micro_batch_size: int | None = None
