@@ -44,9 +44,10 @@ in seven parts (every figure is per process, i.e. per GPU on a GPU node):
   libraries).
 
 `total` = params + grads + optimizer + max(activations, step temporaries, evaluation) + extra +
-reserve. Without the reserve it bounds the measured peak of live tensors from above (tests/test_memory.py, CPU): by
-0.5-9% in one process, 15% (ddp) and 19% (fsdp) in two processes of a model whose static memory is
-as large as its activations. With one micro-batch the gradients appear while backward frees the
+reserve. Without the reserve it bounds the measured peak of live tensors from above
+(tests/test_memory.py, CPU): over training steps by 0.5-9% in one process, 15% (ddp) and 19% (fsdp)
+in two processes of a model whose static memory is as large as its activations; over validation and
+the probe by 0-0.6% (18% for bf16 validation). With one micro-batch the gradients appear while backward frees the
 activations, so the true peak is lower by up to min(grads, activations).
 """
 
@@ -298,7 +299,8 @@ def validation_bytes(m: ModelConfig, train: TrainConfig, processes: int, s: int,
     d, V = m.d_model, m.vocab_size
     head = FP32 * d + c * V + (FP32 * V if c != FP32 else 0) + FP32 * V
     ids = 2 * INT64 * train.eval_batches * train.batch_size * m.context
-    return ids + micro_batch(train, processes) * m.context * max(s * d + forward_transient_bytes(m, s, c), head)
+    per_token = max(s * d + forward_transient_bytes(m, s, c), head)
+    return ids + micro_batch(train, processes) * m.context * per_token
 
 
 def probe_bytes(m: ModelConfig, tokens: int, s: int, c: int) -> int:
@@ -320,7 +322,8 @@ def probe_bytes(m: ModelConfig, tokens: int, s: int, c: int) -> int:
 def evaluation_bytes(m: ModelConfig, train: TrainConfig, processes: int, s: int, c: int) -> int:
     """Validation at the training micro-batch (`ofe.train.Trainer.log_val`) or the probe at
     probe_batch_size, whichever needs more; they never run at once."""
-    return max(validation_bytes(m, train, processes, s, c), probe_bytes(m, train.probe_batch_size * m.context, s, c))
+    return max(validation_bytes(m, train, processes, s, c),
+               probe_bytes(m, train.probe_batch_size * m.context, s, c))
 
 
 # ---- the estimate --------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def ieee_fp32_matmuls() -> None:
     precision, so that a metric means the same on a CPU and on a GPU. Process-wide, set at every
     trainer start: it also undoes a TF32 setting made before."""
     torch.backends.cuda.matmul.fp32_precision = "ieee"
-    torch.backends.cudnn.fp32_precision = "ieee"  # convolutions and RNNs (ofe has none; set all the same)
+    # convolutions and RNNs (ofe has none): each op's own setting, which wins over cudnn's shared one
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "ieee"
 
 
 def wrap(model: nn.Module, tc: TrainConfig, device: torch.device, procs: Processes) -> nn.Module:
