@@ -132,7 +132,7 @@ def m350() -> Overrides:
 SHARDED = {"parallel": "fsdp"}
 DDP_FALLBACK: dict[str, dict[str, Any]] = {
     # SOAP's statistics and eigenbases take 47 GB per GPU at 1.2B; with a process's whole 8 sequences
-    # the plan comes to 80.3 GB per GPU under ddp, with micro-batches of 4 to 76 GB
+    # the plan comes to 79.4 GB per GPU under ddp (vocabulary 16384), with micro-batches of 4 to 76.3 GB
     "1.2b": {"micro_batch_size": 4},
 }
 
@@ -152,7 +152,7 @@ DDP_FALLBACK: dict[str, dict[str, Any]] = {
 
 def b1_2() -> Overrides:
     """GPU: the paper's 1.2B Languini scale, context 512; 24 layers, so OP's beta is 0.2 * sqrt(1/2).
-    Sharded (FSDP): on 8 x 80 GB GPUs each process needs about 13 GB with its whole share of the batch
+    Sharded (FSDP): on 8 x 80 GB GPUs each process needs about 15 GB with its whole share of the batch
     (the plan of `python -m ofe check-config`); the optimisers FSDP cannot shard run under ddp with
     micro-batches of 4 sequences (`DDP_FALLBACK`).
     Checkpoints every 20,000 steps (by the assumptions above this function): 1.24B parameters, a step
@@ -169,7 +169,7 @@ def b7() -> Overrides:
     32 layers, d 4096, 32 heads of 128, a 4d MLP: 6.44B parameters in the blocks, 6.51B with a
     16384-token vocabulary. 32 layers, so OP's beta is 0.2 * sqrt(12/32) = 0.122. Batch 64 x 512
     tokens, as the 1.2B preset. Sharded (FSDP): on 8 x 80 GB GPUs each process holds an eighth of the
-    weights, gradients and AdamW state and runs its 8 sequences at once (about 33 GB in the plan of
+    weights, gradients and AdamW state and runs its 8 sequences at once (about 52 GB in the plan of
     `python -m ofe check-config`). No micro-batches by default: under FSDP each one gathers every
     block's weights again, so they cost communication and are worth it only where memory is short
     (`train.micro_batch_size`).
