@@ -134,7 +134,8 @@ class TrainConfig:
     """'auto' (CUDA when available, else CPU, but never CPU in a job given GPUs: ofe.parallel.DeviceError),
     'cpu', 'cuda' or 'cuda:N'. With several processes per node each takes cuda:LOCAL_RANK."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """'auto': bf16 autocast on CUDA (TF32 matmuls too), fp32 on CPU. Metrics are always fp32."""
+    """'auto': bf16 autocast on CUDA, fp32 on CPU. bf16 is autocast on every path (ddp and fsdp): weights,
+    residual stream and norms stay fp32, matmuls run in bf16. Never TF32; metrics are always fp32."""
     compile: bool = False
     """torch.compile the training forward/backward (the probe runs on the uncompiled module)."""
     micro_batch_size: int | None = None

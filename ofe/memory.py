@@ -1,11 +1,12 @@
 """How much memory one training process needs: pure arithmetic on a run's config, no torch.
 
 `estimate(model, optim, train, processes, cuda)` gives the bytes one process holds at its peak,
-in six parts (every figure is per process, i.e. per GPU on a GPU node):
+in seven parts (every figure is per process, i.e. per GPU on a GPU node):
 
 - params: every parameter and buffer in fp32 (weights stay fp32; bf16 is a compute copy), the list
   `param_shapes` gives, which is `ofe.model.GPT`'s (tests/test_memory.py checks it against the model).
-- grads: one fp32 gradient per parameter.
+- grads: one fp32 gradient per parameter (under fsdp its shard: with micro-batches every one
+  reduce-scatters, `ofe.parallel.grad_sync`, so no rank accumulates unsharded gradients).
 - optimizer: what each optimiser keeps per parameter tensor of n entries and shape (r, c), fp32
   (`optimizer_state_bytes`):
     adamw              exp_avg, exp_avg_sq: 8n, plus a 4-byte step tensor
@@ -25,22 +26,28 @@ in six parts (every figure is per process, i.e. per GPU on a GPU node):
   (m = train.micro_batch_size, or the process's whole share of the batch), plus backward's own peak
   (`activation_bytes`; per block `block_activation_bytes`, e.g. Pre-LN with SDPA: (2s + 10c) d + 4H +
   16 bytes per token, s and c the stream and compute element sizes, 4 and 4 in fp32, 4 and 2 under
-  autocast, 2 and 2 under FSDP's bf16 policy). Attention runs in SDPA, which stores no T x T scores;
-  only the explicit path (`model.logit_cap`) does.
+  bf16 autocast, on every path). Attention runs in SDPA, which stores no T x T scores; only the
+  explicit path (`model.logit_cap`) does.
 - step temporaries: on CUDA, torch's foreach AdamW holds one fp32 temporary per parameter it updates.
   The step runs after backward has freed the activations, so the peak holds the larger of the two.
+- evaluation: validation's and the probe's no-grad forward passes (`evaluation_bytes`): validation
+  runs at the training micro-batch, its peak the logits and cross-entropy's fp32 temporaries (10V bytes
+  per token under autocast); the probe at probe_batch_size, with the stream, q and k tensors it keeps
+  and the metrics' attention-entropy temporaries. Evaluation runs between steps.
 - extra: memory a wrapper adds (`extra_bytes`): DDP's gradient buckets (a second fp32 copy of every
-  gradient, with more than one process); autocast's bf16 copies of the matmul weights (cached for
-  the forward, kept for backward); FSDP's gathered parameters and their unsharded gradients (the root,
-  and two blocks at a time with more than one process: the current one and the one prefetched).
+  gradient, with more than one process) or FSDP's gathered fp32 parameters and their unsharded fp32
+  gradients (the root, and two blocks at a time with more than one process: the current one and the
+  one prefetched); and autocast's bf16 copies of the matmul weights, the whole model's even under
+  fsdp (each is saved for backward, so it outlives the gathered weight it was cast from).
 - reserve: an allowance, not a count: on a GPU 1 GiB (CUDA context, cuBLAS and NCCL workspaces) plus
   10% of the rest (the caching allocator's fragmentation); on a CPU 0.5 GiB (the interpreter and its
   libraries).
 
-`total` = params + grads + optimizer + max(activations, step temporaries) + extra + reserve. Without
-the reserve it bounds the measured peak of live tensors from above (tests/test_memory.py, CPU): by
-0.5-9% in one process, 15% (ddp) and 19% (fsdp) in two processes of a model whose static memory is
-as large as its activations. With one micro-batch the gradients appear while backward frees the
+`total` = params + grads + optimizer + max(activations, step temporaries, evaluation) + extra +
+reserve. Without the reserve it bounds the measured peak of live tensors from above
+(tests/test_memory.py, CPU): over training steps by 0.5-9% in one process, 15% (ddp) and 19% (fsdp)
+in two processes of a model whose static memory is as large as its activations; over validation and
+the probe by 0-0.6% (18% for bf16 validation). With one micro-batch the gradients appear while backward frees the
 activations, so the true peak is lower by up to min(grads, activations).
 """
 
@@ -71,6 +78,9 @@ class Estimate:
     step_temporaries: int
     """The optimiser step's own temporaries; the step runs once backward has freed the activations, so
     the peak holds the larger of the two."""
+    evaluation: int
+    """Validation's or the probe's no-grad forward (`evaluation_bytes`); between steps, so the peak holds
+    the largest of activations, step temporaries and evaluation."""
     extra: int
     reserve: int
     micro_batch: int
@@ -78,8 +88,17 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return (self.params + self.grads + self.optimizer + max(self.activations, self.step_temporaries)
-                + self.extra + self.reserve)
+        return self.static + self.transient + self.extra + self.reserve
+
+    @property
+    def static(self) -> int:
+        """What every moment holds: parameters, gradients (kept from one step to the next) and state."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def transient(self) -> int:
+        """The largest of the three parts that never coexist."""
+        return max(self.activations, self.step_temporaries, self.evaluation)
 
 
 # ---- the model's tensors ------------------------------------------------------------------------
@@ -122,7 +141,7 @@ def buffer_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
     return [] if m.beta_trainable else [(f"blocks.{i}.beta", (2,)) for i in range(m.n_layer)]
 
 
-def _numel(shape: Shape) -> int:
+def numel(shape: Shape) -> int:
     return math.prod(shape)
 
 
@@ -140,7 +159,7 @@ def optimizer_state_bytes(name: str, pname: str, shape: Shape, max_precond_dim: 
                           full_shape: Shape | None = None) -> int:
     """Bytes of optimiser state for one parameter tensor (`shape`: the part this process holds;
     `full_shape`: the whole tensor, which decides what is rotated). Formulas in the module docstring."""
-    n, full = _numel(shape), full_shape or shape
+    n, full = numel(shape), full_shape or shape
     rotated = sum(FP32 * k * k for k in full if k <= max_precond_dim) if len(full) == 2 else 0
     if name == "adamw" or (name == "muon" and not is_muon_param(pname, full)):
         return 2 * FP32 * n + FP32
@@ -160,14 +179,11 @@ def optimizer_state_bytes(name: str, pname: str, shape: Shape, max_precond_dim: 
 def _dtypes(train: TrainConfig, cuda: bool) -> tuple[int, int]:
     """(stream, compute) bytes per element of saved activations.
 
-    fp32: 4 and 4. bf16 under autocast (ofe.parallel: bf16 on CUDA with ddp, and on CPU when asked):
-    the residual stream stays fp32 (embeddings and the residual sums are fp32), matmul inputs and
-    outputs are bf16 copies: 4 and 2. FSDP's bf16 policy on CUDA casts the parameters themselves, so
-    everything runs in bf16: 2 and 2."""
+    fp32: 4 and 4. bf16 is autocast on every path (ofe.parallel: ddp and fsdp, CPU and CUDA): the
+    residual stream stays fp32 (embeddings and the residual sums are fp32), matmul inputs and outputs
+    are bf16 copies: 4 and 2."""
     bf16 = train.precision == "bf16" or (train.precision == "auto" and cuda)
-    if not bf16:
-        return FP32, FP32
-    return (BF16, BF16) if train.parallel == "fsdp" and cuda else (FP32, BF16)
+    return (FP32, BF16) if bf16 else (FP32, FP32)
 
 
 NORM_STATS = {"layernorm": 2 * FP32, "rmsnorm": FP32, "srms": FP32, "none": 0}  # per token, fp32
@@ -257,6 +273,59 @@ def activation_bytes(m: ModelConfig, tokens: int, s: int = FP32, c: int = FP32, 
     return tokens * per_token + masks
 
 
+# ---- evaluation: validation's and the probe's no-grad forward passes --------------------------------
+
+def _qk_bytes(m: ModelConfig, c: int) -> int:
+    """Bytes per element of q and k: an fp32 Q/K bias added to the projection promotes them to fp32."""
+    return FP32 if m.qk_bias else c
+
+
+def forward_transient_bytes(m: ModelConfig, s: int, c: int) -> int:
+    """Per token, what a no-grad forward holds inside a block besides the block's input: the stream
+    after attention s d, the norm's fp32 output 4d and the MLP's hidden pre-activation and ReLU output
+    2 r c d; the explicit attention (logit_cap) instead, where larger, about four fp32 T x T score
+    tensors per head, 16 H T."""
+    d = m.d_model
+    mlp = s * d + (FP32 * d if m.norm != "none" else 0) + 2 * m.mlp_ratio * c * d
+    return max(mlp, 4 * FP32 * m.n_head * m.context) if m.logit_cap is not None else mlp
+
+
+def validation_bytes(m: ModelConfig, train: TrainConfig, processes: int, s: int, c: int) -> int:
+    """The peak of validation (`ofe.train.Trainer.log_val`): the token ids and targets of its eval_batches
+    batches (int64, 16 bytes per token), and per token of one forward at the training micro-batch the
+    larger of a block's bytes (its input s d and `forward_transient_bytes`) and the loss's: the final
+    norm's fp32 output 4d, the logits c V, their fp32 copy 4V (when c is 2) and cross-entropy's fp32
+    log-probabilities 4V: 10V bytes per token under autocast, 8V in fp32."""
+    d, V = m.d_model, m.vocab_size
+    head = FP32 * d + c * V + (FP32 * V if c != FP32 else 0) + FP32 * V
+    ids = 2 * INT64 * train.eval_batches * train.batch_size * m.context
+    per_token = max(s * d + forward_transient_bytes(m, s, c), head)
+    return ids + micro_batch(train, processes) * m.context * per_token
+
+
+def probe_bytes(m: ModelConfig, tokens: int, s: int, c: int) -> int:
+    """The peak of the probe over `tokens` tokens (probe_batch_size x context): what it stores, per token
+    the L + 1 residual streams (L block inputs, the final stream) s d, the final norm's fp32 output 4d,
+    and each layer's q and k (views of the qkv projection, 3 q d, or the QK-norm's two outputs, 2 q d;
+    q = `_qk_bytes`) and the token ids (int64); plus the larger of the forward's transients
+    (`forward_transient_bytes`; the logits c V and, under autocast, the head input's bf16 copy c d) and
+    the metrics' (attention entropy's five fp32 B x H x T x T tensors, 20 H T per token; the stream
+    metrics' fp32 copies, 12 d); once, the position ids 8T and the entropy's causal mask T^2."""
+    d, L = m.d_model, m.n_layer
+    stored = INT64 + (L + 1) * s * d + (FP32 * d if m.final_norm != "none" else 0)
+    stored += L * (2 if m.qk_norm != "none" else 3) * _qk_bytes(m, c) * d
+    head = c * m.vocab_size + (c * d if c != FP32 else 0)
+    transient = max(forward_transient_bytes(m, s, c), head, 5 * FP32 * m.n_head * m.context, 3 * FP32 * d)
+    return tokens * (stored + transient) + INT64 * m.context + m.context**2
+
+
+def evaluation_bytes(m: ModelConfig, train: TrainConfig, processes: int, s: int, c: int) -> int:
+    """Validation at the training micro-batch (`ofe.train.Trainer.log_val`) or the probe at
+    probe_batch_size, whichever needs more; they never run at once."""
+    return max(validation_bytes(m, train, processes, s, c),
+               probe_bytes(m, train.probe_batch_size * m.context, s, c))
+
+
 # ---- the estimate --------------------------------------------------------------------------------
 
 def micro_batch(train: TrainConfig, processes: int) -> int:
@@ -265,17 +334,19 @@ def micro_batch(train: TrainConfig, processes: int) -> int:
 
 
 def extra_bytes(m: ModelConfig, train: TrainConfig, processes: int, cuda: bool) -> int:
-    """What a wrapper adds (module docstring): DDP buckets, autocast weight copies, FSDP gathers."""
+    """What a wrapper adds (module docstring): DDP buckets or FSDP gathers, autocast weight copies."""
     shapes = param_shapes(m)
     _, c = _dtypes(train, cuda)
     if train.parallel == "fsdp":
-        per_block = sum(_numel(sh) for n, sh in shapes if n.startswith("blocks.0."))
-        root = sum(_numel(sh) for n, sh in shapes if not n.startswith("blocks."))
+        per_block = sum(numel(sh) for n, sh in shapes if n.startswith("blocks.0."))
+        root = sum(numel(sh) for n, sh in shapes if not n.startswith("blocks."))
         blocks = min(2, m.n_layer) if processes > 1 else 0  # one process gathers nothing from others
-        return 2 * c * (root + blocks * per_block)  # gathered params + unsharded grads, FSDP's dtype
-    out = FP32 * sum(_numel(sh) for _, sh in shapes) if processes > 1 else 0  # DDP's buckets
-    if c != FP32:  # autocast: bf16 copies of every matmul weight (the linears and the tied head)
-        out += BF16 * sum(_numel(sh) for n, sh in shapes if len(sh) == 2 and n != "wpe.weight")
+        out = 2 * FP32 * (root + blocks * per_block)  # gathered fp32 params + unsharded fp32 grads
+    else:
+        out = FP32 * sum(numel(sh) for _, sh in shapes) if processes > 1 else 0  # DDP's buckets
+    if c != FP32:  # autocast: bf16 copies of every matmul weight (the linears and the tied head), whole
+        # even under fsdp: each is saved for backward, outliving the gathered fp32 weight it was cast from
+        out += BF16 * sum(numel(sh) for n, sh in shapes if len(sh) == 2 and n != "wpe.weight")
     return out
 
 
@@ -285,7 +356,7 @@ def step_temporary_bytes(optim: OptimConfig, local_params: dict[str, Shape], cud
     as ofe.factored, SOAP and Muon always do (negligible next to the activations)."""
     if not cuda or optim.name not in ("adamw", "muon"):
         return 0
-    return FP32 * sum(_numel(sh) for n, sh in local_params.items()
+    return FP32 * sum(numel(sh) for n, sh in local_params.items()
                       if optim.name == "adamw" or not is_muon_param(n, sh))
 
 
@@ -296,15 +367,17 @@ def estimate(m: ModelConfig, optim: OptimConfig, train: TrainConfig, processes: 
     local = {name: shard(full, n) for name, full in param_shapes(m)}
     params = grads = opt = 0
     for name, full in param_shapes(m):
-        params += FP32 * _numel(local[name])
-        grads += FP32 * _numel(local[name])
+        params += FP32 * numel(local[name])
+        grads += FP32 * numel(local[name])
         opt += optimizer_state_bytes(optim.name, name, local[name], optim.max_precond_dim, full)
-    params += sum(FP32 * _numel(sh) for _, sh in buffer_shapes(m))  # buffers are not sharded
+    params += sum(FP32 * numel(sh) for _, sh in buffer_shapes(m))  # buffers are not sharded
     mb = micro_batch(train, processes)
     s, c = _dtypes(train, cuda)
     acts = activation_bytes(m, mb * m.context, s, c, micro_batches=max(1, train.batch_size // processes // mb))
     extra = extra_bytes(m, train, processes, cuda)
     temps = step_temporary_bytes(optim, local, cuda)
-    counted = params + grads + opt + extra + max(acts, temps)
+    evaluation = evaluation_bytes(m, train, processes, s, c)
+    counted = params + grads + opt + extra + max(acts, temps, evaluation)
     reserve = int(GPU_RESERVE_FIXED + GPU_RESERVE_FRACTION * counted) if cuda else CPU_RESERVE
-    return Estimate(params, grads, opt, acts, temps, extra, reserve, mb)
+    return Estimate(params=params, grads=grads, optimizer=opt, activations=acts, step_temporaries=temps,
+                    evaluation=evaluation, extra=extra, reserve=reserve, micro_batch=mb)

@@ -100,7 +100,8 @@ def memory_limit(launcher: dict, scale: str, cuda: bool) -> Limit:
     return Limit(int(float(gb) * GB) // tasks, f"{gb:g} GB ({key}){share}")
 
 
-TRAIN_KEYS = ("batch_size", "micro_batch_size", "precision", "parallel", "device")  # what the estimate reads
+TRAIN_KEYS = ("batch_size", "micro_batch_size", "precision", "parallel", "device", "probe_batch_size",
+              "eval_batches")  # what the estimate reads
 
 
 def _sections(run: Any) -> tuple[str, str, Any, Any]:
@@ -160,8 +161,8 @@ def _size(n: int) -> str:
     return f"{n / GB:.2f}G" if n >= GB else f"{n / 10**6:.1f}M"
 
 
-HEADER = ("scale", "optimizer", "parallel", "procs", "micro", "params", "grads", "optim", "acts", "extra",
-          "reserve", "total", "limit", "")
+HEADER = ("scale", "optimizer", "parallel", "procs", "micro", "params", "grads", "optim", "acts", "eval",
+          "extra", "reserve", "total", "limit", "")
 
 
 def format_plan(rows: list[PlanRow]) -> str:
@@ -170,14 +171,15 @@ def format_plan(rows: list[PlanRow]) -> str:
     for r in rows:
         e = r.estimate
         lines.append((r.scale, r.optimizer, r.parallel, str(r.processes), str(r.micro_batch), _size(e.params),
-                      _size(e.grads), _size(e.optimizer), _size(e.activations), _size(e.extra), _size(e.reserve),
-                      _size(e.total), f"{_size(r.limit.bytes)} {'GPU' if r.cuda else 'CPU'}",
+                      _size(e.grads), _size(e.optimizer), _size(e.activations), _size(e.evaluation),
+                      _size(e.extra), _size(e.reserve), _size(e.total), f"{_size(r.limit.bytes)} {'GPU' if r.cuda else 'CPU'}",
                       "ok" if r.fits else "TOO BIG"))
     widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     text = ["  ".join(v.rjust(w) if i >= 3 else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))).rstrip()
             for line in lines]
     note = ("memory per process (G = 10^9 bytes, M = 10^6), the largest run of each group; total = params + "
-            "grads + optim + max(acts, the optimiser step's temporaries) + extra + reserve (ofe/memory.py)")
+            "grads + optim + max(acts, the optimiser step's temporaries, eval: validation or the probe) + extra + "
+            "reserve (ofe/memory.py)")
     return "\n".join([note, *text])
 
 
@@ -226,7 +228,8 @@ def refusal(r: PlanRow) -> str:
         f"{f'{r.runs} runs such as' if r.runs > 1 else 'run'} {r.example}): "
         f"needs {_gb(e.total)} GB per {'GPU' if r.cuda else 'process'}, more than {r.limit.source} "
         f"(params {_gb(e.params)}, grads {_gb(e.grads)}, optimiser state {_gb(e.optimizer)}, activations "
-        f"{_gb(e.activations)}, extra {_gb(e.extra)}, reserve {_gb(e.reserve)})"),
+        f"{_gb(e.activations)}, evaluation {_gb(e.evaluation)}, extra {_gb(e.extra)}, "
+        f"reserve {_gb(e.reserve)})"),
         (f"  knobs: train.micro_batch_size (fewer sequences per forward: less activation memory); more "
         f"processes ({where}.tasks_per_node and gpus_per_node, {where}.nodes); train.parallel: fsdp "
         f"(shards params, grads and optimiser state over the processes)"),

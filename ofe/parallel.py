@@ -16,6 +16,7 @@ import contextlib
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -110,47 +111,59 @@ class Processes:
         self.owns_group = False
 
 
-def start(parallel: str, device: torch.device) -> Processes:
+def start(parallel: str, device: torch.device, timeout_s: float | None = None) -> Processes:
     """Join the job's process group (from the environment), or make a one-process group for an fsdp
-    run on its own: FSDP's device mesh needs one."""
+    run on its own: FSDP's device mesh needs one. `timeout_s`: how long a collective waits for the
+    slowest rank before the job fails (None: torch's default, 10 minutes for nccl, 30 for gloo); the
+    trainer derives it from the checkpoint that rank 0 may read or write meanwhile
+    (`ofe.costs.collective_timeout_s`). A group that exists already keeps its own."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if dist.is_initialized():
         return Processes(rank, world)
+    kwargs = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
     if world > 1:
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **kwargs)
         return Processes(rank, world, owns_group=True)
     if parallel == "fsdp":  # an in-memory store: no address or port to agree on with no one
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, **kwargs)
         return Processes(0, 1, owns_group=True)
     return Processes(0, 1)
 
 
 def mixed_precision_dtype(tc: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """bf16 or None: the compute dtype `precision` asks for ('auto': bf16 on CUDA only)."""
+    """bf16 or None: the compute dtype `precision` asks for ('auto': bf16 on CUDA only). bf16 is always
+    torch.autocast around forward and backward, on every path (one process, ddp, fsdp; CPU and CUDA):
+    the weights, the residual stream, the norms and so the probed activations stay fp32 and the matmuls
+    run in bf16, so that an optimiser run under fsdp computes what one under ddp does."""
     if tc.precision == "bf16" or (tc.precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
 
 
-def uses_fsdp_mixed_precision(tc: TrainConfig, device: torch.device) -> bool:
-    """On CUDA, FSDP casts the gathered parameters to bf16 itself (and reduces gradients in fp32)
-    instead of autocast, which would otherwise cast every sharded weight again at every matmul."""
-    return tc.parallel == "fsdp" and device.type == "cuda" and mixed_precision_dtype(tc, device) is not None
+def ieee_fp32_matmuls() -> None:
+    """No TF32: fp32 matmuls and convolutions on CUDA stay IEEE fp32 (torch's new per-backend API; the
+    legacy allow_tf32 flags must not be mixed with it). Under bf16 autocast the training matmuls are
+    bf16 anyway; the fp32 ones left are the optimisers' (SOAP's and rotated Adafactor's eigenbases,
+    Muon's Newton-Schulz on CPU) and the metrics', and those must be exact fp32 on every device and
+    precision, so that a metric means the same on a CPU and on a GPU. Process-wide, set at every
+    trainer start: it also undoes a TF32 setting made before."""
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    # convolutions and RNNs (ofe has none): each op's own setting, which wins over cudnn's shared one
+    torch.backends.cudnn.conv.fp32_precision = torch.backends.cudnn.rnn.fp32_precision = "ieee"
 
 
 def wrap(model: nn.Module, tc: TrainConfig, device: torch.device, procs: Processes) -> nn.Module:
     """The module the training step calls: the model itself, DDP around it, or (fsdp) the model sharded
-    in place (`fully_shard` changes its class, so `model` itself then is the sharded module)."""
+    in place (`fully_shard` changes its class, so `model` itself then is the sharded module). No
+    MixedPrecisionPolicy: FSDP gathers the fp32 parameters and reduces fp32 gradients, and autocast
+    makes the bf16 matmul copies, as under ddp (a bf16 policy would make the stream bf16 too)."""
     if tc.parallel == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        kwargs = {}
-        if uses_fsdp_mixed_precision(tc, device):
-            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in model.blocks:  # one all-gather per block, freed after it: memory ~ one block
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)  # the rest: embeddings (tied head), final norm
+            fully_shard(block)
+        fully_shard(model)  # the rest: embeddings (tied head), final norm
         return model
     if procs.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -161,21 +174,16 @@ def wrap(model: nn.Module, tc: TrainConfig, device: torch.device, procs: Process
 
 @contextlib.contextmanager
 def grad_sync(wrapped: nn.Module, sync: bool) -> Iterator[None]:
-    """Run one micro-batch's forward and backward with (sync) or without the gradient all-reduce
-    (DDP) or reduce-scatter (FSDP): only the last micro-batch of a step needs to communicate, the
-    others accumulate locally."""
+    """Run one micro-batch's forward and backward with (sync) or without DDP's gradient all-reduce:
+    under ddp only the last micro-batch of a step communicates, the others accumulate into the
+    replicated gradients. FSDP reduce-scatters every micro-batch (as torchtitan does): skipping it
+    would keep every block's unsharded fp32 gradient on every rank until the last micro-batch, the
+    whole model's gradients instead of 1/N of them."""
     from torch.nn.parallel import DistributedDataParallel
 
     if isinstance(wrapped, DistributedDataParallel) and not sync:
         with wrapped.no_sync():
             yield
-        return
-    if hasattr(wrapped, "set_requires_gradient_sync"):  # an FSDP2 module
-        wrapped.set_requires_gradient_sync(sync)
-        try:
-            yield
-        finally:
-            wrapped.set_requires_gradient_sync(True)
         return
     yield
 

@@ -132,18 +132,34 @@ def m350() -> Overrides:
 SHARDED = {"parallel": "fsdp"}
 DDP_FALLBACK: dict[str, dict[str, Any]] = {
     # SOAP's statistics and eigenbases take 47 GB per GPU at 1.2B; with a process's whole 8 sequences
-    # the plan comes to 80.3 GB per GPU under ddp, with micro-batches of 4 to 76 GB
+    # the plan comes to 79.4 GB per GPU under ddp (vocabulary 16384), with micro-batches of 4 to 76.3 GB
     "1.2b": {"micro_batch_size": 4},
 }
 
 
+# Checkpoint intervals of the paper-scale presets: a checkpoint blocks training while it is written,
+# so each interval is long enough that writing costs under 5% of the training time, by these stated
+# assumptions (tests/test_costs.py recomputes them):
+# - a step's time from its FLOPs, 6 N D (N parameters, D = 64 x 512 tokens), on 8 H100s at 989 TFLOP/s
+#   of dense bf16 each and 50% MFU: an optimistic MFU for 4,096 tokens per GPU, so steps are if anything
+#   longer and the share smaller (attention's FLOPs, +4% at context 512, are left out for the same reason);
+# - a checkpoint's bytes by `ofe.costs.checkpoint_bytes` (fp32 weights + optimiser state, vocabulary
+#   16384 as Languini's), of the largest-state optimiser the scale runs (SOAP), at 1 GB/s of writing,
+#   a parallel filesystem from one node.
+# A config's train.checkpoint_every wins over these (config.yaml's defaults set 100 for the CPU grid:
+# leave it out of a paper-scale config, or set the interval the cluster's storage needs).
+
+
 def b1_2() -> Overrides:
     """GPU: the paper's 1.2B Languini scale, context 512; 24 layers, so OP's beta is 0.2 * sqrt(1/2).
-    Sharded (FSDP): on 8 x 80 GB GPUs each process needs about 13 GB with its whole share of the batch
+    Sharded (FSDP): on 8 x 80 GB GPUs each process needs about 15 GB with its whole share of the batch
     (the plan of `python -m ofe check-config`); the optimisers FSDP cannot shard run under ddp with
-    micro-batches of 4 sequences (`DDP_FALLBACK`)."""
+    micro-batches of 4 sequences (`DDP_FALLBACK`).
+    Checkpoints every 20,000 steps (by the assumptions above this function): 1.24B parameters, a step
+    of 2.44e14 FLOPs takes 0.062 s, so 20,000 steps take 1,235 s (21 minutes); SOAP's checkpoint is
+    52.0 GB, 52 s at 1 GB/s: 4.2% (AdamW's 14.9 GB: 1.2%)."""
     return {"model": {"n_layer": 24, "d_model": 2048, "n_head": 16, "context": 512},
-            "train": {"batch_size": 64, **SHARDED}}
+            "train": {"batch_size": 64, "checkpoint_every": 20000, **SHARDED}}
 
 
 def b7() -> Overrides:
@@ -153,12 +169,15 @@ def b7() -> Overrides:
     32 layers, d 4096, 32 heads of 128, a 4d MLP: 6.44B parameters in the blocks, 6.51B with a
     16384-token vocabulary. 32 layers, so OP's beta is 0.2 * sqrt(12/32) = 0.122. Batch 64 x 512
     tokens, as the 1.2B preset. Sharded (FSDP): on 8 x 80 GB GPUs each process holds an eighth of the
-    weights, gradients and AdamW state and runs its 8 sequences at once (about 33 GB in the plan of
+    weights, gradients and AdamW state and runs its 8 sequences at once (about 52 GB in the plan of
     `python -m ofe check-config`). No micro-batches by default: under FSDP each one gathers every
     block's weights again, so they cost communication and are worth it only where memory is short
-    (`train.micro_batch_size`)."""
+    (`train.micro_batch_size`).
+    Checkpoints every 7,000 steps (by the assumptions above `b1_2`): a step of 1.28e15 FLOPs takes
+    0.324 s, so 7,000 steps take 2,266 s (38 minutes); AdamW's checkpoint is 78.1 GB, 78 s at 1 GB/s:
+    3.4% (SOAP's 99.9 GB, were it to fit: 4.4%)."""
     return {"model": {"n_layer": 32, "d_model": 4096, "n_head": 32, "context": 512},
-            "train": {"batch_size": 64, **SHARDED}}
+            "train": {"batch_size": 64, "checkpoint_every": 7000, **SHARDED}}
 
 
 SCALES: dict[str, Callable[[], Overrides]] = {

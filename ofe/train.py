@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from ofe import checkpoint, dcp, parallel
+from ofe import checkpoint, costs, dcp, parallel
 from ofe.checkpoint import METRICS, SUMMARY
 from ofe.config import RunConfig, TrainConfig, check_micro_batch, run_identity
 from ofe.data import TokenData
@@ -55,7 +55,9 @@ class Trainer:
     (they gather the weights), every rank writes its shards of each checkpoint (`ofe.dcp`), and rank 0
     still alone computes metrics and writes the run's files.
     Each rank's slice is split into micro-batches of `train.micro_batch_size` whose gradients add up
-    to the slice's (gradient accumulation; only the last one communicates).
+    to the slice's (gradient accumulation; under ddp only the last one communicates, under fsdp each
+    reduce-scatters, so that no rank holds unsharded gradients); validation runs in the same micro-batches.
+    bf16 is autocast on every path: weights, residual stream and probed activations stay fp32.
     """
 
     def __init__(self, cfg: RunConfig, out_dir: Path | str) -> None:
@@ -63,7 +65,9 @@ class Trainer:
         tc = cfg.train
         torch.set_num_threads(tc.threads)
         self.device, self.dtype = resolve_runtime(tc)
-        self.procs = parallel.start(tc.parallel, self.device)
+        # a collective waits for rank 0 reading or writing a whole checkpoint (ofe.costs)
+        self.procs = parallel.start(tc.parallel, self.device,
+                                    costs.collective_timeout_s(cfg.model, cfg.optim, self.device.type == "cuda"))
         try:
             self._build(cfg)
         except BaseException:
@@ -75,12 +79,9 @@ class Trainer:
         self.rank, self.world = self.procs.rank, self.procs.world
         check_micro_batch(tc, self.world)  # the number of processes is known only now: check again
         self.sharded = tc.parallel == "fsdp"
-        cuda = self.device.type == "cuda"
-        if cuda:  # TF32 matmuls: bf16-level precision is what autocast gives anyway
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        parallel.ieee_fp32_matmuls()  # never TF32: the metrics' and optimisers' fp32 matmuls stay exact
+        # bf16: autocast around forward and backward on every path (ddp and fsdp alike, ofe.parallel)
         self.compute_dtype = parallel.mixed_precision_dtype(tc, self.device)
-        # FSDP's own bf16 policy replaces autocast on CUDA; elsewhere (DDP, CPU) bf16 is autocast
-        self.autocast_dtype = None if parallel.uses_fsdp_mixed_precision(tc, self.device) else self.compute_dtype
         self.data = TokenData(cfg.data_dir, cfg.model.context, tc.batch_size)
         if self.data.meta["vocab_size"] > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -102,9 +103,9 @@ class Trainer:
         """Whether this rank runs the probe's and validation's forward passes (all do under FSDP)."""
         return not self.rank or self.sharded
 
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.compute_dtype or torch.float32,
+                              enabled=self.compute_dtype is not None)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -164,12 +165,20 @@ class Trainer:
 
     @torch.no_grad()
     def log_val(self) -> float:
+        """The mean loss over `eval_batches` held-out batches of batch_size sequences, each batch in
+        micro-batches of the training step's size (train.micro_batch_size, else a process's share of
+        the batch), so validation never needs more activation memory than a step's forward. The chunks
+        are equal, so the mean of their mean losses is the whole batch's."""
+        tc = self.cfg.train
+        m = tc.micro_batch_size or tc.batch_size // self.world
         self.model.eval()
+        losses = []
         with self._autocast():
-            losses = [self.model(x.to(self.device), y.to(self.device))[1].item()
-                      for x, y in self.data.val_batches(self.cfg.train.eval_batches)]
+            for x, y in self.data.val_batches(tc.eval_batches):
+                for i in range(0, len(x), m):
+                    losses.append(self.model(x[i:i + m].to(self.device), y[i:i + m].to(self.device))[1])
         self.model.train()
-        loss = sum(losses) / len(losses)
+        loss = torch.stack(losses).double().mean().item()  # one host sync for all of them
         if not self.rank:
             self._add(-1, "val", "loss", loss)
         return loss
@@ -191,7 +200,8 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for i in range(k):
             # every micro-batch has m x context tokens, so the mean of their mean losses is the slice's
-            # mean, and the sum of their gradients / k is its gradient; only the last one communicates
+            # mean, and the sum of their gradients / k is its gradient; under ddp only the last one
+            # communicates, fsdp reduce-scatters each (ofe.parallel.grad_sync)
             with parallel.grad_sync(self.wrapped, sync=i == k - 1):
                 with self._autocast():
                     _, loss = self.forward(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m])

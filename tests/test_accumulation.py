@@ -89,3 +89,22 @@ def test_fsdp_accepts_adamw():
     cfg = RunConfig.from_dict({"optim": {"name": "adamw"}, "train": {"parallel": "fsdp"}})
     check_parallel(cfg)
     assert cfg.train.parallel == "fsdp"
+
+
+def test_validation_runs_in_micro_batches_and_logs_the_whole_batch_mean(data_dir, tmp_path):
+    """log_val feeds the model at most micro_batch_size sequences at once, and its loss is the mean over
+    the held-out batches of each whole batch's mean loss, computed here directly in float64."""
+    import torch
+
+    from ofe.train import Trainer
+
+    tr = Trainer(tiny_run(data_dir, train={"batch_size": 8, "micro_batch_size": 2, "eval_batches": 3}), tmp_path)
+    sizes = []
+    hook = tr.model.register_forward_pre_hook(lambda _m, args: sizes.append(args[0].shape[0]))
+    got = tr.log_val()
+    hook.remove()
+    assert sizes == [2] * 12  # 3 batches of 8 in micro-batches of 2
+    with torch.no_grad():
+        tr.model.eval()
+        want = np.mean([tr.model(x, y)[1].double().item() for x, y in tr.data.val_batches(3)])
+    assert got == pytest.approx(want, rel=1e-6)  # fp32 reassociation of equal-size chunk means only

@@ -39,7 +39,7 @@ def test_bf16_autocast_on_cpu_trains_and_metrics_stay_fp32(data_dir, tmp_path):
     cfg = tiny_run(data_dir, train={"steps": 24, "precision": "bf16", "log_every": 8, "eval_every": 12},
                    model={"qk_bias": False})
     trainer = Trainer(cfg, tmp_path)
-    assert trainer.autocast_dtype is torch.bfloat16 and trainer.device.type == "cpu"
+    assert trainer.compute_dtype is torch.bfloat16 and trainer.device.type == "cpu"
     summary = trainer.run()
     assert summary["status"] == "completed" and summary["precision"] == "bfloat16"
     loss = _losses(tmp_path)
@@ -67,3 +67,61 @@ def test_bf16_autocast_on_cpu_trains_and_metrics_stay_fp32(data_dir, tmp_path):
         assert rows[(i, "attention", "attention_entropy")] == pytest.approx(want, rel=1e-6)
     df = pd.read_parquet(tmp_path / "metrics.parquet")
     assert df.value.dtype == np.float64 and np.isfinite(df[df.metric == "kurtosis"].value).all()
+
+
+@pytest.fixture
+def tf32_flags():
+    """torch's TF32 settings (the new per-backend API), restored after the test: they are process-wide."""
+    b = torch.backends
+    saved = b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision
+    yield b
+    b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cudnn.rnn.fp32_precision = saved
+
+
+def test_a_trainer_turns_tf32_off_whatever_was_set_before(data_dir, tmp_path, tf32_flags):
+    b = tf32_flags
+    b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = b.cudnn.rnn.fp32_precision = "tf32"
+    Trainer(tiny_run(data_dir), tmp_path)
+    assert b.cuda.matmul.fp32_precision == b.cudnn.conv.fp32_precision == b.cudnn.rnn.fp32_precision == "ieee"
+    assert not b.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "highest"
+
+
+def _fsdp_policies(model: torch.nn.Module) -> list:
+    return [m._get_fsdp_state()._mp_policy for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+
+
+def test_fsdp_and_ddp_compute_bf16_alike_with_an_fp32_stream(data_dir, tmp_path):
+    """bf16 is autocast on both paths: a one-process fsdp trainer and a plain one have fp32 weights and
+    fp32 residual streams at every probe site, and train to the same losses and metrics (within bf16's
+    rounding; here they agree to float precision, the same casts in the same order). Under fsdp no
+    MixedPrecisionPolicy is set, on CUDA either (the wrap of a bf16 run for a CUDA device, checked
+    without one: the policy is decided before any kernel runs)."""
+    results = {}
+    for p in ("ddp", "fsdp"):
+        cfg = tiny_run(data_dir, train={"precision": "bf16", "parallel": p}, model={"qk_bias": False})
+        tr = Trainer(cfg, tmp_path / p)
+        assert all(t.dtype is torch.float32 for t in tr.model.state_dict().values() if t.is_floating_point())
+        losses = []
+        for _ in range(3):
+            losses.append(tr.train_step()[0])
+            tr.step += 1
+        x = tr.data.probe_batch(4)
+        with tr._autocast():
+            streams, qk = collect(tr.model, x)
+        assert {t.dtype for t in streams.values()} == {torch.float32}  # residual stream and norms in fp32
+        assert qk[(0, "q")].dtype is torch.bfloat16  # the matmuls ran in bf16
+        rows = {(layer, site, m): v for layer, site, m, v in compute(tr.model, (streams, qk))}
+        if p == "fsdp":
+            assert _fsdp_policies(tr.model) and all(pol.param_dtype is None for pol in _fsdp_policies(tr.model))
+            from ofe import parallel
+            from ofe.model import GPT
+
+            on_cuda = parallel.wrap(GPT(cfg.model), cfg.train, torch.device("cuda"), tr.procs)
+            assert all(pol.param_dtype is None and pol.reduce_dtype is None for pol in _fsdp_policies(on_cuda))
+        tr.procs.shutdown()
+        results[p] = losses, rows
+    np.testing.assert_allclose(results["fsdp"][0], results["ddp"][0], rtol=4e-3)  # bf16's epsilon: 2^-8
+    ddp_rows, fsdp_rows = results["ddp"][1], results["fsdp"][1]
+    assert ddp_rows.keys() == fsdp_rows.keys()
+    for key, want in ddp_rows.items():
+        assert fsdp_rows[key] == pytest.approx(want, rel=4e-3, abs=1e-6), key

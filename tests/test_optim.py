@@ -331,3 +331,47 @@ def test_muon_trains_and_resumes_end_to_end(data_dir, tmp_path):
         train(cfg, tmp_path / "resumed", stop_after=8)
     train(cfg, tmp_path / "resumed")
     pd.testing.assert_frame_equal(df, pd.read_parquet(tmp_path / "resumed" / "metrics.parquet"))
+
+
+def test_rotated_adafactor_never_forms_the_gram_of_an_unrotated_side():
+    """A 40 x 6 matrix with max_precond_dim 8: only its 6-wide side is rotated. No 40 x 40 tensor is
+    ever made (the vocab x vocab Gram of an embedding), and the second step's update is the hand-built
+    one: Q_R the eigenvectors of G1^T G1 (float64), Adafactor's factored moments of G2 Q_R, back-rotated."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ofe.factored import FactoredAdam
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.add(tuple(out.shape))
+            return out
+
+    torch.manual_seed(0)
+    w0 = torch.randn(40, 6)
+    g1, g2 = torch.randn(40, 6), torch.randn(40, 6)
+    p = torch.nn.Parameter(w0.clone())
+    lr, (b1, b2), eps = 0.1, (0.9, 0.95), 1e-8
+    opt = FactoredAdam([p], lr=lr, betas=(b1, b2), eps=eps, rotate=True, max_precond_dim=8)
+    with Shapes() as spy:
+        for g in (g1, g2):
+            p.grad = g.clone()
+            opt.step()
+    assert (40, 40) not in spy.seen and (6, 6) in spy.seen
+    assert set(opt.state[p]) >= {"R", "QR"} and "L" not in opt.state[p] and "QL" not in opt.state[p]
+
+    # the expectation in float64: the first step builds Q_R only; the second updates in that basis
+    _, q = torch.linalg.eigh(g1.double().T @ g1.double())
+    gp = g2.double() @ q
+    m = (1 - b1) * g2.double() @ q  # exp_avg after one lerp from zero, rotated
+    sq = gp.square() + 1e-30
+    row, col = (1 - b2) * sq.mean(1), (1 - b2) * sq.mean(0)
+    v = torch.outer(row, col) / row.mean()
+    update = (m / (1 - b1)) / ((v / (1 - b2)).sqrt() + eps)
+    want = w0.double() - lr * update @ q.T
+    torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
