@@ -199,3 +199,14 @@ def all_mean(value: torch.Tensor, procs: Processes) -> torch.Tensor:
 def barrier(procs: Processes) -> None:
     if procs.world > 1:
         dist.barrier()
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch from host memory on `device`. On CUDA it is copied from pinned memory without blocking the
+    host: a plain copy from pageable memory waits for the GPU's queue to drain, a host sync at every
+    step (the self-check counts them); the caching host allocator keeps the pinned block until the copy
+    is done."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+

@@ -151,7 +151,7 @@ class Trainer:
     def log_probe(self) -> float:
         """Metrics at every site on the fixed held-out batch; returns the max kurtosis (for progress).
         Every rank that `collects` runs the forward pass; rank 0 alone computes and logs."""
-        x = self.data.probe_batch(self.cfg.train.probe_batch_size).to(self.device)
+        x = parallel.to_device(self.data.probe_batch(self.cfg.train.probe_batch_size), self.device)
         peak = 0.0
         with self._autocast():
             activations = collect(self.model, x)
@@ -176,7 +176,8 @@ class Trainer:
         with self._autocast():
             for x, y in self.data.val_batches(tc.eval_batches):
                 for i in range(0, len(x), m):
-                    losses.append(self.model(x[i:i + m].to(self.device), y[i:i + m].to(self.device))[1])
+                    xi, yi = (parallel.to_device(t[i:i + m], self.device) for t in (x, y))
+                    losses.append(self.model(xi, yi)[1])
         self.model.train()
         loss = torch.stack(losses).double().mean().item()  # one host sync for all of them
         if not self.rank:
@@ -193,7 +194,7 @@ class Trainer:
             group["lr"] = lr
         x, y = self.data.train_batch(tc.seed, self.step)
         b = tc.batch_size // self.world  # this rank's equal slice of the global batch
-        x, y = x[self.rank * b:(self.rank + 1) * b].to(self.device), y[self.rank * b:(self.rank + 1) * b].to(self.device)
+        x, y = (parallel.to_device(t[self.rank * b:(self.rank + 1) * b], self.device) for t in (x, y))
         m = tc.micro_batch_size or b
         k = b // m
         self.opt.zero_grad(set_to_none=True)

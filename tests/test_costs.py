@@ -110,6 +110,11 @@ def test_a_preset_checkpoint_costs_under_5_percent_of_the_training_time(scale, l
 def test_a_config_setting_checkpoint_every_wins_over_the_preset():
     config = yaml.safe_load((REPO / "config.yaml").read_text())
     point = {"scale": "7b", "block": "pre_ln", "optimizer": "adamw", "lr": 1e-4, "seed": 0, "beta": None}
-    assert grid.resolve_run(config, point).config.train.checkpoint_every == 100  # config.yaml's default
-    del config["defaults"]["train"]["checkpoint_every"]
+    # config.yaml sets none, so a paper scale added to the default grid keeps its preset's interval
+    assert "checkpoint_every" not in config["defaults"]["train"]
     assert grid.resolve_run(config, point).config.train.checkpoint_every == 7000  # the preset's
+    config["defaults"]["train"]["checkpoint_every"] = 100
+    assert grid.resolve_run(config, point).config.train.checkpoint_every == 100  # the config's wins
+    tiny = {**point, "scale": "tiny"}
+    del config["defaults"]["train"]["checkpoint_every"]
+    assert grid.resolve_run(config, tiny).config.train.checkpoint_every == 100  # TrainConfig's default
