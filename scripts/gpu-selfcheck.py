@@ -155,7 +155,7 @@ def main() -> int:
     ap.add_argument("--only", type=int, nargs="+", metavar="N", help="run only these checks (1-12)")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak, for MFU (default: by name)")
     ap.add_argument("--budget-scale", type=float, default=1.0, help="multiply every check's time budget")
-    ap.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="train.threads of the runs")
+    ap.add_argument("--threads", type=int, help="train.threads of the runs (default: up to 8 on a GPU host, 1 in cpu mode)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder")
     ap.add_argument("--verbose", action="store_true", help="the runs' output on the terminal, not in --log")
     args = ap.parse_args()
@@ -163,8 +163,11 @@ def main() -> int:
     if unknown:
         ap.error(f"--only: no check {sorted(unknown)}; the checks are 1-{len(CHECKS)}")
 
+    threads = args.threads or (min(8, os.cpu_count() or 1) if args.device == "cuda" else 1)
+    for path in (args.out, args.log):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="ofe-gpucheck-"))
-    ctx = Context(torch.device(args.device), tmp, threads=args.threads, peak_tflops=args.peak_tflops)
+    ctx = Context(torch.device(args.device), tmp, threads=threads, peak_tflops=args.peak_tflops)
     env = environment(ctx)
     print(" ".join(f"{k}={v}" for k, v in env.items()))
     print(f"scratch {tmp}; the runs' output: {'this terminal' if args.verbose else args.log}", flush=True)
