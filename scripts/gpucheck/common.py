@@ -32,7 +32,7 @@ SMOKE_VOCAB = 1000
 
 
 class CheckFailed(Exception):
-    """Raised by a check that cannot go on (its figures so far are still reported)."""
+    """A failure that ends a check early, reported by its message alone (no traceback)."""
 
 
 @dataclass
