@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Profile for `make run`; `make run PROFILE=profiles/slurm` on a cluster.
 PROFILE ?= profiles/local
 
-.PHONY: run test venv clean paper
+.PHONY: run test venv clean paper gpu-check
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,13 @@ paper: venv
 test: venv
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The GPU self-check (README "Before the first GPU job"): twelve checks of the CUDA path on one GPU, about
+# 7 minutes; exit status = failed checks. Never part of `test`. GPU_CHECK_ARGS="--device cpu" is a smoke
+# run of the script itself at toy shapes, for machines without a GPU.
+gpu-check: venv
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/python scripts/gpu-selfcheck.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf results reports/*.html reports/figures reports/*-figures .snakemake
