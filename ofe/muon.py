@@ -1,9 +1,11 @@
 """torch.optim.Muon with its Newton-Schulz iteration in fp32 on CPU (bf16 elsewhere, as torch's).
 
-torch's `_zeropower_via_newtonschulz` always casts the update to bfloat16. On a CUDA GPU that is what
-makes Muon cheap; on a CPU without native bf16 matmuls (AVX2 only) torch emulates them, and Muon's step
-then costs several times AdamW's. The iteration in fp32 is the same iteration at a higher precision, so
-on CPU this class runs it in fp32 and everywhere else in bf16, exactly as torch does.
+torch's `_zeropower_via_newtonschulz` always casts the update to bfloat16. On a GPU that is what makes
+Muon cheap. On a CPU, bf16 matmuls are faster than fp32 only with AMX: measured with oneDNN limited to
+each instruction set on this project's AMX host (1 thread, 256x1024 @ 1024x256), bf16 took 66x fp32's
+time with AVX2 only (torch's scalar fallback), 6x with AVX512, 1.6x with AVX512-BF16 and 0.1x with AMX.
+So on CPU the iteration runs in fp32, the same iteration at a higher precision, one dtype for every
+CPU run whatever the host. (On an AMX host this makes Muon's step slower: README, Benchmarks.)
 
 Only `step` is overridden: the constructor, the param groups' keys and the state (one
 `momentum_buffer` per parameter) are torch's, so a state_dict of torch.optim.Muon loads here and back.
@@ -18,7 +20,7 @@ from torch.optim._muon import _adjust_lr  # torch's LR adjustment itself: the sa
 
 
 def newton_schulz_dtype(device: torch.device) -> torch.dtype:
-    """fp32 on CPU (emulated bf16 is slow there and fp32 is the more exact iteration); bf16 on
+    """fp32 on CPU (bf16 is slower there without AMX, and fp32 is the more exact iteration); bf16 on
     accelerators, torch's choice."""
     return torch.float32 if device.type == "cpu" else torch.bfloat16
 
