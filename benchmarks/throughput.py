@@ -87,12 +87,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_loop(cfg: RunConfig, steps: int | None = None) -> float:
-    """Seconds for `steps` (default: the config's) training steps, nanoGPT-style: the batch copied from
+def bare_loop(cfg: RunConfig) -> float:
+    """Seconds for the config's training steps, nanoGPT-style: the batch copied from
     pinned memory without blocking, autocast as the Trainer's, forward, backward, clip, step; no probe,
     validation, rows, checkpoints, or reads of the loss or the gradient norm."""
     tc = cfg.train
-    steps = tc.steps if steps is None else steps
     device = torch.device(tc.device)
     torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
@@ -104,7 +103,7 @@ def bare_loop(cfg: RunConfig, steps: int | None = None) -> float:
     cuda = device.type == "cuda"
     _sync(device)
     t0 = time.perf_counter()
-    for step in range(steps):
+    for step in range(tc.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, tc.steps, cfg.optim)
         x, y = data.train_batch(tc.seed, step)
