@@ -2,7 +2,7 @@
 
 torch's `_zeropower_via_newtonschulz` always casts the update to bfloat16. On a GPU that is what makes
 Muon cheap. On a CPU, bf16 matmuls are faster than fp32 only with AMX: measured with oneDNN limited to
-each instruction set on this project's AMX host (1 thread, 256x1024 @ 1024x256), bf16 took 66x fp32's
+each instruction set on this project's AMX host (1 thread, 256x1024 @ 1024x256), bf16 took 60-70x fp32's
 time with AVX2 only (torch's scalar fallback), 6x with AVX512, 1.6x with AVX512-BF16 and 0.1x with AMX.
 So on CPU the iteration runs in fp32, the same iteration at a higher precision, one dtype for every
 CPU run whatever the host. (On an AMX host this makes Muon's step slower: README, Benchmarks.)
