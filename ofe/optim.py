@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ofe.config import OptimConfig
+from ofe.muon import Muon
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -62,7 +63,10 @@ MUON_ADJUST_LR = "match_rms_adamw"
 
 
 class MuonWithAdamW:
-    """torch.optim.Muon for the groups marked `muon: True` and AdamW for the others, as one optimiser.
+    """Muon for the groups marked `muon: True` and AdamW for the others, as one optimiser.
+
+    Muon is torch.optim.Muon with its Newton-Schulz iteration in fp32 on CPU (`ofe.muon`); its state is
+    torch's, so checkpoints of runs made with torch.optim.Muon itself load.
 
     It has what the trainer uses of an optimiser: `param_groups` (the two optimisers' groups, the same
     dicts, so `group["lr"] = lr` reaches both), `step`, `zero_grad`, and `state_dict` /
@@ -89,7 +93,7 @@ class MuonWithAdamW:
         # Only a side with parameters is built (torch refuses an empty optimiser); state_dict names them.
         self.parts: dict[str, torch.optim.Optimizer] = {}
         if muon_groups:
-            self.parts["muon"] = torch.optim.Muon(
+            self.parts["muon"] = Muon(
                 muon_groups, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=True,
                 ns_steps=ns_steps, adjust_lr_fn=MUON_ADJUST_LR)
         if adamw_groups:
@@ -137,7 +141,8 @@ def make_optimizer(name: str, params: Iterable, **hp: Any) -> torch.optim.Optimi
     the reference nikhilvyas/SOAP: eigh at the first step, which makes no update, power iteration +
     QR refresh every `precondition_frequency` steps, plain Adam for 1-D parameters and dimensions above
     `max_precond_dim`, decoupled weight decay). adafactor / rotated_adafactor: `ofe.factored`.
-    muon: torch's Muon for hidden matrices, AdamW for the rest (`MuonWithAdamW`, `muon_param_groups`).
+    muon: torch's Muon (Newton-Schulz in fp32 on CPU, `ofe.muon`) for hidden matrices, AdamW for the rest
+    (`MuonWithAdamW`, `muon_param_groups`).
     """
     lr, betas = hp["lr"], tuple(hp.get("betas", (0.9, 0.999)))
     eps, wd = hp.get("eps", 1e-8), hp.get("weight_decay", 0.0)
