@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
 import warnings
@@ -13,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 
 from ofe import presets
@@ -29,6 +27,19 @@ SMOKE_MODEL = {"tiny": dict(n_layer=2, d_model=32, n_head=2, context=32),
                "350m": dict(n_layer=2, d_model=64, n_head=2, context=64)}
 SMOKE_BATCH = {"tiny": 4, "130m": 8, "350m": 4}
 SMOKE_VOCAB = 1000
+
+
+@functools.lru_cache(maxsize=None)
+def benchmark() -> Any:
+    """benchmarks/throughput.py as a module (benchmarks/ is not a package): check 10 runs its `measure`,
+    the same measurement the README's benchmark table reports."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
+    spec = importlib.util.spec_from_file_location("ofe_throughput_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class CheckFailed(Exception):
@@ -92,18 +103,11 @@ class Context:
         return self._caches["bytes"]
 
     def random_data(self, vocab: int) -> Path:
-        """Random tokens below `vocab` in `ofe.data.prepare`'s format (train.bin, val.bin, meta.json)."""
+        """Random tokens below `vocab` in `ofe.data.prepare`'s format, written by the throughput benchmark's
+        own writer (2M train tokens: 64 windows of 129 x 128 fit many times over)."""
         key = f"random-{vocab}"
         if key not in self._caches:
-            out = self.tmp / f"data-{key}"
-            out.mkdir(parents=True, exist_ok=True)
-            rng = np.random.default_rng(vocab)
-            sizes = {"train": 2_000_000, "val": 200_000}  # 64 windows of 129 x 128 fit many times over
-            for split, n in sizes.items():
-                rng.integers(0, vocab, size=n, dtype=np.uint32).tofile(out / f"{split}.bin")
-            meta = {"vocab_size": vocab, "dtype": "uint32", "tokens": sizes, "source": "random (gpu-selfcheck)"}
-            (out / "meta.json").write_text(json.dumps(meta))  # last, as prepare does
-            self._caches[key] = out
+            self._caches[key] = benchmark().write_random_tokens(self.tmp / f"data-{key}", vocab, 2_000_000, vocab)
         return self._caches[key]
 
     # ---- run configs ----------------------------------------------------------------------------
@@ -139,14 +143,6 @@ class Context:
 
 
 # ---- what a run reports --------------------------------------------------------------------------
-
-def device_type(summary: dict[str, Any]) -> str:
-    """summary.json's device type. SHIM: "device_type" is helper A's new key; before it, the type is read
-    from "device" (e.g. 'cuda:0'). Remove the fallback once A's change is merged."""
-    if "device_type" in summary:
-        return summary["device_type"]
-    return torch.device(summary["device"]).type
-
 
 def losses(run_dir: Path) -> "Any":
     """The run's loss rows (train and val), indexed by (site, step)."""

@@ -3,7 +3,6 @@ evaluation on the GPU and a launched job. Costs are for one H100; each says its 
 
 from __future__ import annotations
 
-import inspect
 import math
 import shutil
 import statistics
@@ -14,12 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpucheck.common import Context, Result, StepLog, autocast, compile_backend, device_type, instrument
+from gpucheck import common
+from gpucheck.common import Context, Result, StepLog, compile_backend, instrument
 from ofe import memory
 from ofe.config import QuantConfig, RunConfig
-from ofe.data import TokenData
-from ofe.model import GPT
-from ofe.optim import OPTIMIZERS, build_optimizer, lr_at
+from ofe.optim import OPTIMIZERS
 from ofe.train import Trainer, train
 
 GIB = 2**30
@@ -91,83 +89,28 @@ def memory_350m(ctx: Context, r: Result) -> None:
 
 # ---- 10. throughput ------------------------------------------------------------------------------
 
-def bare_loop(ctx: Context, cfg: RunConfig, warm: int) -> float:
-    """A nanoGPT-style loop of the same model, optimiser, batches, device and dtype: pinned batches
-    copied without blocking, no per-step .item(). Returns the seconds of the steps after `warm`."""
-    torch.manual_seed(cfg.train.seed)
-    data = TokenData(cfg.data_dir, cfg.model.context, cfg.train.batch_size)
-    model = GPT(cfg.model).to(ctx.device)
-    opt = build_optimizer(model, cfg.optim)
-    forward = torch.compile(model) if cfg.train.compile else model
-    t0 = time.perf_counter()
-    for step in range(cfg.train.steps):
-        if step == warm:
-            if ctx.gpu:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.train.steps, cfg.optim)
-        x, y = data.train_batch(cfg.train.seed, step)
-        if ctx.gpu:
-            x, y = x.pin_memory().to(ctx.device, non_blocking=True), y.pin_memory().to(ctx.device, non_blocking=True)
-        with autocast(ctx):
-            _, loss = forward(x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip)
-        opt.step()
-    if ctx.gpu:
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
-def local_measure(ctx: Context, cfg: RunConfig, warm: int) -> dict[str, float]:
-    """Tokens/s of the bare loop and of the Trainer (probe and validation at their default cadence), over
-    the same steps after `warm`."""
-    import torch._dynamo
-
-    tokens = (cfg.train.steps - warm) * cfg.train.batch_size * cfg.model.context
-    torch._dynamo.reset()  # each compiles from scratch: no shapes seen by earlier checks (automatic dynamic)
-    bare_s = bare_loop(ctx, cfg, warm)
-    ctx.free_memory()
-    torch._dynamo.reset()
-    _, log, _ = _train_measured(ctx, cfg, ctx.folder(f"trainer-{cfg.train.compile}"))
-    return {"bare_tok_s": tokens / bare_s, "trainer_tok_s": tokens / log.seconds(warm)}
-
-
-def measure_throughput(ctx: Context, cfg: RunConfig, warm: int) -> tuple[str, dict[str, float]]:
-    """ADAPTER: the one call to change once helper D's benchmarks/throughput.py offers an importable
-    measuring function (the repo root is on sys.path): call it here with `cfg` and `warm` and map its
-    result to {'bare_tok_s', 'trainer_tok_s'}; the first item names what measured. Until then the
-    local bare-loop vs Trainer comparison of this module runs."""
-    return "local (scripts/gpucheck/scale_checks.py)", local_measure(ctx, cfg, warm)
-
-
 def throughput(ctx: Context, r: Result) -> None:
-    """10. The 130m shape (vocabulary 52,000, batch 128 x 128), eager then compiled: the Trainer's tokens/s
-    at least 0.9x a bare loop's over 50 steps after 10 of warm-up; MFU = tokens/s x (6 N + 12 L T d) / peak.
-    ~150 s: four 60-step runs, two inductor compilations of the 130m model."""
-    warm = 10
+    """10. benchmarks/throughput.py's `measure` at the 130m shape (vocabulary 52,000, batch 128 x 128,
+    the preset's probe, validation and checkpoint cadence), eager then compiled: the Trainer's tokens/s at
+    least 0.9x the bare nanoGPT-style loop's on the same device and dtype, MFU = tokens/s x (6 N + 12 L T
+    d) / peak. ~150 s: per mode a 10-step warm-up of each loop, then 120 timed steps of each (one 1.5 GB
+    checkpoint in the Trainer's), and one inductor compilation of the 130m model. The smoke mode measures
+    the `tiny` scale on CPU for 20 steps, with Dynamo's eager backend."""
     peak = ctx.peak_tflops or next((v for k, v in PEAK_TFLOPS.items()
                                     if ctx.gpu and k in torch.cuda.get_device_name()), None)
     for compiled in (False, True):
-        cfg = ctx.config("130m", steps=60, log_every=25, eval_every=200, eval_batches=4,
-                         checkpoint_every=NO_CHECKPOINT, compile=compiled)
-        model = GPT(cfg.model)
-        n = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not name.startswith("wpe"))
-        flops_per_token = 6 * n + 12 * cfg.model.n_layer * cfg.model.context * cfg.model.d_model
-        del model
         mode = "compiled" if compiled else "eager"
         with compile_backend(ctx) as backend:
-            impl, got = measure_throughput(ctx, cfg, warm)
-        ratio = got["trainer_tok_s"] / got["bare_tok_s"]
-        r.fig(**{f"{mode}.bare_tok_s": got["bare_tok_s"], f"{mode}.trainer_tok_s": got["trainer_tok_s"],
-                 f"{mode}.ratio": ratio, f"{mode}.backend": backend, "impl": impl, "peak_tflops": peak})
-        if peak:
-            r.fig(**{f"{mode}.mfu_bare": got["bare_tok_s"] * flops_per_token / (peak * 1e12),
-                     f"{mode}.mfu_trainer": got["trainer_tok_s"] * flops_per_token / (peak * 1e12)})
+            got = common.benchmark().measure(
+                scale="130m" if ctx.gpu else "tiny", device=str(ctx.device), compile=compiled,
+                steps=120 if ctx.gpu else 20, repeats=1, warmup=10 if ctx.gpu else 2, threads=ctx.threads,
+                peak_tflops=peak, workdir=ctx.folder(f"throughput-{mode}"), log=False)
+        ctx.free_memory()
+        r.fig(**{f"{mode}.{k}": got[k] for k in ("bare_tok_s", "trainer_tok_s", "ratio", "bare_mfu",
+                                                 "trainer_mfu")}, **{f"{mode}.backend": backend})
         if ctx.gpu:
-            r.expect(ratio >= 0.9, f"{mode}: the Trainer runs at {ratio:.3f}x the bare loop (< 0.9)")
+            r.expect(got["ratio"] >= 0.9, f"{mode}: the Trainer runs at {got['ratio']:.3f}x the bare loop (< 0.9)")
+    r.fig(peak_tflops=peak, vocab=got["vocab"], flops_per_token=got["flops_per_token"])
     if ctx.smoke:
         r.skip("Trainer >= 0.9x the bare loop (CPU timings of toy shapes mean nothing)")
 
@@ -182,18 +125,12 @@ def quantise(ctx: Context, r: Result) -> None:
                      checkpoint_every=NO_CHECKPOINT)
     run = ctx.folder("run")
     train(cfg, run)
-    kwargs = {}
-    if "device" in inspect.signature(quant.quantise_run).parameters:  # helper C's argument
-        kwargs["device"] = str(ctx.device)
-    elif ctx.gpu:
-        r.expect(False, "ofe.quant.quantise_run has no `device` argument: it would evaluate on the CPU")
-        return
     ctx.free_memory()
     t0 = time.perf_counter()
-    df = quant.quantise_run(run, QuantConfig(), **kwargs)
+    df = quant.quantise_run(run, QuantConfig())  # on the device the run trained on (train.device)
     seconds = time.perf_counter() - t0
     finite = bool(np.isfinite(df[["ppl_fp", "ppl_q"]].to_numpy()).all())
-    r.fig(seconds=seconds, rows=len(df), device_arg=kwargs.get("device", "(none)"), finite=finite,
+    r.fig(seconds=seconds, rows=len(df), train_device=cfg.train.device, finite=finite,
           **{f"{p}.W{b}.ppl_q": q for p, b, q in zip(df.protocol, df.bits, df.ppl_q)})
     r.expect(len(df) == 2 and finite, f"{len(df)} rows, finite={finite}")
 
@@ -209,8 +146,8 @@ def launched(ctx: Context, r: Result) -> None:
     cfg = ctx.config("tiny", device="auto" if ctx.gpu else "cpu", steps=4, log_every=2, eval_every=2,
                      checkpoint_every=2)
     summary = launch(cfg, ctx.folder("run"), launcher)
-    r.fig(status=summary["status"], device=summary["device"], device_type=device_type(summary),
+    r.fig(status=summary["status"], device=summary["device"], device_type=summary["device_type"],
           precision=summary["precision"], gpu_name=summary.get("gpu_name"))
     r.expect(summary["status"] == "completed", f"status {summary['status']!r}")
-    r.expect(device_type(summary) == ctx.device.type,
+    r.expect(summary["device_type"] == ctx.device.type,
              f"the launched job trained on {summary['device']}, not {ctx.device.type}")

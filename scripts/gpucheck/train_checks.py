@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gpucheck.common import (Context, Result, StepLog, autocast, compile_backend, device_type, instrument,
+from gpucheck.common import (Context, Result, StepLog, autocast, compile_backend, instrument,
                              losses, max_diff, step_tensors, sync_counter)
 from ofe import presets
 from ofe.config import ModelConfig
@@ -104,10 +104,10 @@ def tiny_run(ctx: Context, r: Result) -> None:
             summary = trainer.run()
     finally:
         trainer.procs.shutdown()
-    r.fig(status=summary["status"], device=summary["device"], device_type=device_type(summary),
+    r.fig(status=summary["status"], device=summary["device"], device_type=summary["device_type"],
           precision=summary["precision"], gpu_name=summary.get("gpu_name"), steps_done=summary["steps_done"])
     r.expect(summary["status"] == "completed", f"status {summary['status']!r}, not 'completed'")
-    r.expect(device_type(summary) == ctx.device.type, f"the run trained on {summary['device']}, not {ctx.device.type}")
+    r.expect(summary["device_type"] == ctx.device.type, f"the run trained on {summary['device']}, not {ctx.device.type}")
     r.expect(summary["precision"] == ctx.expected_precision(),
              f"precision {summary['precision']!r}, not {ctx.expected_precision()!r}")
     if ctx.smoke:
