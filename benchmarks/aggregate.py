@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ofe.aggregate import aggregate
-from ofe.metrics import STREAM_METRICS
-from ofe.quant import QUANT_SCHEMA
-from ofe.results import METRIC_SCHEMA, write_parquet
+from ofe.aggregate.runs import aggregate
+from ofe.core.metrics import STREAM_METRICS
+from ofe.io import METRIC_SCHEMA, write_parquet
+from ofe.io import QUANT_SCHEMA
 
 
 def synthetic_metrics(rng: np.random.Generator) -> pd.DataFrame:

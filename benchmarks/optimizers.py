@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from ofe import presets
 from ofe.config import ModelConfig
-from ofe.model import GPT
-from ofe.optim import OPTIMIZERS, make_optimizer, muon_param_groups, param_groups
+from ofe.core.model import GPT
+from ofe.core.optim import OPTIMIZERS, make_optimizer, muon_param_groups, param_groups
+from ofe.plan import presets
 
 
 def sync(device: str) -> None:

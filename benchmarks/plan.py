@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from ofe import grid
+from ofe.plan import grid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ofe.cluster.jobstate import process_start_time
 from ofe.config import RunConfig
-from ofe.jobstate import process_start_time
 
 REPO = Path(__file__).resolve().parents[1]
 

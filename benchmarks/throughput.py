@@ -6,7 +6,7 @@ schedule and clipping, on the same device in the same dtype, in one run; with MF
 
 Defaults: CUDA when available, at `130m` with the paper's CodeParrot vocabulary (52,000 tokens, whose LM
 head is about 30% of the model's FLOPs there), else CPU at `tiny` with bytes (vocab 256). Both loops
-compute in the dtype the Trainer resolves for the device: bf16 autocast on CUDA (`ofe.parallel.
+compute in the dtype the Trainer resolves for the device: bf16 autocast on CUDA (`ofe.train.parallel.
 mixed_precision_dtype`, the Trainer's own function), fp32 on CPU. The Trainer runs as in a real run: its
 probe, validation, checkpoints and progress lines at the scale preset's cadence (TrainConfig's defaults
 unless the preset sets them), its per-step host syncs (loss and gradient norm) and its final probe,
@@ -18,7 +18,7 @@ the tied embedding once (as the LM head) and the positions not at all; 12 L T d 
 value matmuls (PaLM's accounting, appendix B). `--peak-tflops`: 989 on CUDA (H100 SXM, dense bf16); on
 CPU MFU is printed only when a peak is given.
 
-Tokens are random (a local cache in the token format `ofe.data.TokenData` reads): throughput does not
+Tokens are random (a local cache in the token format `ofe.core.data.TokenData` reads): throughput does not
 depend on their values, and no tokenizer or dataset is downloaded.
 """
 
@@ -36,13 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ofe import parallel, presets
 from ofe.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
-from ofe.data import TokenData
-from ofe.memory import param_shapes
-from ofe.model import GPT
-from ofe.optim import build_optimizer, lr_at
-from ofe.train import Trainer
+from ofe.core.data import TokenData
+from ofe.core.model import GPT
+from ofe.core.optim import build_optimizer, lr_at
+from ofe.plan import presets
+from ofe.plan.memory import param_shapes
+from ofe.train import parallel
+from ofe.train.trainer import Trainer
 
 # The paper's vocabularies: CodeParrot's tokenizer at 130m, Languini's at the larger scales; bytes on CPU.
 DEFAULT_VOCAB = {"tiny": 256, "small": 256, "130m": 52_000, "350m": 16_384, "1.2b": 16_384, "7b": 16_384}
@@ -53,7 +54,7 @@ H100_BF16_TFLOPS = 989.0
 def write_random_tokens(out: Path, vocab: int, tokens: int = 1 << 20, seed: int = 0) -> Path:
     """A token cache of uniformly random ids below `vocab` (train and val splits, meta.json last)."""
     out.mkdir(parents=True, exist_ok=True)
-    dtype = np.uint8 if vocab <= 256 else np.uint32  # ofe.data.Tokenizer's choice
+    dtype = np.uint8 if vocab <= 256 else np.uint32  # ofe.core.data.Tokenizer's choice
     rng = np.random.default_rng(seed)
     sizes = {"train": tokens, "val": max(tokens // 16, 4096)}
     for split, n in sizes.items():
@@ -77,7 +78,7 @@ def run_config(scale: str, device: str, vocab: int, steps: int, compile: bool, d
 
 
 def flops_per_token(cfg: ModelConfig) -> int:
-    """6 N + 12 L T d (module docstring); N from `ofe.memory.param_shapes`, the model's own shapes."""
+    """6 N + 12 L T d (module docstring); N from `ofe.plan.memory.param_shapes`, the model's own shapes."""
     n = sum(math.prod(shape) for name, shape in param_shapes(cfg) if len(shape) == 2 and name != "wpe.weight")
     return 6 * n + 12 * cfg.n_layer * cfg.context * cfg.d_model
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from ofe.config import ConfigError
@@ -36,40 +35,6 @@ def merge_config(base: dict, over: dict) -> dict:
         nested = isinstance(value, dict) and isinstance(out.get(key), dict)
         out[key] = merge_config(out[key], value) if nested else value
     return out
-
-
-def plan_from_config(config: dict, schema: Path | None, data_root: Path | None = None) -> dict:
-    """The plan: every run (id, grid labels, studies, full config), every checkpoint of the checkpoint
-    studies (`ofe.checkpoints`), plus study metadata. Validates first
-    (`ofe.grid.validate`: numbers read, schema, paths, values, grid size), so nothing heavy is imported
-    for a config that fails. `data_root` defaults to results_dir/data."""
-    from dataclasses import asdict
-
-    from ofe import checkpoints, grid
-    from ofe.config import DataConfig, QuantConfig, build_section
-
-    config = grid.validate(config, schema)
-    runs = grid.expand_valid(config)
-    ckpts = checkpoints.expand(config)
-    data = build_section(DataConfig, config.get("data") or {}, "data.")
-    quant = build_section(QuantConfig, config.get("quant") or {}, "quant.")
-    data_root = data_root if data_root is not None else Path(config.get("results_dir", "results")) / "data"
-    data_dir = str(data_root / data.cache_id)
-    extras = sorted({k for r in runs.values() for k in r.grid if k not in grid.AXES})
-    return {
-        "config": config,
-        "studies": grid.studies_metadata(config),
-        "grid_columns": list(grid.AXES) + extras,
-        "data": {"dir": data_dir, "config": data.__dict__},
-        "quant": asdict(quant),
-        "inspect": checkpoints.inspect_settings(config),
-        "checkpoints": ckpts,
-        "runs": [
-            {"run_id": r.run_id, "grid": r.grid, "studies": r.studies,
-             "config": replace(r.config, data_dir=data_dir).to_dict()}
-            for r in runs.values()
-        ],
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-png", dest="png", action="store_false", help="export SVG only (PNG adds ~2 s per 20 runs)")
     p.add_argument("--manifest", type=Path, help="also write a JSON summary of what the report shows")
     p.add_argument("--expect-runs-digest", help="refuse unless RESULTS/runs.parquet holds exactly the runs "
-                   "with this digest (ofe.grid.runs_digest of the plan's run ids)")
+                   "with this digest (ofe.plan.grid.runs_digest of the plan's run ids)")
 
     args = parser.parse_args(argv)
     try:
@@ -177,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from ofe.results import atomic_write_json
+    from ofe.io import atomic_write_json
 
     if args.cmd == "check-config":
-        from ofe import checkpoints, grid, memplan
+        from ofe.plan import grid, memplan, studies
 
         config = grid.load_config(args.config_opt or args.config or Path("config.yaml"))
         for extra in args.configfile:
@@ -189,7 +154,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             config = {**config, "launcher_file": str(args.launcher_file)}
         config = grid.validate(config, args.schema)
         runs = grid.expand_valid(config)
-        ckpts = checkpoints.expand(config)
+        ckpts = studies.expand(config)
         launcher = grid.launcher_settings(config, args.schema)  # and its launcher_file, if any
         grid.check_launcher(runs.values(), launcher)
         for r in runs.values():
@@ -199,52 +164,54 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs" + (f" and {len(ckpts)} checkpoints" if ckpts else "")
               + f"; jobs go to {launcher.get('cluster', 'local')}")
         rows = memplan.plan(runs.values(), launcher)
-        if rows:  # checkpoint studies are checked against memory by their jobs (ofe.hf)
+        if rows:  # checkpoint studies are checked against memory by their jobs (ofe.pretrained.hf)
             print(memplan.format_plan(rows))
         memplan.check(rows)  # a run that does not fit: ConfigError, exit 2
     elif args.cmd == "plan":
-        from ofe import grid
+        from ofe.plan import grid
 
         config = args.config_json if args.config_json is not None else grid.load_config(args.config)
+        from ofe.plan import plan_from_config
+
         plan = plan_from_config(config, args.schema, args.data_root)
         atomic_write_json(args.out, plan)
         print(f"[ofe] planned {len(plan['runs'])} runs in {len(plan['studies'])} studies -> {args.out}")
     elif args.cmd == "prepare":
         from ofe.config import DataConfig
-        from ofe.data import prepare
+        from ofe.core.data import prepare
 
         out = args.out
         meta = prepare(DataConfig(**args.data_json), out)
         print(f"[ofe] tokenised {meta['tokens']} tokens ({meta['documents']} documents) "
               f"in {meta['seconds']} s -> {out}")
     elif args.cmd == "train":
-        from ofe.train import load_run_config, train
+        from ofe.train.trainer import load_run_config, train
 
         summary = train(load_run_config(args.config), args.out)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
     elif args.cmd == "launch" and args.checkpoint_json is not None:
-        from ofe.checkpoints import inspect_settings
-        from ofe.launch import launch_inspect
+        from ofe.cluster.launch import launch_inspect
+        from ofe.plan.studies import inspect_settings
 
         settings = inspect_settings({"inspect": args.inspect_json})
         summary = launch_inspect(args.checkpoint_json, args.out, args.launcher_json, settings, args.data_json,
                                  args.quant_json or {}, args.status_dir)
         print(f"[ofe] {args.out}: inspected {summary['model']} at step {summary['step']}")
     elif args.cmd == "launch":
+        from ofe.cluster.launch import launch
         from ofe.config import RunConfig
-        from ofe.launch import launch
 
         summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json, args.status_dir,
                          args.quant_json)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
     elif args.cmd == "cancel":
-        from ofe.launch import cancel
+        from ofe.cluster.launch import cancel
 
         jobs = cancel(args.results, args.dry_run)
         verb = "would cancel" if args.dry_run else "cancelled"
         print("\n".join(f"[ofe] {verb} {j}" for j in jobs) or "[ofe] no pending or running jobs")
     elif args.cmd == "status":
-        from ofe.status import format_table, grid_status
+        from ofe.cluster.status import format_table, grid_status
 
         try:
             rows = grid_status(args.results, args.max_age, args.query)
@@ -253,7 +220,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 1
         print(format_table(rows))
     elif args.cmd == "install-profile":
-        from ofe.profile import install_profile
+        from ofe.cluster.install import install_profile
 
         try:
             dest = install_profile(args.name)
@@ -262,14 +229,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 1
         print(f"[ofe] installed {dest / 'config.yaml'}; from the project root run: snakemake --profile {args.name}")
     elif args.cmd == "quantise":
-        from ofe.launch import quantise_in_process
+        from ofe.cluster.jobs import quantise_in_process
 
         result = quantise_in_process(args.run, args.quant_json)
         print(f"[ofe] {args.run}: {result['rows']} quantisation rows")
     elif args.cmd == "inspect":
         return _inspect(args)
     elif args.cmd == "aggregate":
-        from ofe.aggregate import aggregate
+        from ofe.aggregate.runs import aggregate
 
         frames = aggregate(json.loads(args.plan.read_text()), args.results, args.out)
         counts = frames["runs"].status.value_counts().to_dict()
@@ -277,17 +244,17 @@ def _dispatch(args: argparse.Namespace) -> int:
               f"{len(frames['quant'])} quantisation rows, {len(frames['checkpoints'])} checkpoints "
               f"-> {args.out or args.results}")
     elif args.cmd == "report":
-        from ofe.grid import default_figures_dir
-        from ofe.report import build_report
+        from ofe.plan.grid import default_figures_dir
+        from ofe.report.page import build_report
 
         if args.expect_runs_digest:
             import pandas as pd
 
-            from ofe.grid import runs_digest
+            from ofe.plan.grid import runs_digest
 
             ids = list(pd.read_parquet(args.results / "runs.parquet", columns=["run_id"]).run_id)
             n_runs = len(ids)
-            if (args.results / "checkpoints.parquet").exists():  # the checkpoint studies' (ofe.aggregate_ckpt)
+            if (args.results / "checkpoints.parquet").exists():  # the checkpoint studies' (ofe.aggregate.checkpoints)
                 ckpts = pd.read_parquet(args.results / "checkpoints.parquet", columns=["ckpt_id"]).ckpt_id
                 ids += [f"checkpoint:{c}" for c in ckpts]
             if runs_digest(ids) != args.expect_runs_digest:
@@ -316,8 +283,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from ofe.config import DataConfig, QuantConfig, build_section
-    from ofe.hf import InspectError
-    from ofe.inspection import Settings, inspect
+    from ofe.pretrained.hf import InspectError
+    from ofe.pretrained.inspection import Settings, inspect
 
     for name in ("batches", "batch_size", "context", "threads", "step"):
         value, least = getattr(args, name), 0 if name == "step" else 1

@@ -19,9 +19,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # Every test runs on CPU, on a GPU machine too: the expectations are CPU ones (fp32, a CPU reference),
 # and the two-task launch tests must not put NCCL on one GPU beside gloo. Hidden here, at import, before
-# anything initialises CUDA; submitted local jobs inherit the mask (ofe.launch.local_gpus). The SLURM
+# anything initialises CUDA; submitted local jobs inherit the mask (ofe.cluster.launch.local_gpus). The SLURM
 # variables go too, or a test inside a GPU allocation would be "given GPUs" it cannot see
-# (ofe.parallel.gpus_given). OFE_TEST_GPU=1 leaves the GPUs visible, for a test about the GPU.
+# (ofe.train.parallel.gpus_given). OFE_TEST_GPU=1 leaves the GPUs visible, for a test about the GPU.
 if os.environ.get("OFE_TEST_GPU") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     for _var in ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS"):
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The stdlib corpus capped at 120 files, tokenised once for the whole session."""
     from ofe.config import DataConfig
-    from ofe.data import prepare
+    from ofe.core.data import prepare
 
     out = tmp_path_factory.mktemp("data")
     prepare(DataConfig(max_documents=120), out)

@@ -10,12 +10,12 @@ from typing import Any
 
 import submitit
 
-from ofe.launch import export_processes
+from ofe.cluster.jobs import export_processes
 
 
 class EnvProbe(submitit.helpers.Checkpointable):
     """Each task writes RUN/env<LOCAL_RANK>.json: its LOCAL_RANK and CUDA_VISIBLE_DEVICES (None: unset),
-    after the same process setup as a training job (`ofe.launch.export_processes`)."""
+    after the same process setup as a training job (`ofe.cluster.jobs.export_processes`)."""
 
     def __call__(self, out: str) -> dict[str, Any]:
         export_processes()

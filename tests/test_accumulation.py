@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ofe.cluster.launch import launch
 from ofe.config import ConfigError, RunConfig, TrainConfig, check_micro_batch, check_parallel
-from ofe.launch import launch
-from ofe.train import train
+from ofe.train.trainer import train
 from tests.conftest import tiny_run
 
 
@@ -96,7 +96,7 @@ def test_validation_runs_in_micro_batches_and_logs_the_whole_batch_mean(data_dir
     the held-out batches of each whole batch's mean loss, computed here directly in float64."""
     import torch
 
-    from ofe.train import Trainer
+    from ofe.train.trainer import Trainer
 
     tr = Trainer(tiny_run(data_dir, train={"batch_size": 8, "micro_batch_size": 2, "eval_batches": 3}), tmp_path)
     sizes = []

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ofe.aggregate import aggregate
+from ofe.aggregate.runs import aggregate
 from ofe.config import config_hash
-from ofe.quant import QUANT_SCHEMA
-from ofe.results import METRIC_SCHEMA, read_metadata, write_parquet
+from ofe.io import METRIC_SCHEMA, read_metadata, write_parquet
+from ofe.io import QUANT_SCHEMA
 
 
 def _run(run_id: str, block: str, studies: list[str]) -> dict:

@@ -101,12 +101,13 @@ class ChartScan(HTMLParser):
 @pytest.fixture(scope="module")
 def report(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished tiny grid (three trained and quantised runs, one failed run) and its report."""
-    from ofe.__main__ import plan_from_config
-    from ofe.aggregate import aggregate
+    from ofe.aggregate.runs import aggregate
+    from ofe.config import QuantConfig
     from ofe.config import RunConfig
-    from ofe.quant import QuantConfig, quantise_run
-    from ofe.report import build_report
-    from ofe.train import train
+    from ofe.plan import plan_from_config
+    from ofe.report.page import build_report
+    from ofe.train.quantise import quantise_run
+    from ofe.train.trainer import train
 
     root = tmp_path_factory.mktemp("grid")
     results = root / "results"

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from ofe.__main__ import plan_from_config
-from ofe.aggregate import aggregate
-from ofe.checkpoints import ckpt_id, revision_step
+from ofe.aggregate.runs import aggregate
+from ofe.cluster.status import grid_status
 from ofe.config import ConfigError, QuantConfig, build_section
-from ofe.inspection import Settings, inspect
-from ofe.status import grid_status
+from ofe.plan import plan_from_config
+from ofe.plan.studies import ckpt_id, revision_step
+from ofe.pretrained.inspection import Settings, inspect
 from tests import hf_models
 from tests.test_workflow import TEST_CONFIG, job_counts, snakemake
 
@@ -240,8 +240,8 @@ def test_cancel_reaches_the_inspection_jobs(tmp_path):
     import subprocess
     import sys
 
-    from ofe.jobstate import process_start_time
-    from ofe.launch import cancel
+    from ofe.cluster.jobstate import process_start_time
+    from ofe.cluster.launch import cancel
 
     folder = tmp_path / "results" / "checkpoints" / "org--m" / "main"
     folder.mkdir(parents=True)
@@ -260,8 +260,8 @@ def test_cancel_reaches_the_inspection_jobs(tmp_path):
 def test_a_model_above_the_jobs_memory_fails_its_job_by_name(models, tmp_path):
     """inspect.mem_gb is the job's memory and the limit its model is checked against before any weight
     is read: a model above it fails the job with the model's name and what to change, in error.txt."""
-    from ofe.checkpoints import inspect_settings
-    from ofe.launch import launch_inspect
+    from ofe.cluster.launch import launch_inspect
+    from ofe.plan.studies import inspect_settings
 
     ckpt = {"ckpt_id": "llama-local/local", "model": str(models["llama"]), "revision": None, "step": None}
     settings = inspect_settings({"inspect": {"batches": 1, "batch_size": 2, "context": 16, "mem_gb": 1e-4}})

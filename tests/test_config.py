@@ -11,11 +11,12 @@ import time
 import pytest
 import yaml
 
-import ofe.fields as fields_module
-from ofe import grid, presets
-from ofe.__main__ import main, plan_from_config
+import ofe.config.fields as fields_module
+from ofe.__main__ import main
 from ofe.config import (SUPPORTED_BITS, ConfigError, DataConfig, ModelConfig, OptimConfig, QuantConfig,
                         RunConfig, TrainConfig, build_section)
+from ofe.plan import grid, presets
+from ofe.plan import plan_from_config
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -109,7 +110,7 @@ def test_check_config_cli_exits_2_with_the_message(tmp_path, config):
     assert "studies.norms.grid.block[1]: 'opp' is not one of" in out.stderr
 
 
-# ---- types and ranges (ofe/config.py), each message naming the key and what is allowed ----------------
+# ---- types and ranges (ofe/config/run.py), each message naming the key and what is allowed ----------------
 
 def expand_error(config: dict) -> str:
     with pytest.raises(ConfigError) as err:
@@ -184,7 +185,7 @@ def test_tokenizer_is_bytes_or_a_plausible_transformers_name(config, monkeypatch
     assert DataConfig(tokenizer="EleutherAI/gpt-neox-20b").tokenizer == "EleutherAI/gpt-neox-20b"
 
 
-# ---- the tokenizer's vocabulary, at plan time (ofe/vocab.py) ---------------------------------------
+# ---- the tokenizer's vocabulary, at plan time (ofe/plan/vocab.py) ---------------------------------------
 
 @pytest.fixture
 def saved_tokenizer(tmp_path) -> str:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from ofe.__main__ import plan_from_config
-from ofe.grid import load_config
+from ofe.plan import plan_from_config
+from ofe.plan.grid import load_config
 from tests.conftest import REPO
 from tests.test_workflow import job_counts, snakemake
 

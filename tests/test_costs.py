@@ -1,4 +1,4 @@
-"""What checkpoints cost (ofe/costs.py): the process group's timeout that covers a checkpoint read or
+"""What checkpoints cost (ofe/plan/costs.py): the process group's timeout that covers a checkpoint read or
 written by one rank, and the paper-scale presets' checkpoint intervals, each under 5% of the training
 time by the assumptions their docstring states."""
 
@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from ofe import costs, grid, parallel, presets
 from ofe.config import ModelConfig, OptimConfig
+from ofe.plan import costs, grid, presets
+from ofe.train import parallel
 from tests.conftest import REPO, tiny_run
 
 
@@ -58,7 +59,7 @@ def test_the_trainer_gives_init_process_group_the_timeout(data_dir, tmp_path, mo
 
     monkeypatch.setattr(torch.distributed, "init_process_group", spy)
     cfg = tiny_run(data_dir, train={"parallel": "fsdp", "device": "cpu"})
-    from ofe.train import Trainer
+    from ofe.train.trainer import Trainer
 
     trainer = Trainer(cfg, tmp_path)
     trainer.procs.shutdown()

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ofe import metrics
-from ofe.probe import collect, compute
-from ofe.train import Trainer, train
+from ofe.core import metrics
+from ofe.core.probe import collect, compute
+from ofe.train.trainer import Trainer, train
 from tests.conftest import tiny_run
 
 
@@ -113,8 +113,8 @@ def test_fsdp_and_ddp_compute_bf16_alike_with_an_fp32_stream(data_dir, tmp_path)
         rows = {(layer, site, m): v for layer, site, m, v in compute(tr.model, (streams, qk))}
         if p == "fsdp":
             assert _fsdp_policies(tr.model) and all(pol.param_dtype is None for pol in _fsdp_policies(tr.model))
-            from ofe import parallel
-            from ofe.model import GPT
+            from ofe.core.model import GPT
+            from ofe.train import parallel
 
             on_cuda = parallel.wrap(GPT(cfg.model), cfg.train, torch.device("cuda"), tr.procs)
             assert all(pol.param_dtype is None and pol.reduce_dtype is None for pol in _fsdp_policies(on_cuda))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ofe.config import DataConfig
-from ofe.data import EOS_BYTE, TokenData, prepare, stdlib_dataset
+from ofe.core.data import EOS_BYTE, TokenData, prepare, stdlib_dataset
 
 
 def test_stdlib_corpus_is_the_standard_library_source():

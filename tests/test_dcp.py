@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from ofe import train as train_mod
-from ofe.checkpoint import load_final_model
-from ofe.model import GPT
-from ofe.train import train
+from ofe.core.model import GPT
+from ofe.train import trainer as train_mod
+from ofe.train.checkpoint import load_final_model
+from ofe.train.trainer import train
 from tests.conftest import tiny_run
 
 FSDP = {"parallel": "fsdp"}
@@ -106,7 +106,7 @@ def test_final_sharded_model_loads_in_one_process_without_a_group(data_dir, tmp_
 
 def test_int8_evaluation_reads_the_sharded_final_model(data_dir, straight):
     from ofe.config import QuantConfig
-    from ofe.quant import quantise_run
+    from ofe.train.quantise import quantise_run
 
     df = quantise_run(straight, QuantConfig(protocols=("dynamic_per_token",), calib_batches=1, eval_batches=1))
     assert len(df) == 1 and df.ppl_fp.notna().all() and (df.ppl_fp < 256).all()  # better than uniform bytes

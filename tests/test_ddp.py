@@ -7,8 +7,8 @@ import json
 
 import pandas as pd
 
-from ofe.launch import launch
-from ofe.train import train
+from ofe.cluster.launch import launch
+from ofe.train.trainer import train
 from tests.conftest import tiny_run
 
 

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from ofe import parallel
-from ofe.launch import export_processes
-from ofe.parallel import DeviceError, gpus_given, resolve_device, runtime
+from ofe.cluster.jobs import export_processes
+from ofe.train import parallel
+from ofe.train.parallel import DeviceError, gpus_given, resolve_device, runtime
 
 GPU_VARS = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "CUDA_VISIBLE_DEVICES")
 

@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ofe import train as train_mod
 from ofe.config import ModelConfig, OptimConfig
-from ofe.model import GPT
-from ofe.optim import OPTIMIZERS, build_optimizer
-from ofe.results import atomic_write_json, atomic_write_text, write_parquet
-from ofe.train import Trainer, train
+from ofe.core.model import GPT
+from ofe.core.optim import OPTIMIZERS, build_optimizer
+from ofe.io import atomic_write_json, atomic_write_text, write_parquet
+from ofe.train import trainer as train_mod
+from ofe.train.trainer import Trainer, train
 from tests.conftest import tiny_run
 
 KEY = ["step", "layer", "site", "metric"]

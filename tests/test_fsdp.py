@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from ofe.cluster.launch import launch
 from ofe.config import RunConfig
-from ofe.launch import launch
-from ofe.train import train
+from ofe.train.trainer import train
 from tests.conftest import tiny_run
 
 KEY = ["step", "layer", "site", "metric"]
@@ -31,7 +31,7 @@ def _rank_main(rank: int, world: int, port: int, config: dict, out: str, stop_af
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from ofe.train import _Interrupted
+    from ofe.train.trainer import _Interrupted
 
     try:
         train(RunConfig.from_dict(config), out, stop_after=stop_after)

@@ -1,4 +1,4 @@
-"""The int8 protocols on transformers models (`ofe.hf_quant`): the quantising attention reproduces
+"""The int8 protocols on transformers models (`ofe.pretrained.quant`): the quantising attention reproduces
 each family's eager attention, every tensor the static protocol names lands on its grid, the original
 model is untouched, and an attention ofe cannot transcribe is left in full precision, and said so."""
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ofe import hf, hf_quant
 from ofe.config import QuantConfig
-from ofe.quant import quantise_weight, symmetric_scale
+from ofe.core.quant import quantise_weight, symmetric_scale
+from ofe.pretrained import hf, quant as hf_quant
 from tests import hf_models
 
 pytest.importorskip("transformers")

@@ -14,12 +14,13 @@ import pandas as pd
 import pytest
 import torch
 
-from ofe import hf, metrics
 from ofe.__main__ import main
 from ofe.config import QuantConfig
-from ofe.hf import InspectError
-from ofe.inspection import Settings, inspect, revision_step
-from ofe.results import read_metadata
+from ofe.core import metrics
+from ofe.io import read_metadata
+from ofe.pretrained import hf
+from ofe.pretrained.hf import InspectError
+from ofe.pretrained.inspection import Settings, inspect, revision_step
 from tests import hf_models
 from tests.conftest import REPO, tiny_run
 
@@ -175,7 +176,7 @@ def test_revision_step():
 
 
 def test_inspect_an_ofe_run_folder(data_dir, text, tmp_path):
-    from ofe.train import train
+    from ofe.train.trainer import train
 
     run = tmp_path / "run"
     train(tiny_run(data_dir, train={"steps": 12}), run)
@@ -204,10 +205,10 @@ def test_inspect_an_fsdp_run_folder(data_dir, text, tmp_path):
     full-precision perplexity of the inspected model on the run's validation batches is quantise_run's."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from ofe.data import TokenData
-    from ofe.inspection import run_target
-    from ofe.quant import quantise_run
-    from ofe.train import train
+    from ofe.core.data import TokenData
+    from ofe.pretrained.inspection import run_target
+    from ofe.train.quantise import quantise_run
+    from ofe.train.trainer import train
 
     run = tmp_path / "run"
     cfg = tiny_run(data_dir, train={"steps": 12, "parallel": "fsdp"})
@@ -278,7 +279,7 @@ def test_cli_reports_bad_input_on_stderr(tmp_path, capsys):
 
 
 def test_unfinished_run_and_out_in_the_run_folder_are_refused(data_dir, tmp_path):
-    from ofe.train import train
+    from ofe.train.trainer import train
 
     cfg = tiny_run(data_dir, optim={"lr": 1e6, "warmup_frac": 0.0, "clip": None},
                    model={"norm": "none", "final_norm": "none"}, train={"steps": 50})
@@ -294,7 +295,8 @@ def test_unfinished_run_and_out_in_the_run_folder_are_refused(data_dir, tmp_path
 def test_transformers_is_imported_lazily(monkeypatch):
     """ofe (inspect's modules included) imports without transformers; inspecting a model then names
     the extra to install."""
-    code = ("import sys; import ofe.__main__, ofe.inspection, ofe.hf, ofe.hf_quant, ofe.quant, ofe.train; "
+    code = ("import sys; import ofe.__main__, ofe.pretrained.inspection, ofe.pretrained.hf, ofe.pretrained.quant, "
+            "ofe.core.quant, ofe.train.quantise, ofe.train.trainer; "
             "print('transformers' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(REPO)})

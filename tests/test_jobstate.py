@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from ofe.jobstate import StatusCache, wait_for
+from ofe.cluster.jobstate import StatusCache, wait_for
 
 N_JOBS = 50
 

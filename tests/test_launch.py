@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-import ofe.jobstate as jobstate
-from ofe.jobstate import SchedulerUnavailable, StatusCache
+import ofe.cluster.jobstate as jobstate
+from ofe.cluster.jobstate import SchedulerUnavailable, StatusCache
+from ofe.cluster.launch import Work, cancel, launch, launch_work, run_lock
 from ofe.config import ConfigError
-from ofe.launch import Work, cancel, launch, launch_work, run_lock
 from tests.conftest import tiny_run
 from tests.launch_probe import EnvProbe
 
@@ -91,7 +91,7 @@ def test_more_gpus_than_visible_is_refused(tmp_path, monkeypatch):
 # ---- job liveness ---------------------------------------------------------------------------------
 
 def _start_ticks(pid: int) -> int:
-    """Field 22 of /proc/PID/stat (proc(5)), read here independently of ofe.launch."""
+    """Field 22 of /proc/PID/stat (proc(5)), read here independently of ofe.cluster.launch."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[19])  # field 3 is fields[0]
 
@@ -114,7 +114,7 @@ def test_a_reused_pid_is_not_taken_for_the_job(tmp_path):
 
 
 class _Clock:
-    """ofe.jobstate's clock: real time plus every sleep, which returns at once, so back-offs of minutes
+    """ofe.cluster.jobstate's clock: real time plus every sleep, which returns at once, so back-offs of minutes
     take no test time and still order the shared cache's timestamps."""
 
     def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The memory estimate (ofe/memory.py) against what training really holds, counted on CPU runs: the
+"""The memory estimate (ofe/plan/memory.py) against what training really holds, counted on CPU runs: the
 model's parameter list, the bytes of every parameter, gradient and optimiser-state tensor after real
 steps, the bytes autograd saves for backward, and the peak of live tensor bytes over real training
 steps (one process, and two FSDP or DDP processes)."""
@@ -18,10 +18,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from ofe import memory, presets
 from ofe.config import ModelConfig, OptimConfig, RunConfig, TrainConfig
-from ofe.model import GPT
-from ofe.optim import OPTIMIZERS
+from ofe.core.model import GPT
+from ofe.core.optim import OPTIMIZERS
+from ofe.plan import memory, presets
 
 BLOCK_VARIANTS = [({}, b) for b in presets.BLOCKS] + [
     ({"beta_trainable": True}, "op"), ({"first_norm": "embed_stream"}, "pre_ln"), ({"qk_bias": False}, "pre_ln"),
@@ -88,7 +88,7 @@ def test_params_grads_and_optimiser_state_are_the_counted_bytes(name):
     """Exact: the bytes of every parameter, buffer, gradient and optimiser-state tensor after two steps
     (SOAP's and rotated Adafactor's first step only builds their eigenbases). max_precond_dim 64 leaves
     the 128-wide MLP side and the 256-token vocabulary unrotated and rotates the 64-wide ones."""
-    from ofe.optim import build_optimizer
+    from ofe.core.optim import build_optimizer
 
     torch.manual_seed(0)
     m = model_config("op", context=16)
@@ -211,7 +211,7 @@ def measured_peak(cfg: RunConfig, out: Path) -> tuple[int, int]:
     """(live bytes before, peak of live bytes during) two training steps of the real trainer, after a
     first step that creates the optimiser state; counted from the trainer's construction, so the
     wrappers' own buffers (DDP's buckets) are in. The process group, if any, stays for the caller."""
-    from ofe.train import Trainer
+    from ofe.train.trainer import Trainer
 
     with LiveBytes() as live:
         tr = Trainer(cfg, out)
@@ -320,7 +320,7 @@ def measured_evaluation(cfg: RunConfig, out: Path) -> dict[str, int]:
     """The peak of live tensor bytes above those held between steps, during the real trainer's
     validation and during its probe (metrics included), after a first step (gradients and optimiser
     state exist)."""
-    from ofe.train import Trainer
+    from ofe.train.trainer import Trainer
 
     peaks = {}
     with LiveBytes() as live:

@@ -1,4 +1,4 @@
-"""The memory plan of a grid (ofe/memplan.py): printed by `python -m ofe check-config` and by the
+"""The memory plan of a grid (ofe/plan/memplan.py): printed by `python -m ofe check-config` and by the
 workflow at start, and a run that would not fit its process's memory refused before any job, naming
 the scale and the knobs that change it."""
 
@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ofe import grid, memory, memplan, presets
 from ofe.__main__ import main
 from ofe.config import ConfigError
+from ofe.plan import grid, memory, memplan, presets
 from tests.conftest import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"

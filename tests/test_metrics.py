@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ofe import metrics
+from ofe.core import metrics
 
 
 def test_kurtosis_of_gaussian_is_one_plus_two_over_n():
@@ -110,7 +110,7 @@ def test_attention_entropy_collapses_with_peaked_logits():
 
 def test_max_median_ratio_centres_each_token_across_the_width():
     """One token [1, 1, 1, 5]: uncentred max/median = 5/1; centred (mean 2) = |3| / median(1,1,1,3) = 3."""
-    from ofe.metrics import max_median_ratio, max_median_ratio_uncentred
+    from ofe.core.metrics import max_median_ratio, max_median_ratio_uncentred
 
     x = torch.tensor([[1.0, 1.0, 1.0, 5.0]])
     assert max_median_ratio_uncentred(x) == pytest.approx(5.0)
@@ -123,7 +123,7 @@ def test_correlation_rms_closed_forms():
     global RMS, not per feature, so entries are not confined to [-1, 1]) and 0 elsewhere. Tokens: two
     equal ones and one orthogonal to them, so the RMS (1/sqrt 3) and the mean (1/3) of the token Gram's
     off-diagonal entries differ."""
-    from ofe.metrics import feature_correlation_rms, token_correlation, token_correlation_rms
+    from ofe.core.metrics import feature_correlation_rms, token_correlation, token_correlation_rms
 
     a = torch.tensor([1.0, -1.0, 2.0, -2.0])
     x = torch.stack([a, -a, torch.zeros(4)], dim=1)  # (4 tokens, 3 features); each row sums to 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from ofe import presets
 from ofe.config import ConfigError, ModelConfig
-from ofe.model import GPT, Attention, Block, RefRMSNorm
+from ofe.core.model import GPT, Attention, Block, RefRMSNorm
+from ofe.plan import presets
 
 SMALL = dict(n_layer=2, d_model=32, n_head=2, context=16)
 

@@ -1,4 +1,4 @@
-"""ofe.muon: torch.optim.Muon with Newton-Schulz in fp32 on CPU. Against independent references: a float64
+"""ofe.core.muon: torch.optim.Muon with Newton-Schulz in fp32 on CPU. Against independent references: a float64
 transcription of Keller Jordan's quintic iteration and of Muon's step, and torch's own Muon (bf16)."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-import ofe.muon
-import ofe.optim
+import ofe.core.muon
+import ofe.core.optim
 from ofe.config import OptimConfig
-from ofe.muon import Muon, newton_schulz_dtype, zeropower_via_newtonschulz
-from ofe.optim import build_optimizer
+from ofe.core.muon import Muon, newton_schulz_dtype, zeropower_via_newtonschulz
+from ofe.core.optim import build_optimizer
 from tests.test_optim import assert_same_state, gpt, gpt_loss, spectrum_gradient
 
 KELLER = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic coefficients (his muon.py)
@@ -121,7 +121,7 @@ def test_cpu_fp32_update_equals_torchs_bf16_update_within_bf16(shape, conditioni
 def test_bf16_path_steps_exactly_as_torch_muon(monkeypatch, nesterov, adjust):
     """Where the iteration runs in bf16 (CUDA), every step equals torch.optim.Muon's bit for bit: momentum,
     Nesterov, weight decay and LR adjustment are torch's. The device is faked by forcing the dtype."""
-    monkeypatch.setattr(ofe.muon, "newton_schulz_dtype", lambda device: torch.bfloat16)
+    monkeypatch.setattr(ofe.core.muon, "newton_schulz_dtype", lambda device: torch.bfloat16)
     hp = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.9, "nesterov": nesterov, "adjust_lr_fn": adjust}
     params = {}
     for name, cls in (("ofe", Muon), ("torch", torch.optim.Muon)):
@@ -152,16 +152,16 @@ def saved(opt) -> dict:
 
 
 def torch_muon_with_adamw(model, hp: OptimConfig, monkeypatch):
-    """MuonWithAdamW as it was before ofe.muon: built on torch.optim.Muon itself."""
+    """MuonWithAdamW as it was before ofe.core.muon: built on torch.optim.Muon itself."""
     with monkeypatch.context() as m:
-        m.setattr(ofe.optim, "Muon", torch.optim.Muon)
+        m.setattr(ofe.core.optim, "Muon", torch.optim.Muon)
         opt = build_optimizer(model, hp)
     assert type(opt.parts["muon"]) is torch.optim.Muon
     return opt
 
 
 def test_state_of_a_run_made_with_torch_muon_loads_and_goes_both_ways(monkeypatch):
-    """A checkpoint of a run from before ofe.muon loads into today's MuonWithAdamW with the same state,
+    """A checkpoint of a run from before ofe.core.muon loads into today's MuonWithAdamW with the same state,
     keys and groups, and steps on from its momentum; today's state loads into torch's."""
     hp = OptimConfig(name="muon", lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     old_model = gpt()

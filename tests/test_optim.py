@@ -14,9 +14,9 @@ import torch
 import yaml
 
 from ofe.config import ModelConfig, OptimConfig
-from ofe.model import GPT
-from ofe.optim import OPTIMIZERS, build_optimizer, make_optimizer
-from ofe.train import _Interrupted, train
+from ofe.core.model import GPT
+from ofe.core.optim import OPTIMIZERS, build_optimizer, make_optimizer
+from ofe.train.trainer import _Interrupted, train
 from tests.conftest import REPO, tiny_run
 
 torch.set_default_dtype(torch.float32)
@@ -169,12 +169,12 @@ def test_muon_update_is_orthogonalised(shape):
     opt = make_optimizer("muon", [w], lr=lr, weight_decay=0.0)
     (G * w).sum().backward()  # the gradient is G itself
     opt.step()
-    # match_rms_adamw scales the orthogonal factor by 0.2 sqrt(max(rows, cols)) (see ofe.optim)
+    # match_rms_adamw scales the orthogonal factor by 0.2 sqrt(max(rows, cols)) (see ofe.core.optim)
     update = (before - w.detach()) / (lr * 0.2 * math.sqrt(max(rows, cols)))
     s = torch.linalg.svdvals(update)
     # Five quintic Newton-Schulz steps do not reach U V^T exactly: Keller Jordan's coefficients trade
     # convergence for speed and leave singular values in a band around 1 (measured 0.68-1.16 on such
-    # gradients over 20 seeds in bf16, 0.70-1.13 in fp32, ofe.muon's CPU dtype). So: every one within
+    # gradients over 20 seeds in bf16, 0.70-1.13 in fp32, ofe.core.muon's CPU dtype). So: every one within
     # [0.6, 1.3], while the gradient's span 100x.
     assert s.min() > 0.6 and s.max() < 1.3, s
     assert torch.linalg.svdvals(G).max() / torch.linalg.svdvals(G).min() > 99
@@ -185,7 +185,7 @@ def test_muon_update_is_orthogonalised(shape):
 
 def test_muon_is_rotation_equivariant_up_to_round_off():
     """NS(U G V^T) = U NS(G) V^T, so Muon is equivariant like SOAP, up to its Newton-Schulz's round-off:
-    in fp32 on CPU (ofe.muon) the mismatch measured 1e-5 of how far W moved (torch's bf16: 0.011), so
+    in fp32 on CPU (ofe.core.muon) the mismatch measured 1e-5 of how far W moved (torch's bf16: 0.011), so
     the tolerance is 1e-3 of it (AdamW's mismatch here is about 0.1, the full movement)."""
     n = 6
     loss, w0 = least_squares(n)
@@ -257,7 +257,7 @@ def test_muon_takes_the_trainers_lr_in_both_halves():
     m = gpt()
     opt = build_optimizer(m, OptimConfig(name="muon", lr=1e-2))
     for lr, moves in ((0.0, False), (1e-3, True)):
-        for group in opt.param_groups:  # as ofe.train sets the scheduled LR every step
+        for group in opt.param_groups:  # as ofe.train.trainer sets the scheduled LR every step
             group["lr"] = lr
         before = [p.detach().clone() for p in m.parameters()]
         opt.zero_grad(set_to_none=True)
@@ -341,7 +341,7 @@ def test_rotated_adafactor_never_forms_the_gram_of_an_unrotated_side():
     one: Q_R the eigenvectors of G1^T G1 (float64), Adafactor's factored moments of G2 Q_R, back-rotated."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from ofe.factored import FactoredAdam
+    from ofe.core.factored import FactoredAdam
 
     class Shapes(TorchDispatchMode):
         def __init__(self):

@@ -11,15 +11,17 @@ import pandas as pd
 import pytest
 import torch
 
-from ofe import presets
-from ofe import quant as quant_mod
-from ofe.checkpoint import prepare_run_dir
-from ofe.config import ModelConfig
-from ofe.model import GPT
-from ofe.quant import (QuantConfig, RangeObserver, asymmetric_params, fake_quant, quantise_per_token,
-                       quantise_run, quantise_weight, quantised_copy, symmetric_limits, symmetric_scale)
-from ofe.results import read_metadata
-from ofe.train import train
+from ofe.config import ModelConfig, QuantConfig
+from ofe.core import quant as quant_mod
+from ofe.core.model import GPT
+from ofe.core.quant import (RangeObserver, asymmetric_params, fake_quant, quantise_per_token, quantise_weight,
+                            quantised_copy, symmetric_limits, symmetric_scale)
+from ofe.io import read_metadata
+from ofe.plan import presets
+from ofe.train import quantise as quantise_mod
+from ofe.train.checkpoint import prepare_run_dir
+from ofe.train.quantise import quantise_run
+from ofe.train.trainer import train
 from tests.conftest import tiny_run
 
 
@@ -185,7 +187,7 @@ def test_static_protocol_quantises_linear_outputs_attention_scores_and_probabili
 @pytest.mark.parametrize("q", [0.5, 0.9, 0.99999, 1.0])
 def test_upper_quantile_equals_torch_quantile(n, q):
     """The partial-selection percentile equals torch.quantile (linear interpolation, fp32) at both tails."""
-    from ofe.quant import upper_quantile
+    from ofe.core.quant import upper_quantile
 
     x = torch.randn(n, generator=torch.Generator().manual_seed(n))
     assert upper_quantile(x, q) == pytest.approx(torch.quantile(x, q).item(), rel=1e-5, abs=1e-6)
@@ -232,7 +234,7 @@ def finished(data_dir, tmp_path_factory):
 
 def _counting(monkeypatch, fail_at: int | None = None) -> list:
     """Record each quantised copy made as (protocol, bits); raise at call number `fail_at` (a kill)."""
-    made, real = [], quant_mod.quantised_copy
+    made, real = [], quantise_mod.quantised_copy
 
     def counting(model, protocol, bits, *args):
         if fail_at is not None and len(made) + 1 == fail_at:
@@ -240,7 +242,7 @@ def _counting(monkeypatch, fail_at: int | None = None) -> list:
         made.append((protocol, bits))
         return real(model, protocol, bits, *args)
 
-    monkeypatch.setattr(quant_mod, "quantised_copy", counting)
+    monkeypatch.setattr(quantise_mod, "quantised_copy", counting)
     return made
 
 
@@ -278,7 +280,7 @@ def test_a_complete_partial_file_is_the_table(finished, tmp_path, monkeypatch):
     _plant(run, [["static_per_tensor", 8, 20.0, 21.0, 1.0], ["static_per_tensor", 4, 20.0, "inf", "inf"],
                  ["dynamic_per_token", 8, 20.0, 20.5, 0.5], ["dynamic_per_token", 4, 20.0, "nan", "nan"]])
     made = _counting(monkeypatch)
-    monkeypatch.setattr(quant_mod, "load_final_model", lambda *a, **k: pytest.fail("loaded the model"))
+    monkeypatch.setattr(quantise_mod, "load_final_model", lambda *a, **k: pytest.fail("loaded the model"))
     df = quantise_run(run, ROWS, device="cpu")
     assert made == []
     want = pd.DataFrame([("static_per_tensor", 8, 20.0, 21.0, 1.0), ("static_per_tensor", 4, 20.0, math.inf, math.inf),
@@ -333,7 +335,7 @@ def test_evaluation_device_defaults_to_the_runs_training_device(finished, tmp_pa
         asked.append((name, local_rank))
         return torch.device("cpu")
 
-    monkeypatch.setattr(quant_mod, "resolve_device", resolve)
+    monkeypatch.setattr(quantise_mod, "resolve_device", resolve)
     monkeypatch.setenv("LOCAL_RANK", "0")
     one = QuantConfig(protocols=("dynamic_per_token",), bits=(8,), calib_batches=1, eval_batches=1)
     trained_on = json.loads((run / "summary.json").read_text())["config"]["train"]["device"]

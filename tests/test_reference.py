@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ofe import presets
 from ofe.config import ModelConfig
-from ofe.model import GPT
+from ofe.core.model import GPT
+from ofe.plan import presets
 
 D, L, H, T = 64, 3, 4, 16
 LN_EPS = 1e-5  # HF GPT2Config.layer_norm_epsilon: the reference's LayerNorms and its QK RMSNorm

@@ -14,11 +14,12 @@ import pandas as pd
 import pytest
 import vl_convert
 
-from ofe import plots, plots_int8
 from ofe.__main__ import main
-from ofe.report import build_report, studies
-from ofe.report_sections import FIGURES
-from ofe.results import METRIC_SCHEMA, write_parquet
+from ofe.io import METRIC_SCHEMA, write_parquet
+from ofe.report import plots
+from ofe.report.page import build_report, studies
+from ofe.report.plots import int8 as plots_int8
+from ofe.report.sections import FIGURES
 from tests.report_html import chart_specs, page_section, spec_values, table_rows
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
@@ -549,7 +550,7 @@ def test_report_command_writes_page_figures_and_manifest(synthetic, tmp_path) ->
 
 def test_report_refuses_tables_of_another_set_of_runs(synthetic, quant, tmp_path) -> None:
     """The workflow passes the plan's run-id digest: tables aggregated for another grid are never reported."""
-    from ofe.grid import runs_digest
+    from ofe.plan.grid import runs_digest
 
     runs, metrics = synthetic
     _write_results(tmp_path, runs, metrics, quant)

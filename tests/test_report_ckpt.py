@@ -16,9 +16,9 @@ import pyarrow as pa
 import pytest
 import vl_convert
 
-from ofe.report import build_report
-from ofe.report_ckpt import load_checkpoint_tables
-from ofe.results import METRIC_SCHEMA, write_parquet
+from ofe.io import METRIC_SCHEMA, write_parquet
+from ofe.report.ckpt import load_checkpoint_tables
+from ofe.report.page import build_report
 from tests.report_html import chart_specs, page_section, spec_values, table_rows
 
 STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"

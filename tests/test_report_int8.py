@@ -9,8 +9,8 @@ import statistics
 import pandas as pd
 import pytest
 
-from ofe.plots_int8 import degradation_against_loss
-from ofe.report_int8 import config_table, damage_summary, int8_section
+from ofe.report.int8 import config_table, damage_summary, int8_section
+from ofe.report.plots.int8 import degradation_against_loss
 
 STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"
 # (block, optimizer) -> per seed: (val loss, mean kurtosis, ppl fp, static W8A8 ppl)

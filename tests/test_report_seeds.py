@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 import vl_convert
 
-from ofe import htmlparts, plots
-from ofe.report import build_report
-from ofe.results import write_parquet
+from ofe.io import write_parquet
+from ofe.report import htmlparts, plots
+from ofe.report.page import build_report
 from tests.report_html import spec_values
 
 SEEDS = 3

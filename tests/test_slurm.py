@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from ofe import grid
-from ofe.train import train
+from ofe.plan import grid
+from ofe.train.trainer import train
 from tests.conftest import REPO, require_service, tiny_run
 
 SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")

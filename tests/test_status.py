@@ -11,8 +11,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ofe.quant import QuantConfig, quantise_run
-from ofe.train import train
+from ofe.config import QuantConfig
+from ofe.train.quantise import quantise_run
+from ofe.train.trainer import train
 from tests.conftest import REPO, tiny_run
 
 
@@ -116,7 +117,7 @@ def _finished(run_dir: Path, cfg, status: str = "completed", metrics: bool = Tru
 
 
 def test_a_run_is_complete_only_once_quant_parquet_is_written(tmp_path, monkeypatch):
-    from ofe.status import grid_status
+    from ofe.cluster.status import grid_status
 
     cfg = tiny_run(tmp_path / "data", train={"steps": 8})
     names = ("complete", "diverged", "quant_failed", "quant_pending", "quant_running", "quant_lost",
@@ -157,7 +158,7 @@ def test_a_run_is_complete_only_once_quant_parquet_is_written(tmp_path, monkeypa
 def test_a_fresh_shared_cache_answers_without_a_scheduler_call(tmp_path, monkeypatch):
     """A waiting head (waiting on job 81) keeps the shared cache; status reads the states from it, 81's
     and that of job 82, which only the cache's queue listing holds, with no squeue or sacct call."""
-    from ofe.jobstate import StatusCache
+    from ofe.cluster.jobstate import StatusCache
 
     cfg = tiny_run(tmp_path / "data", train={"steps": 8})
     results = tmp_path / "results"

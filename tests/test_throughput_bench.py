@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 
 from ofe.config import ModelConfig
-from ofe.data import TokenData
+from ofe.core.data import TokenData
 from tests.conftest import REPO
 
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")

@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ofe import checkpoint, parallel
-from ofe import train as train_mod
 from ofe.config import run_identity
-from ofe.parallel import DeviceError
-from ofe.results import read_metadata
-from ofe.train import train
+from ofe.io import read_metadata
+from ofe.train import checkpoint, parallel
+from ofe.train import trainer as train_mod
+from ofe.train.parallel import DeviceError
+from ofe.train.trainer import train
 from tests.conftest import REPO, tiny_run
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ofe.results import read_metadata
+from ofe.io import read_metadata
 from tests.conftest import REPO
 
 SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")

@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from ofe import presets
 from ofe.config import DataConfig, ModelConfig, OptimConfig, RunConfig, TrainConfig
+from ofe.plan import presets
 
 SYNC_WARNING = "synchronizing CUDA operation"  # c10's warn_or_error_on_sync() text
 # Vocabularies of the paper-scale checks: 130m is CodeParrot's GPT-2 tokenizer (about 50k, the issue's
@@ -95,7 +95,7 @@ class Context:
     def byte_data(self) -> Path:
         """The embedded corpus (stdlib .py files, byte tokens), prepared once."""
         if "bytes" not in self._caches:
-            from ofe.data import prepare
+            from ofe.core.data import prepare
 
             out = self.tmp / "data-bytes"
             prepare(DataConfig(max_documents=200), out)
@@ -103,7 +103,7 @@ class Context:
         return self._caches["bytes"]
 
     def random_data(self, vocab: int) -> Path:
-        """Random tokens below `vocab` in `ofe.data.prepare`'s format, written by the throughput benchmark's
+        """Random tokens below `vocab` in `ofe.core.data.prepare`'s format, written by the throughput benchmark's
         own writer (2M train tokens: 64 windows of 129 x 128 fit many times over)."""
         key = f"random-{vocab}"
         if key not in self._caches:

@@ -15,10 +15,10 @@ import torch
 
 from gpucheck import common
 from gpucheck.common import Context, Result, StepLog, compile_backend, instrument
-from ofe import memory
 from ofe.config import QuantConfig, RunConfig
-from ofe.optim import OPTIMIZERS
-from ofe.train import Trainer, train
+from ofe.core.optim import OPTIMIZERS
+from ofe.plan import memory
+from ofe.train.trainer import Trainer, train
 
 GIB = 2**30
 # Dense bf16 peak TFLOP/s by GPU name (vendor data sheets, SXM parts); --peak-tflops overrides.
@@ -46,7 +46,7 @@ def _train_measured(ctx: Context, cfg: RunConfig, out: Path) -> tuple[dict[str, 
 def optimisers_130m(ctx: Context, r: Result) -> None:
     """8. Every optimiser at the 130m shape with vocabulary 52,000 (batch 128 x 128), 3 steps with the
     probe and validation: finite losses, seconds per step, peak allocated memory at most the plan's
-    estimate (ofe.memory.estimate, cuda=True). ~60 s: SOAP's and rotated_adafactor's first step
+    estimate (ofe.plan.memory.estimate, cuda=True). ~60 s: SOAP's and rotated_adafactor's first step
     eigendecomposes every matrix, and each run writes a final checkpoint of 1.5-4 GB."""
     for name in OPTIMIZERS:
         cfg = ctx.config("130m", optimizer=name, steps=3, log_every=NO_CHECKPOINT, eval_every=NO_CHECKPOINT,
@@ -116,10 +116,10 @@ def throughput(ctx: Context, r: Result) -> None:
 
 
 def quantise(ctx: Context, r: Result) -> None:
-    """11. ofe.quant.quantise_run on the device, timed, with the default quant settings (both protocols,
+    """11. ofe.train.quantise.quantise_run on the device, timed, with the default quant settings (both protocols,
     W8A8, 4 calibration and 16 evaluation batches of 128 x 128) on a 2-step run at the 130m shape;
     every row finite. ~20 s (on CPU this evaluation takes hours, issue 20 item 4)."""
-    from ofe import quant
+    from ofe.train import quantise
 
     cfg = ctx.config("130m", steps=2, log_every=NO_CHECKPOINT, eval_every=NO_CHECKPOINT, eval_batches=1,
                      checkpoint_every=NO_CHECKPOINT)
@@ -127,7 +127,7 @@ def quantise(ctx: Context, r: Result) -> None:
     train(cfg, run)
     ctx.free_memory()
     t0 = time.perf_counter()
-    df = quant.quantise_run(run, QuantConfig())  # on the device the run trained on (train.device)
+    df = quantise.quantise_run(run, QuantConfig())  # on the device the run trained on (train.device)
     seconds = time.perf_counter() - t0
     finite = bool(np.isfinite(df[["ppl_fp", "ppl_q"]].to_numpy()).all())
     r.fig(seconds=seconds, rows=len(df), train_device=cfg.train.device, finite=finite,
@@ -136,9 +136,9 @@ def quantise(ctx: Context, r: Result) -> None:
 
 
 def launched(ctx: Context, r: Result) -> None:
-    """12. ofe.launch.launch of a 4-step tiny run through submitit's local executor with one GPU (device
+    """12. ofe.cluster.launch.launch of a 4-step tiny run through submitit's local executor with one GPU (device
     'auto'): the job's summary says cuda. ~20 s (a fresh Python process imports torch and starts CUDA)."""
-    from ofe.launch import launch
+    from ofe.cluster.launch import launch
 
     launcher = {"cluster": "local", "poll_s": 0.5, "timeout_min": 5}
     if ctx.gpu:

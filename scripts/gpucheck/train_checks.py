@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 from gpucheck.common import (Context, Result, StepLog, autocast, compile_backend, instrument,
                              losses, max_diff, step_tensors, sync_counter)
-from ofe import presets
 from ofe.config import ModelConfig
-from ofe.model import GPT
-from ofe.optim import OPTIMIZERS
-from ofe.train import Trainer, _Interrupted, train
+from ofe.core.model import GPT
+from ofe.core.optim import OPTIMIZERS
+from ofe.plan import presets
+from ofe.train.trainer import Trainer, _Interrupted, train
 
 RESUME_TOL = 1e-3  # the issue's bound on kill-and-resume against the uninterrupted run (losses)
 
@@ -58,8 +58,8 @@ def cuda_bf16_flash(ctx: Context, r: Result) -> None:
 def cpu_vs_gpu(ctx: Context, r: Result) -> None:
     """2. The same seeded model on the same batch: CPU fp32 against the device in bf16 autocast (CPU bf16
     in smoke mode): step-0 loss within 1%, the probe's kurtosis within 5% at every site. ~3 s."""
-    from ofe.data import TokenData
-    from ofe.probe import collect, compute
+    from ofe.core.data import TokenData
+    from ofe.core.probe import collect, compute
 
     cfg = ctx.config("tiny")
     torch.manual_seed(0)
@@ -167,9 +167,9 @@ def micro_batches(ctx: Context, r: Result) -> None:
 def fsdp_one_rank(ctx: Context, r: Result) -> None:
     """6. train.parallel fsdp in one process: an uninterrupted run, a run killed after step 10 and resumed
     (losses within 1e-3), and its final sharded weights loaded into a plain GPT
-    (ofe.checkpoint.load_final_model) give the trainer's final validation loss. ~10 s."""
-    from ofe.checkpoint import load_final_model
-    from ofe.data import TokenData
+    (ofe.train.checkpoint.load_final_model) give the trainer's final validation loss. ~10 s."""
+    from ofe.core.data import TokenData
+    from ofe.train.checkpoint import load_final_model
 
     cfg = ctx.config("tiny", parallel="fsdp")
     straight, resumed = ctx.folder("straight"), ctx.folder("resumed")

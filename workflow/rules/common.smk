@@ -8,11 +8,10 @@ import json
 import sys
 from pathlib import Path
 
-from ofe.__main__ import plan_from_config
 from ofe.config import ConfigError
-from ofe.checkpoints import job_spec, measure_settings
-from ofe.grid import check_launcher, default_figures_dir, launcher_settings, load_config, runs_digest, validate
-from ofe import memplan
+from ofe.plan import memplan, plan_from_config
+from ofe.plan.grid import check_launcher, default_figures_dir, launcher_settings, load_config, runs_digest, validate
+from ofe.plan.studies import job_spec, measure_settings
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -31,10 +30,10 @@ try:
     LAUNCHER = load_launcher(validate(config, SCHEMA))  # the launcher before expanding the grid
     PLAN = plan_from_config(config, SCHEMA)
     check_launcher(PLAN["runs"], LAUNCHER)
-    # each run's estimated memory per process against its launcher entry's (ofe/memory.py): printed,
+    # each run's estimated memory per process against its launcher entry's (ofe/plan/memory.py): printed,
     # and a run that would not fit stops the workflow here rather than hours later in the queue
     MEMORY = memplan.plan(PLAN["runs"], LAUNCHER)
-    if MEMORY:  # training runs only: an inspection job checks its model against its memory (ofe.hf)
+    if MEMORY:  # training runs only: an inspection job checks its model against its memory (ofe.pretrained.hf)
         print(memplan.format_compact(MEMORY), file=sys.stderr)
     memplan.check(MEMORY)
 except ConfigError as e:
@@ -46,7 +45,7 @@ REPORT = PLAN["config"].get("report", "reports/index.html")
 # partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
 LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
 RUNS = {r["run_id"]: r for r in PLAN["runs"]}
-CHECKPOINTS = {c["ckpt_id"]: c for c in PLAN["checkpoints"]}  # checkpoint studies (ofe/checkpoints.py)
+CHECKPOINTS = {c["ckpt_id"]: c for c in PLAN["checkpoints"]}  # checkpoint studies (ofe/plan/studies.py)
 # the report refuses tables of another set of runs and checkpoints
 RUNS_DIGEST = runs_digest([*RUNS, *(f"checkpoint:{c}" for c in CHECKPOINTS)])
 print(f"ofe: {len(RUNS)} runs" + (f" and {len(CHECKPOINTS)} checkpoints" if CHECKPOINTS else "")

@@ -1,7 +1,7 @@
 # One job per checkpoint of the checkpoint studies (`models:` instead of `grid:`): `ofe inspect` of a
 # pretrained model at one revision, submitted through the same launcher as training (local or SLURM),
 # re-attached the same way after a head restart, its traceback in error.txt when it fails.
-# params are the checkpoint and the settings that shape its numbers (ofe.checkpoints.MEASURE, the data
+# params are the checkpoint and the settings that shape its numbers (ofe.plan.studies.MEASURE, the data
 # without the tokenizer, which is the model's own, and quant): a change reruns exactly the checkpoints it
 # touches. The studies listing a checkpoint, threads and resources are passed in the shell line instead,
 # so raising inspect.mem_gb after a refusal reruns only what failed. inspect.json is written last: the

@@ -1,5 +1,5 @@
 # One job per run, submitted through submitit (launcher.cluster: local or slurm): it trains the run,
-# then measures its int8 perplexity (ofe.quant) on the same node, so no model is ever loaded on a login
+# then measures its int8 perplexity (ofe.train.quantise) on the same node, so no model is ever loaded on a login
 # node and a run waits in the queue once. The rule waits for the job (re-attaching to one a killed head
 # left running) and fails with its traceback if it fails.
 # params are the run's full config and the quant settings: a change reruns exactly the runs it touches.
@@ -16,7 +16,7 @@ rule train:
     # The job writes metrics.parquet, then summary.json, then quant.parquet, each atomically: the last
     # one is the run's completion mark and its only declared output (each output costs plan time on a
     # large grid). A run whose other files go missing is reported as missing or corrupt by the
-    # aggregation, and a rerun moves files of another config aside (ofe.checkpoint).
+    # aggregation, and a rerun moves files of another config aside (ofe.train.checkpoint).
     output:
         quant=f"{RESULTS}/runs/{{run}}/quant.parquet",
     params:

@@ -1,0 +1,286 @@
+"""Submit one run through submitit and wait for it: the body of the workflow's train rule (the head's
+side; what the job runs on its node is `ofe.cluster.jobs`).
+
+The job trains the run, then quantises it (int8 perplexity, `ofe.train.quantise`), so on a cluster the model is
+evaluated on the node and GPU it was trained on, never on the login node, and a run costs one queue
+wait. It is a submitit `Checkpointable`: on preemption or time-out submitit requeues the same call;
+`ofe.train.trainer.train` resumes from the run's own checkpoint, and a run whose final checkpoint is already
+written only rewrites its files, so a requeued job (or one rerun because `quant:` changed) never trains
+again. The executor comes from the `launcher` settings: `local` (a subprocess; also what the tests use,
+since submitit's `debug` executor opens a debugger when the job raises; it sees the launching process's
+GPUs, `LocalGpus`) or `slurm`.
+
+Re-attach: the submitted job is recorded in RUN/job.json. If the Snakemake head is killed and started
+again while that job is still pending or running, `launch` waits on it instead of submitting a
+duplicate. Every submission gets its own submitit folder, so a job id reused after Slurm's state was
+wiped can never pick up an old result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import submitit
+
+from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
+from ofe.cluster.jobstate import StatusCache, live_job, pid_alive, process_start_time, wait_for
+from ofe.config import ConfigError, RunConfig, check_micro_batch
+from ofe.io import atomic_write_json, atomic_write_text
+
+# Cluster-specific settings a site sets in the environment rather than in any file of this repo.
+SLURM_ENV = {"partition": "OFE_SLURM_PARTITION", "account": "OFE_SLURM_ACCOUNT",
+             "qos": "OFE_SLURM_QOS", "constraint": "OFE_SLURM_CONSTRAINT"}
+GENERIC = ("timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node", "tasks_per_node", "nodes")
+
+
+ERROR, JOB, LOCK = "error.txt", "job.json", ".launch.lock"
+
+
+def local_gpus(gpus_per_node: int | None, visible: str | None) -> tuple[str | None, int | None]:
+    """(CUDA_VISIBLE_DEVICES for a local job, or None to leave it unset; how many GPUs the job must count
+    there, or None) from the launcher's gpus_per_node and the launching process's own mask (`visible`;
+    None: unset, every GPU). No gpus_per_node: the job sees what the launching process sees. N: the first
+    N of the devices listed there, indices or UUIDs (ConfigError when fewer are listed), or with no mask
+    0..N-1, which the job counts (`LocalGpus`): only there can the machine have fewer than asked for.
+    A listed device that does not exist fails in training, as any job given GPUs it cannot use does
+    (`ofe.train.parallel.resolve_device`)."""
+    if gpus_per_node is None:
+        return visible, None
+    n = int(gpus_per_node)
+    if n == 0:
+        return "", None
+    if visible is None:
+        return ",".join(str(i) for i in range(n)), n
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    if len(devices) < n:
+        raise ConfigError(f"launcher gpus_per_node: {n}, but this process sees {len(devices)} GPU(s) "
+                          f"(CUDA_VISIBLE_DEVICES={visible!r}); lower gpus_per_node, remove it, or make more "
+                          f"GPUs visible")
+    return ",".join(devices[:n]), None
+
+
+@dataclass
+class Work:
+    """One job for `launch_work`: the callable and its arguments, its name and resources, and the files
+    it leaves when it finishes (the first one's JSON is what the launcher returns)."""
+
+    call: submitit.helpers.Checkpointable
+    args: tuple
+    name: str
+    scale: str  # the launcher's per-scale resources it gets ("" for none)
+    done: tuple[str, ...]
+    what: str  # "training" or "inspection", for messages
+    resources: dict[str, Any] = field(default_factory=dict)  # over the launcher's and the scale's
+    before_submit: Callable[[dict[str, Any]], None] | None = None  # checks/writes once params are known
+
+
+def executor_parameters(launcher: dict[str, Any], scale: str, name: str,
+                        resources: dict[str, Any] | None = None) -> dict[str, Any]:
+    """submitit parameters for one job: launcher defaults, then the run's scale's resources (then the
+    job's own `resources`), then partition/account/QoS/constraint from the launcher or the OFE_SLURM_*
+    environment variables."""
+    cluster = launcher.get("cluster", "local")
+    merged = {"timeout_min": 120, **{k: launcher[k] for k in GENERIC if k in launcher},
+              **launcher.get("scales", {}).get(scale, {}), **(resources or {})}
+    params: dict[str, Any] = {k: v for k, v in merged.items() if k in GENERIC}
+    params["name"] = name
+    if cluster == "slurm":
+        slurm = dict(launcher.get("slurm") or {})
+        for key, env in SLURM_ENV.items():
+            if os.environ.get(env):
+                slurm[key] = os.environ[env]
+        params.update({f"slurm_{k}": v for k, v in slurm.items() if v not in (None, "")})
+    else:  # the local executor knows no memory or CPU reservations; gpus_per_node is for `local_gpus`
+        params = {k: v for k, v in params.items() if k in ("timeout_min", "name", "tasks_per_node", "gpus_per_node")}
+    return params
+
+
+def _echo_new(path: Path, offset: int) -> int:
+    """Print what the job appended to its log since `offset` (progress in the rule's log)."""
+    if not path.exists():
+        return offset
+    with path.open("rb") as f:
+        f.seek(offset)
+        chunk = f.read()
+    if chunk:
+        sys.stdout.write(chunk.decode(errors="replace"))
+        sys.stdout.flush()
+    return offset + len(chunk)
+
+
+@contextlib.contextmanager
+def run_lock(out: Path) -> Iterator[None]:
+    """Hold RUN/.launch.lock while a head submits and waits, so two heads (two Snakemake invocations
+    with --nolock, or from two working copies) never train one run. flock is released by the kernel
+    when the holder dies, so a killed head leaves no stale lock."""
+    with (out / LOCK).open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise RuntimeError(f"{out} is being launched by another ofe process ({holder}); "
+                               f"wait for it, or stop it, then rerun") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status_dir: Path | str | None = None,
+           quant: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the run's config.json, submit the job that trains it (and quantises it, given the `quant`
+    settings), or re-attach to the recorded one, stream its log, and return its summary. The run
+    folder is locked meanwhile (`run_lock`). `status_dir` is the workflow's shared scheduler-status
+    cache (default: inside the run folder).
+
+    Raises RuntimeError with the job's traceback (also saved to DIR/error.txt) if the job fails.
+    """
+    out = Path(out_dir).resolve()
+    config_path = out / "config.json"
+
+    def before_submit(params: dict[str, Any]) -> None:
+        # the processes are known only here: refuse now, not after a queue wait, a batch they cannot split
+        check_micro_batch(cfg.train, int(params.get("tasks_per_node", 1)) * int(params.get("nodes", 1)))
+        atomic_write_text(config_path, cfg.to_json())
+
+    name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
+    done = ("summary.json", "quant.parquet") if quant is not None else ("summary.json",)
+    work = Work(TrainJob(), (str(config_path), str(out), quant), name, cfg.grid.get("scale", ""), done,
+                "training", before_submit=before_submit)
+    return launch_work(work, out, launcher, status_dir)
+
+
+def launch_inspect(ckpt: dict[str, Any], out_dir: Path | str, launcher: dict[str, Any], settings: dict[str, Any],
+                   data: dict[str, Any], quant: dict[str, Any], status_dir: Path | str | None = None) -> dict[str, Any]:
+    """`launch` for one checkpoint of a checkpoint study (`ofe.plan.studies`): an `InspectJob` with the
+    `inspect:` section's resources, re-attached and waited on like a training job; returns inspect.json.
+    The memory the job is given (inspect.mem_gb, else the launcher's on SLURM) is the limit the model's
+    weights are checked against before they are read."""
+    from ofe.plan.studies import job_resources
+
+    out = Path(out_dir).resolve()
+    resources = job_resources(settings)
+    memory = resources.get("mem_gb") or (launcher.get("mem_gb") if launcher.get("cluster") == "slurm" else None)
+    name = launcher.get("job_name_prefix", "ofe-") + "inspect_" + ckpt["ckpt_id"].replace("/", "_")
+    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "", ("inspect.json",),
+                "inspection", resources)
+    return launch_work(work, out, launcher, status_dir)
+
+
+def launch_work(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
+    """Submit `work` from its folder `out` (or re-attach to its recorded job) under the folder's lock."""
+    out.mkdir(parents=True, exist_ok=True)
+    with run_lock(out):
+        return _launch(work, out, launcher, status_dir)
+
+
+def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
+    poll = float(launcher.get("poll_s", 2.0))
+    cluster = launcher.get("cluster", "local")
+    # one shared squeue/sacct per poll for the whole workflow, for re-attach as for waiting
+    cache = StatusCache(Path(status_dir) if status_dir else out / ".ofe-status", max_age_s=poll)
+    info = live_job(out / JOB, cache)
+    if info is not None and info["cluster"] == "slurm":
+        print(f"[ofe] re-attaching to SLURM job {info['job_id']} for {out}", flush=True)
+        job = submitit.SlurmJob(folder=info["folder"], job_id=str(info["job_id"]))
+    elif info is not None:
+        print(f"[ofe] waiting for local job {info['job_id']} for {out}", flush=True)
+        try:
+            return _wait_local_pid(info, out, poll, work.done)
+        except RuntimeError as e:
+            raise _fail(out, info["job_id"], e, work.what) from None
+    else:
+        (out / ERROR).unlink(missing_ok=True)
+        folder = out / "submitit" / time.strftime("%Y%m%dT%H%M%S")  # one folder per submission
+        params = executor_parameters(launcher, work.scale, work.name, work.resources)
+        call = work.call
+        if cluster == "local":  # the GPUs it may use, never the local executor's mask (`LocalGpus`)
+            call = LocalGpus(call, *local_gpus(params.pop("gpus_per_node", None),
+                                               os.environ.get("CUDA_VISIBLE_DEVICES")))
+        if work.before_submit is not None:
+            work.before_submit(params)
+        executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+        executor.update_parameters(**params)
+        job = executor.submit(call, *work.args)
+        record = {"job_id": str(job.job_id), "cluster": cluster, "folder": str(folder),
+                  "stdout": str(job.paths.stdout), "submitted": time.time()}
+        if cluster == "local":
+            record["pid"] = int(job.job_id)  # the local executor's job id is the process id
+            # -1: the job had already ended, so no later process with this pid is taken for it
+            record["pid_start"] = process_start_time(record["pid"]) or -1
+        atomic_write_json(out / JOB, record)
+        print(f"[ofe] submitted {cluster} {work.what} job {job.job_id} for {out} (log: {job.paths.stdout})",
+              flush=True)
+    offset = [0]
+
+    def echo() -> None:
+        offset[0] = _echo_new(job.paths.stdout, offset[0])
+
+    if isinstance(job, submitit.SlurmJob):
+        wait_for(cache, str(job.job_id), job.paths.result_pickle, poll, on_poll=echo)
+    else:
+        while not job.done():
+            echo()
+            time.sleep(poll)
+    echo()
+    try:
+        return job.results()[0]  # rank 0 writes the summary (one result per task)
+    except Exception as e:  # submitit's FailedJobError carries the remote traceback
+        raise _fail(out, job.job_id, e, work.what) from None
+
+
+def _wait_local_pid(info: dict[str, Any], out: Path, poll: float, done: tuple[str, ...]) -> dict[str, Any]:
+    """Wait for a local job started by an earlier (killed) head process, then read what it left."""
+    log, offset = Path(info["stdout"]), 0
+    while pid_alive(int(info["pid"]), info.get("pid_start")):
+        offset = _echo_new(log, offset)
+        time.sleep(poll)
+    _echo_new(log, offset)
+    missing = [f for f in done if not (out / f).exists()]
+    if not missing:
+        return json.loads((out / done[0]).read_text())
+    raise RuntimeError(f"local job {info['job_id']} for {out} ended without {', '.join(missing)}; see {log}")
+
+
+def _fail(out: Path, job_id: str, e: BaseException, what: str = "training") -> RuntimeError:
+    atomic_write_text(out / ERROR, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+    return RuntimeError(f"{what} job {job_id} for {out} failed:\n{e}")
+
+
+def cancel(results_dir: Path | str, dry_run: bool = False, max_age_s: float = 10.0) -> list[str]:
+    """Cancel every pending or running job of this workflow's run folders (Ctrl-C of Snakemake does
+    not cancel jobs already on SLURM: that is what makes re-attach possible). The jobs' states come
+    from one queue listing, the workflow's shared one when a waiting head took it in the last
+    `max_age_s`, never from one query per job."""
+    cancelled = []
+    cache = StatusCache(Path(results_dir) / ".ofe-status", max_age_s=max_age_s)
+    paths = [p for sub in ("runs", "checkpoints") for p in sorted(Path(results_dir, sub).rglob(JOB))]
+    for path in paths:  # training jobs, then the checkpoint studies' inspection jobs
+        info = live_job(path, cache)
+        if info is None:
+            continue
+        cancelled.append(f"{info['cluster']} job {info['job_id']} ({path.parent})")
+        if dry_run:
+            continue
+        if info["cluster"] == "slurm":
+            subprocess.run(["scancel", str(info["job_id"])], check=False)
+        else:
+            os.kill(int(info["pid"]), signal.SIGTERM)
+    return cancelled

@@ -1,0 +1,87 @@
+"""Forward hooks that collect activations at the model's probe sites and hand them to the metrics.
+
+Sites (docs/science.md section 1, "where and when"): the residual stream entering every block (layers
+0..L-1), the tensor fed to the unembedding before and after a final norm (layer L), and the queries and
+keys of every attention (for attention entropy). Hooks only store tensors; metrics are computed after
+the forward pass, in fp32, by the pure functions of `ofe.core.metrics`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from ofe.core import metrics
+from ofe.core.model import GPT
+
+Row = tuple[int, str, str, float]  # (layer, site, metric, value)
+
+
+def stream_sites(model: GPT) -> dict[tuple[int, str], nn.Module]:
+    """(layer, site) -> the nn.Identity whose output is that residual-stream tensor."""
+    L = len(model.blocks)
+    sites = {(i, "block_input"): b.input for i, b in enumerate(model.blocks)}
+    sites[(L, "unembed_input_pre_norm")] = model.unembed_pre_norm
+    sites[(L, "unembed_input")] = model.unembed_input
+    return sites
+
+
+@contextlib.contextmanager
+def _collect(modules: dict, store: dict) -> Iterator[None]:
+    def hook(key):
+        def fn(_module: nn.Module, _inp: tuple, out: Tensor) -> None:
+            store[key] = out.detach()
+        return fn
+
+    handles = [m.register_forward_hook(hook(key)) for key, m in modules.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+Activations = tuple[dict, dict]  # ({(layer, site): stream tensor}, {(layer, 'q' | 'k'): tensor})
+
+
+@torch.no_grad()
+def collect(model: nn.Module, idx: Tensor) -> Activations:
+    """Run one forward pass on `idx` (B, T) and return the tensors at every probe site. Under FSDP
+    every process must run this forward (it all-gathers each block's weights), even those that then
+    compute nothing."""
+    streams: dict = {}
+    qk: dict = {}
+    attn_taps = {}
+    for i, b in enumerate(model.blocks):
+        attn_taps[(i, "q")] = b.attn.q_site
+        attn_taps[(i, "k")] = b.attn.k_site
+    was_training = model.training
+    model.eval()
+    try:
+        with _collect(stream_sites(model), streams), _collect(attn_taps, qk):
+            model(idx)
+    finally:
+        model.train(was_training)
+    return streams, qk
+
+
+def compute(model: nn.Module, activations: Activations, max_corr_tokens: int = 256) -> list[Row]:
+    """Every metric at every site, in fp32 (`ofe.core.metrics` upcasts), from `collect`'s tensors."""
+    streams, qk = activations
+    rows: list[Row] = []
+    for (layer, site), x in streams.items():
+        for name, fn in metrics.STREAM_METRICS.items():
+            value = fn(x, max_corr_tokens) if name == "token_correlation" else fn(x)
+            rows.append((layer, site, name, value))
+    for i, b in enumerate(model.blocks):
+        ent = metrics.attention_entropy(qk[(i, "q")], qk[(i, "k")], b.attn.logit_cap)
+        rows.append((i, "attention", "attention_entropy", ent))
+    return rows
+
+
+def probe(model: GPT, idx: Tensor, max_corr_tokens: int = 256) -> list[Row]:
+    """Run one forward pass on `idx` (B, T) and return every metric at every site."""
+    return compute(model, collect(model, idx), max_corr_tokens)
