@@ -110,7 +110,7 @@ def atomic_path(path: Path, previous: Path | None = None) -> Iterator[Path]:
         if previous is not None and path.exists():
             _keep_previous(path, Path(previous))
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -124,7 +124,7 @@ def _fsync_file(path: str | Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -176,12 +176,12 @@ def test_tokenizer_is_bytes_or_a_plausible_transformers_name(config, monkeypatch
     config["data"]["tokenizer"] = "not a tokenizer!"
     message = expand_error(config)
     assert "data.tokenizer" in message and "'bytes'" in message
-    monkeypatch.setattr(fields_module, "_has_transformers", lambda: False)
+    monkeypatch.setattr(fields_module, "has_transformers", lambda: False)
     with pytest.raises(ConfigError) as err:
         DataConfig(tokenizer="gpt2")
     assert "data.tokenizer" in str(err.value) and "pip install transformers" in str(err.value)
     assert "or use 'bytes'" in str(err.value)
-    monkeypatch.setattr(fields_module, "_has_transformers", lambda: True)
+    monkeypatch.setattr(fields_module, "has_transformers", lambda: True)
     assert DataConfig(tokenizer="EleutherAI/gpt-neox-20b").tokenizer == "EleutherAI/gpt-neox-20b"
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from ofe.aggregate.runs import READ_ERRORS, CorruptRun, _brief, _read_table, run_status
+from ofe.aggregate.read import READ_ERRORS, CorruptRun, brief, read_table, run_status
 from ofe.io import METRIC_SCHEMA, QUANT_SCHEMA, read_metadata, write_parquet
 from ofe.plan.studies import measure_settings
 
@@ -57,7 +57,7 @@ def _read_inspect(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     try:
         summary = json.loads((folder / "inspect.json").read_text())
     except READ_ERRORS as e:
-        raise CorruptRun(f"inspect.json: {_brief(e)}") from e
+        raise CorruptRun(f"inspect.json: {brief(e)}") from e
     if not isinstance(summary, dict) or summary.get("status") != "completed":
         raise CorruptRun("inspect.json: not the summary of a completed inspection")
     # the job is given the model's name as the config spells it, and inspect.json records it so
@@ -90,14 +90,14 @@ def read_checkpoint(folder: Path, ckpt: dict[str, Any], plan: dict[str, Any] | N
         return {"status": status, "error": error}
     try:
         summary = _read_inspect(folder, ckpt)
-        metrics = _read_table(folder / "metrics.parquet", METRIC_SCHEMA, None).to_pandas()
-        quant = _read_table(folder / "quant.parquet", QUANT_SCHEMA, None).to_pandas()
+        metrics = read_table(folder / "metrics.parquet", METRIC_SCHEMA, None).to_pandas()
+        quant = read_table(folder / "quant.parquet", QUANT_SCHEMA, None).to_pandas()
         meta = read_metadata(folder / "metrics.parquet")
         if plan is not None:
             _check_settings(meta, plan)
         info = meta.get("inspect", {})
     except (CorruptRun, *READ_ERRORS) as e:  # the metadata, read after the tables, can still be damaged
-        return {"status": "corrupt", "error": f"corrupt: {e if isinstance(e, CorruptRun) else _brief(e)}"}
+        return {"status": "corrupt", "error": f"corrupt: {e if isinstance(e, CorruptRun) else brief(e)}"}
     peak, mean = kurtosis(metrics)
     # tokens seen only where the step is known (an unknown step reads as 0 in inspect.json)
     tokens = summary.get("tokens") if ckpt["step"] is not None else None

@@ -13,7 +13,6 @@ one bad folder never stops the others from aggregating.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +22,11 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+from ofe.aggregate.checkpoints import aggregate_checkpoints
+from ofe.aggregate.read import FINISHED, CorruptRun, check_config, read_table, run_status
 from ofe.config import config_hash
-from ofe.io import METADATA_KEY, METRIC_SCHEMA, QUANT_SCHEMA, provenance, write_parquet
+from ofe.io import METRIC_SCHEMA, QUANT_SCHEMA, provenance, write_parquet
 from ofe.plan.validate import format_value  # text labels spelt as in run folder names
 
 GRID_TYPES = {"scale": pa.string(), "block": pa.string(), "beta": pa.float64(), "optimizer": pa.string(),
@@ -34,14 +34,6 @@ GRID_TYPES = {"scale": pa.string(), "block": pa.string(), "beta": pa.float64(), 
 SUMMARY_FIELDS = {"final_train_loss": pa.float64(), "final_val_loss": pa.float64(),
                   "tokens_per_s": pa.float64(), "wall_s": pa.float64(), "steps_done": pa.int64()}
 KURTOSIS_SITES = ("block_input", "unembed_input")
-FINISHED = ("completed", "diverged")  # the statuses training writes into summary.json
-# What reading a damaged file raises (pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors);
-# anything else is a bug here and should fail loudly, not be blamed on a run folder.
-READ_ERRORS = (OSError, ValueError, TypeError, KeyError, pa.ArrowException)
-
-
-class CorruptRun(Exception):
-    """A run folder whose files cannot be trusted; the message (file: what is wrong) is the reason shown."""
 
 
 # ---- grid columns ------------------------------------------------------------------------------------
@@ -76,55 +68,6 @@ def _grid_values(run: dict[str, Any], schema: list[tuple[str, pa.DataType]]) -> 
             for c, typ in schema}
 
 
-# ---- reading one run folder --------------------------------------------------------------------------
-
-def _brief(e: BaseException) -> str:
-    """One line of an exception: the runs table shows one line per run."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
-
-
-def read_summary(path: Path) -> dict[str, Any]:
-    """A finished run's summary.json, or CorruptRun saying why it is not one."""
-    try:
-        # json.loads takes NaN and Infinity: summaries written before they were strict JSON carry them
-        summary = json.loads(path.read_text())
-    except READ_ERRORS as e:
-        raise CorruptRun(f"summary.json: {_brief(e)}") from e
-    if not isinstance(summary, dict):
-        raise CorruptRun(f"summary.json: not a JSON object but {type(summary).__name__}")
-    if "status" not in summary:
-        raise CorruptRun("summary.json: no status")
-    if summary["status"] not in FINISHED:
-        raise CorruptRun(f"summary.json: status {summary['status']!r} is not one of {list(FINISHED)}")
-    return summary
-
-
-def run_status(run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
-    """(status, summary, last error line or corrupt reason) of one run folder."""
-    summary_path, error_path = run_dir / "summary.json", run_dir / "error.txt"
-    if summary_path.exists():
-        try:
-            summary = read_summary(summary_path)
-        except CorruptRun as e:
-            return "corrupt", {}, f"corrupt: {e}"
-        return summary["status"], summary, None
-    if error_path.exists():
-        try:  # a log: bytes that are not UTF-8 still tell what went wrong
-            lines = [ln for ln in error_path.read_text(errors="replace").splitlines() if ln.strip()]
-        except OSError as e:
-            lines = [f"error.txt: {_brief(e)}"]
-        return "failed", {}, lines[-1] if lines else "unknown error"
-    # Training writes metrics.parquet, then summary.json; quantisation runs after both. Outputs without
-    # the summary were stopped between those writes or damaged: not known to be final. A run in
-    # progress has only the launcher's files, checkpoints and logs, and stays `missing`.
-    outputs = [name for name in ("metrics.parquet", "quant.parquet") if (run_dir / name).exists()]
-    if outputs:
-        return "corrupt", {}, (f"corrupt: summary.json: missing, though {' and '.join(outputs)} "
-                               f"exist{'s' if len(outputs) == 1 else ''}")
-    return "missing", {}, None
-
-
 def _summary_figures(summary: dict[str, Any]) -> dict[str, Any]:
     """The summary's figures for runs.parquet. A value of the wrong type would fail the write of the
     whole table, so it makes this one run corrupt instead."""
@@ -139,36 +82,6 @@ def _summary_figures(summary: dict[str, Any]) -> dict[str, Any]:
             raise CorruptRun(f"summary.json: {name}: {value!r} is not {'an integer' if integral else 'a number'}")
         out[name] = int(value) if integral else float(value)
     return out
-
-
-def _check_config(record: dict[str, Any], want: str | None, where: str) -> None:
-    """CorruptRun if a file records another config than the planned one (hash `want`): its numbers must
-    never be shown under this run's labels. Nothing to compare where either side records none."""
-    config = record.get("config")
-    if config is not None and not isinstance(config, dict):
-        raise CorruptRun(f"{where}: its config is not a mapping but {type(config).__name__}")
-    # the hash is computed afresh, not read from the file, so both sides use today's definition
-    have = config_hash(config) if config is not None else record.get("config_hash")
-    if want is not None and have is not None and have != want:
-        raise CorruptRun(f"{where}: results belong to another config (hash {have}, planned {want}); rerun it")
-
-
-def _read_table(path: Path, schema: pa.Schema, want: str | None) -> pa.Table:
-    """One of a run's Parquet files, checked: readable, with the expected columns and types (pyarrow
-    reads a file lacking them as columns of nulls, silently), and written for the planned config."""
-    try:
-        with pq.ParquetFile(path) as f:
-            have = f.schema_arrow
-            wrong = [f"{c.name} is {have.field(c.name).type}, expected {c.type}" if c.name in have.names
-                     else f"no column {c.name}" for c in schema
-                     if c.name not in have.names or have.field(c.name).type != c.type]
-            if wrong:
-                raise CorruptRun(f"{path.name}: wrong schema: {'; '.join(wrong)}")
-            meta = json.loads((have.metadata or {}).get(METADATA_KEY) or b"{}")
-            _check_config(meta if isinstance(meta, dict) else {}, want, path.name)
-            return f.read(columns=schema.names).select(schema.names)
-    except READ_ERRORS as e:
-        raise CorruptRun(f"{path.name}: {_brief(e)}") from e
 
 
 @dataclass
@@ -190,12 +103,12 @@ def read_run(run_dir: Path, planned_config: dict[str, Any] | None = None) -> Run
         return RunFiles(status, error)
     want = config_hash(planned_config) if planned_config is not None else None
     try:
-        _check_config(summary, want, "summary.json")
+        check_config(summary, want, "summary.json")
         figures = _summary_figures(summary)
         if not (run_dir / "metrics.parquet").exists():
             raise CorruptRun(f"metrics.parquet: missing, though summary.json says the run {status}")
-        metrics = _read_table(run_dir / "metrics.parquet", METRIC_SCHEMA, want)
-        quant = (_read_table(run_dir / "quant.parquet", QUANT_SCHEMA, want)
+        metrics = read_table(run_dir / "metrics.parquet", METRIC_SCHEMA, want)
+        quant = (read_table(run_dir / "quant.parquet", QUANT_SCHEMA, want)
                  if (run_dir / "quant.parquet").exists() else None)
     except CorruptRun as e:
         return RunFiles("corrupt", f"corrupt: {e}")
@@ -286,6 +199,4 @@ def aggregate(plan: dict[str, Any], results_dir: Path | str,
             "provenance": provenance()}
     for name, df in frames.items():
         write_parquet(df, out_dir / f"{name}.parquet", schemas[name], meta)
-    from ofe.aggregate.checkpoints import aggregate_checkpoints  # it builds on this module's readers
-
     return {**frames, **aggregate_checkpoints(plan, results_dir, out_dir, meta)}

@@ -80,7 +80,7 @@ def _device_problem(value: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=None)
-def _has_transformers() -> bool:
+def has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
 
@@ -90,7 +90,7 @@ def _tokenizer_problem(value: str) -> str | None:
     if not (_HUB_ID.fullmatch(value) or os.path.exists(value)):
         return (f"{value!r} is neither 'bytes', an existing local path nor a tokenizer name on the hub "
                 f"(such as 'gpt2' or 'org/name')")
-    if not _has_transformers():
+    if not has_transformers():
         return f"{value!r} needs transformers: install transformers (pip install transformers) or use 'bytes'"
     return None
 
@@ -148,7 +148,7 @@ def _checker(hint: Any, key: str) -> Callable[..., Any]:
 
 
 @functools.lru_cache(maxsize=None)
-def _checkers(cls: type, section: str) -> dict[str, Callable[..., Any]]:
+def field_checkers(cls: type, section: str) -> dict[str, Callable[..., Any]]:
     """Field name -> checker, for a config class (resolving the annotations is slow)."""
     hints = typing.get_type_hints(cls)
     return {f.name: _checker(hints[f.name], f"{section}.{f.name}") for f in dataclasses.fields(cls)}
@@ -158,7 +158,7 @@ def check_field(section: str, name: str, value: Any, key: str | None = None) -> 
     """Check one value of a section's field (type, finiteness, range, choices), naming `key` (default
     'section.name') on error; returns it normalised. Also for grid.py, which checks a study's axis
     values at their own keys ('studies.lr.grid.optim.eps[2]')."""
-    return _checkers(SECTIONS[section], section)[name](value, key or f"{section}.{name}")
+    return field_checkers(SECTIONS[section], section)[name](value, key or f"{section}.{name}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -171,9 +171,9 @@ def field_kind(section: str, name: str) -> type | None:
     return None
 
 
-def _validate(obj: Any, section: str) -> None:
+def check_fields(obj: Any, section: str) -> None:
     """Type, range and choices of every field of a config dataclass instance (in __post_init__)."""
-    for name, check in _checkers(type(obj), section).items():
+    for name, check in field_checkers(type(obj), section).items():
         value = getattr(obj, name)
         if (new := check(value)) is not value:
             object.__setattr__(obj, name, new)

@@ -18,8 +18,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from ofe.config.fields import (SECTIONS, ConfigError, _checkers, _validate, check_field, field_kind,  # noqa: F401
-                        number_from_text)
+from ofe.config.fields import SECTIONS, ConfigError, check_fields, field_checkers
 
 NormKind = Literal["layernorm", "rmsnorm", "srms", "none"]  # srms: RMSNorm without a gain
 PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
@@ -69,7 +68,7 @@ class ModelConfig:
     mlp_ratio: int = 4
 
     def __post_init__(self) -> None:
-        _validate(self, "model")
+        check_fields(self, "model")
         if self.d_model % self.n_head:
             raise ConfigError(f"model.d_model: {self.d_model} is not divisible by n_head={self.n_head}")
         if self.first_norm == "block0_attn_input" and self.norm != "none":
@@ -109,7 +108,7 @@ class OptimConfig:
     """EMA rate of the G G^T and G^T G statistics; None uses betas[1]."""
 
     def __post_init__(self) -> None:
-        _validate(self, "optim")
+        check_fields(self, "optim")
 
 
 @dataclass(frozen=True)
@@ -148,7 +147,7 @@ class TrainConfig:
     optimisers only under 'fsdp' (see ofe.config.check_parallel)."""
 
     def __post_init__(self) -> None:
-        _validate(self, "train")  # device too: its value reaches a shell command and torch
+        check_fields(self, "train")  # device too: its value reaches a shell command and torch
         check_micro_batch(self)
 
 
@@ -192,7 +191,7 @@ class DataConfig:
     max_documents: int | None = None
 
     def __post_init__(self) -> None:
-        _validate(self, "data")
+        check_fields(self, "data")
         if self.source == "datasets" and not self.path:
             raise ConfigError("data.path: required when data.source is 'datasets' (e.g. 'text' or a hub name)")
 
@@ -353,7 +352,7 @@ def build_section(cls: type, d: dict[str, Any], prefix: str) -> Any:
     validate itself (QuantConfig) gets the same type and range checks here."""
     _reject_unknown(prefix, d, _field_names(cls))
     if cls not in SECTIONS.values():
-        checkers = _checkers(cls, prefix.rstrip("."))
+        checkers = field_checkers(cls, prefix.rstrip("."))
         d = {k: checkers[k](v, f"{prefix}{k}") for k, v in d.items()}
     try:
         return cls(**d)

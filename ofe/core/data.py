@@ -45,7 +45,7 @@ def _is_val(key: str, val_fraction: float) -> bool:
     return (h % 10_000) < val_fraction * 10_000
 
 
-def _load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
+def load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
     """(train texts, validation texts) for the configured source."""
     if cfg.source == "stdlib":
         ds = stdlib_dataset()
@@ -110,7 +110,7 @@ def prepare(cfg: DataConfig, out_dir: Path | str) -> dict:
     """Tokenise `cfg` once into `out_dir`; returns the metadata (also written to meta.json)."""
     out_dir = Path(out_dir)
     t0 = time.time()
-    train_texts, val_texts = _load_splits(cfg)
+    train_texts, val_texts = load_splits(cfg)
     tok = Tokenizer(cfg.tokenizer)
     arrays = {"train": tok.encode_docs(train_texts), "val": tok.encode_docs(val_texts)}
     for split, arr in arrays.items():

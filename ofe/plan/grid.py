@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from ofe.config import ConfigError, DataConfig, RunConfig, build_section, section_fields
 from ofe.config import SECTIONS as SECTIONS_BY_NAME
 from ofe.plan import presets, studies
-from ofe.plan.validate import AXES, DEFAULT_SCHEMA, SECTIONS, _segment, format_value, validate
+from ofe.plan.validate import AXES, DEFAULT_SCHEMA, SECTIONS, folder_segment, format_value, validate
 from ofe.plan.vocab import tokenizer_vocab
 # re-exported: the workflow reaches the config checks through ofe.plan.grid
 from ofe.plan.validate import check_launcher, launcher_settings, load_config  # noqa: F401
@@ -102,11 +102,11 @@ def resolve_run(config: dict, point: dict[str, Any], data: DataConfig | None = N
     # same run (and folder) as the default Pre-LN run of the other studies.
     changed = {k: v for k, v in extras.items() if config_value(cfg, k) != config_value(base, k)}
     fmt = format_value
-    leaf = f"seed{fmt(grid['seed'])}" + "".join(f"_{k}{_segment(fmt(v), f'grid.{k}')}"
+    leaf = f"seed{fmt(grid['seed'])}" + "".join(f"_{k}{folder_segment(fmt(v), f'grid.{k}')}"
                                                 for k, v in sorted(changed.items()))
     segments = [(grid["scale"], "scale"), (grid["block"], "block"), (f"beta{fmt(grid['beta'])}", "beta"),
                 (grid["optimizer"], "optimizer"), (f"lr{fmt(grid['lr'])}", "lr"), (leaf, "seed")]
-    run_id = "/".join(_segment(s, f"grid.{what}") for s, what in segments)  # a leaf: no run inside another
+    run_id = "/".join(folder_segment(s, f"grid.{what}") for s, what in segments)  # a leaf: no run inside another
     return Run(run_id, grid, replace(cfg, grid=grid))
 
 

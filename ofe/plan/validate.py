@@ -53,7 +53,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
-def _segment(text: str, what: str) -> str:
+def folder_segment(text: str, what: str) -> str:
     """`text` if it is safe as one folder name, else ConfigError naming `what` (the axis)."""
     if not SAFE_SEGMENT.fullmatch(text) or text in (".", ".."):
         raise ConfigError(f"{what}: {text!r} cannot be part of a run folder name; use only letters, "
@@ -270,7 +270,7 @@ def _check_values(config: dict) -> list[str]:
                 try:
                     values[i] = _check_value(*target, v, key)
                     if "." in axis:  # its value may join the run's folder name
-                        _segment(format_value(values[i]), key)
+                        folder_segment(format_value(values[i]), key)
                 except ConfigError as e:
                     errors.append(str(e))
     try:

@@ -16,7 +16,7 @@ import functools
 import os
 
 from ofe.config import ConfigError
-from ofe.config.fields import _has_transformers
+from ofe.config.fields import has_transformers
 from ofe.plan.validate import TOKENIZER_VOCAB
 
 
@@ -25,7 +25,7 @@ def tokenizer_vocab(name: str) -> int | None:
     `ofe.core.data.Tokenizer` counts it), or None where it cannot be known without the network."""
     if name in TOKENIZER_VOCAB:
         return TOKENIZER_VOCAB[name]
-    if not _has_transformers():  # DataConfig refuses such a name already; nothing to load it with
+    if not has_transformers():  # DataConfig refuses such a name already; nothing to load it with
         return None
     if os.path.exists(name):  # transformers reads an existing path as a local folder, never the hub
         return _local_vocab(os.path.realpath(name), name)

@@ -136,11 +136,11 @@ def load_batches(data: DataConfig | None, text_file: Path | None, encode: Encode
                          why_calib) if n_calib else []
         desc = {"text_file": str(path.resolve()), "sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
     else:
-        from ofe.core.data import _load_splits
+        from ofe.core.data import load_splits
 
         cfg = data or DataConfig()
         try:
-            train_texts, val_texts = _load_splits(cfg)
+            train_texts, val_texts = load_splits(cfg)
         except ValueError as e:
             raise InspectError(str(e)) from e
         need_val, need_calib = n_val * B * (context + 1), n_calib * B * (context + 1)

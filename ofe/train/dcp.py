@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ofe.io import _fsync_dir, atomic_torch_save
+from ofe.io import atomic_torch_save, fsync_dir
 from ofe.train.parallel import Processes, barrier
 
 SHARDED, SHARDED_PREV = "checkpoint.dcp", "checkpoint.prev.dcp"
@@ -44,7 +44,7 @@ def save(state: dict[str, Any], model: nn.Module, opt: Any, out: Path, procs: Pr
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)  # collective; files fsynced
     if procs.rank == 0:
         atomic_torch_save(state, tmp / STATE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _rotate(out, tmp)
     barrier(procs)  # nobody goes on (or stops) before the checkpoint has its name
 
@@ -63,7 +63,7 @@ def _rotate(out: Path, tmp: Path) -> None:
             os.replace(previous, old)
         os.replace(current, previous)
     os.replace(tmp, current)
-    _fsync_dir(out)
+    fsync_dir(out)
     if old is not None:
         shutil.rmtree(old)
 
