@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from ofe.aggregate.read import READ_ERRORS, CorruptRun, brief, read_table, run_status
 from ofe.io import METRIC_SCHEMA, QUANT_SCHEMA, read_metadata, write_parquet
+from ofe.runfolder import ERROR, INSPECT, METRICS, QUANT
 from ofe.plan.studies import measure_settings
 
 ID_FIELDS = [("ckpt_id", pa.string()), ("model", pa.string()), ("label", pa.string()),
@@ -55,14 +56,14 @@ def kurtosis(metrics: pd.DataFrame) -> tuple[float, float]:
 def _read_inspect(folder: Path, ckpt: dict[str, Any]) -> dict[str, Any]:
     """inspect.json of a finished inspection of the planned model and revision, or CorruptRun."""
     try:
-        summary = json.loads((folder / "inspect.json").read_text())
+        summary = json.loads((folder / INSPECT).read_text())
     except READ_ERRORS as e:
-        raise CorruptRun(f"inspect.json: {brief(e)}") from e
+        raise CorruptRun(f"{INSPECT}: {brief(e)}") from e
     if not isinstance(summary, dict) or summary.get("status") != "completed":
-        raise CorruptRun("inspect.json: not the summary of a completed inspection")
+        raise CorruptRun(f"{INSPECT}: not the summary of a completed inspection")
     # the job is given the model's name as the config spells it, and inspect.json records it so
     if (summary.get("model"), summary.get("revision")) != (ckpt["model"], ckpt["revision"]):
-        raise CorruptRun(f"inspect.json: measured {summary.get('model')!r} at {summary.get('revision')!r}, "
+        raise CorruptRun(f"{INSPECT}: measured {summary.get('model')!r} at {summary.get('revision')!r}, "
                          f"not the planned {ckpt['model']!r} at {ckpt['revision']!r}; rerun it")
     return summary
 
@@ -79,20 +80,20 @@ def _check_settings(meta: dict[str, Any], plan: dict[str, Any]) -> None:
     if "quant" in plan and json.dumps(meta.get("quant"), sort_keys=True) != json.dumps(plan["quant"], sort_keys=True):
         wrong.append("other quant settings than the planned")
     if wrong:
-        raise CorruptRun(f"metrics.parquet: measured with {', '.join(wrong)}; rerun it")
+        raise CorruptRun(f"{METRICS}: measured with {', '.join(wrong)}; rerun it")
 
 
 def read_checkpoint(folder: Path, ckpt: dict[str, Any], plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """Status, summary figures and tables of one checkpoint folder (absent tables where not completed),
     checked against the `plan`'s settings where given."""
-    if not (folder / "inspect.json").exists():  # error.txt: failed with its last line; else not run yet
-        status, _, error = run_status(folder) if (folder / "error.txt").exists() else ("missing", {}, None)
+    if not (folder / INSPECT).exists():  # error.txt: failed with its last line; else not run yet
+        status, _, error = run_status(folder) if (folder / ERROR).exists() else ("missing", {}, None)
         return {"status": status, "error": error}
     try:
         summary = _read_inspect(folder, ckpt)
-        metrics = read_table(folder / "metrics.parquet", METRIC_SCHEMA, None).to_pandas()
-        quant = read_table(folder / "quant.parquet", QUANT_SCHEMA, None).to_pandas()
-        meta = read_metadata(folder / "metrics.parquet")
+        metrics = read_table(folder / METRICS, METRIC_SCHEMA, None).to_pandas()
+        quant = read_table(folder / QUANT, QUANT_SCHEMA, None).to_pandas()
+        meta = read_metadata(folder / METRICS)
         if plan is not None:
             _check_settings(meta, plan)
         info = meta.get("inspect", {})

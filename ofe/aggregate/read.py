@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ofe.config import config_hash
 from ofe.io import METADATA_KEY
+from ofe.runfolder import ERROR, METRICS, QUANT, SUMMARY
 
 FINISHED = ("completed", "diverged")  # the statuses training writes into summary.json
 # What reading a damaged file raises (pyarrow's ArrowInvalid is a ValueError, its IO errors OSErrors);
@@ -38,19 +39,19 @@ def read_summary(path: Path) -> dict[str, Any]:
         # json.loads takes NaN and Infinity: summaries written before they were strict JSON carry them
         summary = json.loads(path.read_text())
     except READ_ERRORS as e:
-        raise CorruptRun(f"summary.json: {brief(e)}") from e
+        raise CorruptRun(f"{SUMMARY}: {brief(e)}") from e
     if not isinstance(summary, dict):
-        raise CorruptRun(f"summary.json: not a JSON object but {type(summary).__name__}")
+        raise CorruptRun(f"{SUMMARY}: not a JSON object but {type(summary).__name__}")
     if "status" not in summary:
-        raise CorruptRun("summary.json: no status")
+        raise CorruptRun(f"{SUMMARY}: no status")
     if summary["status"] not in FINISHED:
-        raise CorruptRun(f"summary.json: status {summary['status']!r} is not one of {list(FINISHED)}")
+        raise CorruptRun(f"{SUMMARY}: status {summary['status']!r} is not one of {list(FINISHED)}")
     return summary
 
 
 def run_status(run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
     """(status, summary, last error line or corrupt reason) of one run folder."""
-    summary_path, error_path = run_dir / "summary.json", run_dir / "error.txt"
+    summary_path, error_path = run_dir / SUMMARY, run_dir / ERROR
     if summary_path.exists():
         try:
             summary = read_summary(summary_path)
@@ -61,14 +62,14 @@ def run_status(run_dir: Path) -> tuple[str, dict[str, Any], str | None]:
         try:  # a log: bytes that are not UTF-8 still tell what went wrong
             lines = [ln for ln in error_path.read_text(errors="replace").splitlines() if ln.strip()]
         except OSError as e:
-            lines = [f"error.txt: {brief(e)}"]
+            lines = [f"{ERROR}: {brief(e)}"]
         return "failed", {}, lines[-1] if lines else "unknown error"
     # Training writes metrics.parquet, then summary.json; quantisation runs after both. Outputs without
     # the summary were stopped between those writes or damaged: not known to be final. A run in
     # progress has only the launcher's files, checkpoints and logs, and stays `missing`.
-    outputs = [name for name in ("metrics.parquet", "quant.parquet") if (run_dir / name).exists()]
+    outputs = [name for name in (METRICS, QUANT) if (run_dir / name).exists()]
     if outputs:
-        return "corrupt", {}, (f"corrupt: summary.json: missing, though {' and '.join(outputs)} "
+        return "corrupt", {}, (f"corrupt: {SUMMARY}: missing, though {' and '.join(outputs)} "
                                f"exist{'s' if len(outputs) == 1 else ''}")
     return "missing", {}, None
 

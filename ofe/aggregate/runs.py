@@ -28,6 +28,7 @@ from ofe.aggregate.read import FINISHED, CorruptRun, check_config, read_table, r
 from ofe.config import config_hash
 from ofe.io import METRIC_SCHEMA, QUANT_SCHEMA, provenance, write_parquet
 from ofe.plan.validate import format_value  # text labels spelt as in run folder names
+from ofe.runfolder import METRICS, QUANT, SUMMARY
 
 GRID_TYPES = {"scale": pa.string(), "block": pa.string(), "beta": pa.float64(), "optimizer": pa.string(),
               "lr": pa.float64(), "seed": pa.int64()}
@@ -79,7 +80,7 @@ def _summary_figures(summary: dict[str, Any]) -> dict[str, Any]:
             continue
         if (isinstance(value, bool) or not isinstance(value, (int, float))
                 or (integral and not float(value).is_integer())):
-            raise CorruptRun(f"summary.json: {name}: {value!r} is not {'an integer' if integral else 'a number'}")
+            raise CorruptRun(f"{SUMMARY}: {name}: {value!r} is not {'an integer' if integral else 'a number'}")
         out[name] = int(value) if integral else float(value)
     return out
 
@@ -103,13 +104,13 @@ def read_run(run_dir: Path, planned_config: dict[str, Any] | None = None) -> Run
         return RunFiles(status, error)
     want = config_hash(planned_config) if planned_config is not None else None
     try:
-        check_config(summary, want, "summary.json")
+        check_config(summary, want, SUMMARY)
         figures = _summary_figures(summary)
-        if not (run_dir / "metrics.parquet").exists():
-            raise CorruptRun(f"metrics.parquet: missing, though summary.json says the run {status}")
-        metrics = read_table(run_dir / "metrics.parquet", METRIC_SCHEMA, want)
-        quant = (read_table(run_dir / "quant.parquet", QUANT_SCHEMA, want)
-                 if (run_dir / "quant.parquet").exists() else None)
+        if not (run_dir / METRICS).exists():
+            raise CorruptRun(f"{METRICS}: missing, though {SUMMARY} says the run {status}")
+        metrics = read_table(run_dir / METRICS, METRIC_SCHEMA, want)
+        quant = (read_table(run_dir / QUANT, QUANT_SCHEMA, want)
+                 if (run_dir / QUANT).exists() else None)
     except CorruptRun as e:
         return RunFiles("corrupt", f"corrupt: {e}")
     return RunFiles(status, None, figures, metrics, quant)

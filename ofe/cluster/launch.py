@@ -38,14 +38,13 @@ from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
 from ofe.cluster.jobstate import StatusCache, live_job, pid_alive, process_start_time, wait_for
 from ofe.config import ConfigError, RunConfig, check_micro_batch
 from ofe.io import atomic_write_json, atomic_write_text
+from ofe.runfolder import CONFIG, ERROR, INSPECT, JOB, LOCK, QUANT, SUMMARY
 
 # Cluster-specific settings a site sets in the environment rather than in any file of this repo.
 SLURM_ENV = {"partition": "OFE_SLURM_PARTITION", "account": "OFE_SLURM_ACCOUNT",
              "qos": "OFE_SLURM_QOS", "constraint": "OFE_SLURM_CONSTRAINT"}
 GENERIC = ("timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node", "tasks_per_node", "nodes")
 
-
-ERROR, JOB, LOCK = "error.txt", "job.json", ".launch.lock"
 
 
 def local_gpus(gpus_per_node: int | None, visible: str | None) -> tuple[str | None, int | None]:
@@ -153,7 +152,7 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status
     Raises RuntimeError with the job's traceback (also saved to DIR/error.txt) if the job fails.
     """
     out = Path(out_dir).resolve()
-    config_path = out / "config.json"
+    config_path = out / CONFIG
 
     def before_submit(params: dict[str, Any]) -> None:
         # the processes are known only here: refuse now, not after a queue wait, a batch they cannot split
@@ -161,7 +160,7 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status
         atomic_write_text(config_path, cfg.to_json())
 
     name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
-    done = ("summary.json", "quant.parquet") if quant is not None else ("summary.json",)
+    done = (SUMMARY, QUANT) if quant is not None else (SUMMARY,)
     work = Work(TrainJob(), (str(config_path), str(out), quant), name, cfg.grid.get("scale", ""), done,
                 "training", before_submit=before_submit)
     return launch_work(work, out, launcher, status_dir)
@@ -179,7 +178,7 @@ def launch_inspect(ckpt: dict[str, Any], out_dir: Path | str, launcher: dict[str
     resources = job_resources(settings)
     memory = resources.get("mem_gb") or (launcher.get("mem_gb") if launcher.get("cluster") == "slurm" else None)
     name = launcher.get("job_name_prefix", "ofe-") + "inspect_" + ckpt["ckpt_id"].replace("/", "_")
-    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "", ("inspect.json",),
+    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "", (INSPECT,),
                 "inspection", resources)
     return launch_work(work, out, launcher, status_dir)
 

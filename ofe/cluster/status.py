@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ofe.cluster.jobstate import StatusCache, is_live, pid_alive, query
-from ofe.cluster.launch import ERROR, JOB
 from ofe.config import config_hash
+from ofe.runfolder import ERROR, INSPECT, JOB, METRICS, QUANT, SUMMARY
 
 STATUSES = ("done", "running", "pending", "failed", "diverged", "corrupt", "missing")
 PROGRESS = re.compile(rb"\[ofe\] step (\d+)/(\d+) .*?max-kurtosis (\S+)")
 TAIL_BYTES = 8192
-QUANT_MISSING = "quant.parquet missing (quantisation did not finish); rerun the workflow"
+QUANT_MISSING = f"{QUANT} missing (quantisation did not finish); rerun the workflow"
 
 
 def _tail(path: Path, n: int = TAIL_BYTES) -> bytes:
@@ -91,19 +91,19 @@ def checkpoint_row(ckpt: dict[str, Any], folder: Path, slurm_states: dict[str, s
            "steps": None, "max_kurtosis": None, "job": None, "detail": ""}
     info = _record(folder)
     row["job"] = info.get("job_id")
-    if (folder / "inspect.json").exists():
+    if (folder / INSPECT).exists():
         try:
-            done = json.loads((folder / "inspect.json").read_text())
+            done = json.loads((folder / INSPECT).read_text())
             row["max_kurtosis"], row["status"] = done["max_kurtosis"], "done"
             if (done["model"], done["revision"]) != (ckpt["model"], ckpt["revision"]):
-                row["status"], row["detail"] = "corrupt", (f"inspect.json: measured {done['model']} at "
+                row["status"], row["detail"] = "corrupt", (f"{INSPECT}: measured {done['model']} at "
                                                            f"{done['revision']}, not the planned checkpoint")
         except (ValueError, KeyError, TypeError) as e:
-            row["status"], row["detail"] = "corrupt", f"inspect.json: {e}"
+            row["status"], row["detail"] = "corrupt", f"{INSPECT}: {e}"
     elif (folder / ERROR).exists():
         row["status"], row["detail"] = "failed", _last_line((folder / ERROR).read_text())
     elif info and (why := _live(row, info, slurm_states)) is not None:
-        row["status"], row["detail"] = "failed", f"{why} without inspect.json"
+        row["status"], row["detail"] = "failed", f"{why} without {INSPECT}"
     return row
 
 
@@ -120,7 +120,7 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
     row["job"] = info.get("job_id")
     log = _tail(Path(info["stdout"])) if info.get("stdout") else b""
     row["step"], row["max_kurtosis"] = _progress(log)
-    summary, error = run_dir / "summary.json", run_dir / ERROR
+    summary, error = run_dir / SUMMARY, run_dir / ERROR
     if summary.exists():
         try:
             s = json.loads(summary.read_text())
@@ -128,15 +128,15 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
             row["step"] = s.get("steps_done", row["step"])
             row["max_kurtosis"] = s.get("max_kurtosis_last", row["max_kurtosis"])
             if config_hash(s["config"]) != config_hash(run["config"]):
-                row["status"], row["detail"] = "corrupt", "summary.json belongs to another config"
+                row["status"], row["detail"] = "corrupt", f"{SUMMARY} belongs to another config"
                 return row
         except (ValueError, KeyError, TypeError) as e:
-            row["status"], row["detail"] = "corrupt", f"summary.json: {e}"
+            row["status"], row["detail"] = "corrupt", f"{SUMMARY}: {e}"
             return row
-        if (run_dir / "quant.parquet").exists():
+        if (run_dir / QUANT).exists():
             row["status"] = finished
-            if not (run_dir / "metrics.parquet").exists():
-                row["status"], row["detail"] = "corrupt", "metrics.parquet missing; rerun the workflow"
+            if not (run_dir / METRICS).exists():
+                row["status"], row["detail"] = "corrupt", f"{METRICS} missing; rerun the workflow"
         elif error.exists():
             row["status"], row["detail"] = "failed", _last_line(error.read_text())
         elif _live(row, info, slurm_states) is not None:
@@ -182,7 +182,7 @@ def grid_status(results_dir: Path | str, max_age_s: float = 60.0, query_schedule
     runs = [(results_dir / "runs" / r["run_id"], r) for r in plan["runs"]]
     ckpts = [(results_dir / "checkpoints" / c["ckpt_id"], c) for c in plan.get("checkpoints", [])]
     slurm_ids = []
-    for folder, done in [(f, "quant.parquet") for f, _ in runs] + [(f, "inspect.json") for f, _ in ckpts]:
+    for folder, done in [(f, QUANT) for f, _ in runs] + [(f, INSPECT) for f, _ in ckpts]:
         if (folder / JOB).exists() and not (folder / done).exists():  # complete ones need no query
             info = _record(folder)
             if info.get("cluster") == "slurm":

@@ -43,6 +43,7 @@ from ofe.io import (HF_NOT_QUANTISED, HF_QUANTISED_TENSORS, METRIC_SCHEMA, QUANT
                     QUANTISED_TENSORS, atomic_write_json, library_versions, provenance, write_parquet)
 from ofe.plan import studies
 from ofe.pretrained.hf import HF_LIBRARIES, InspectError
+from ofe.runfolder import INSPECT, METRICS, QUANT, SUMMARY
 
 # Tokens per optimiser step of public training runs whose revisions name the step.
 TOKENS_PER_STEP = {"EleutherAI/pythia": 1024 * 2048}
@@ -196,7 +197,7 @@ def run_target(run_dir: Path) -> Target:
     from ofe.train.checkpoint import load_final_model, names
 
     run_dir = Path(run_dir)
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY
     if not summary_path.exists():
         raise InspectError(f"--run {run_dir}: no summary.json, so not a finished ofe run; train it to the end "
                            "first (python -m ofe train), or pass a run folder")
@@ -317,16 +318,16 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
     if target.kind == "run":
         meta["config"] = target.meta["config"]  # where training's own files keep the run config
     metrics_df = pd.DataFrame(rows, columns=METRIC_SCHEMA.names).sort_values(["layer", "site", "metric"])
-    (out / "inspect.json").unlink(missing_ok=True)  # a previous inspection's marker must not vouch for these
-    write_parquet(metrics_df, out / "metrics.parquet", METRIC_SCHEMA, meta)
-    write_parquet(pd.DataFrame(qrows, columns=QUANT_COLUMNS), out / "quant.parquet", QUANT_SCHEMA, meta)
+    (out / INSPECT).unlink(missing_ok=True)  # a previous inspection's marker must not vouch for these
+    write_parquet(metrics_df, out / METRICS, METRIC_SCHEMA, meta)
+    write_parquet(pd.DataFrame(qrows, columns=QUANT_COLUMNS), out / QUANT, QUANT_SCHEMA, meta)
     kurt = metrics_df[metrics_df.metric == "kurtosis"].value
     summary = {"status": "completed", "model": target.meta["model"], "kind": target.kind,
                "revision": revision, "resolved_commit": target.meta.get("resolved_commit"), "step": step,
                "tokens": tokens, "ppl_fp": ppl_fp, "max_kurtosis": float(kurt.max()) if len(kurt) else None,
                "quant": [dict(zip(QUANT_COLUMNS, r)) for r in qrows],
                "wall_s": round(time.perf_counter() - t0, 3), "provenance": meta["provenance"]}
-    atomic_write_json(out / "inspect.json", summary)  # last: marks OUT complete
+    atomic_write_json(out / INSPECT, summary)  # last: marks OUT complete
     return summary
 
 

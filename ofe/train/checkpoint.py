@@ -26,13 +26,10 @@ import torch
 
 from ofe.config import config_hash
 from ofe.io import atomic_torch_save, read_metadata
+from ofe.runfolder import (CHECKPOINT, METRICS, PREVIOUS, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV, STALE,
+                           SUMMARY)
 from ofe.train import dcp
-from ofe.train.dcp import SHARDED, SHARDED_PREV
 
-CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
-METRICS, SUMMARY, QUANT = "metrics.parquet", "summary.json", "quant.parquet"
-QUANT_PARTIAL = "quant.partial.json"  # the int8 rows measured so far (`ofe.train.quantise.PartialRows`)
-STALE = "stale"
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
 # being written by its head process at the very moment the job starts.
 OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV)

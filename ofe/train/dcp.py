@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from ofe.io import atomic_torch_save, fsync_dir
+from ofe.runfolder import SHARDED, SHARDED_PREV
 from ofe.train.parallel import Processes, barrier
 
-SHARDED, SHARDED_PREV = "checkpoint.dcp", "checkpoint.prev.dcp"
 STATE = "state.pt"  # rank 0's non-tensor state inside the folder
 DCP_METADATA = ".metadata"  # DCP's index of the shards: written by rank 0 once every shard is
 

@@ -17,7 +17,8 @@ from ofe.config import QuantConfig, RunConfig
 from ofe.core.model import GPT
 from ofe.core.quant import perplexity, quantised_copy
 from ofe.io import QUANT_COLUMNS, QUANT_SCHEMA, atomic_write_json, provenance, write_parquet
-from ofe.train.checkpoint import QUANT_PARTIAL, load_final_model, recorded_hash
+from ofe.runfolder import QUANT, QUANT_PARTIAL, SUMMARY
+from ofe.train.checkpoint import load_final_model, recorded_hash
 from ofe.train.parallel import resolve_device
 
 
@@ -30,7 +31,7 @@ def quantise_run(run_dir: Path | str, cfg: QuantConfig, device: torch.device | s
     RUN/quant.partial.json as soon as it is measured, so a requeued job computes only the rows missing
     there; rows of another run identity or other quant settings are discarded."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY).read_text())
     run_cfg = RunConfig.from_dict(summary["config"])
     wanted = [(p, b) for p in cfg.protocols for b in cfg.bits]
     if summary["status"] == "completed":
@@ -42,7 +43,7 @@ def quantise_run(run_dir: Path | str, cfg: QuantConfig, device: torch.device | s
     # the run's identity (ofe.config.run_identity), so a GPU run's table is not taken for another run's
     meta = {"config": summary["config"], "config_hash": summary.get("config_hash"), "quant": asdict(cfg),
             "status": summary["status"], "provenance": provenance()}
-    write_parquet(df, run_dir / "quant.parquet", QUANT_SCHEMA, meta)
+    write_parquet(df, run_dir / QUANT, QUANT_SCHEMA, meta)
     (run_dir / QUANT_PARTIAL).unlink(missing_ok=True)  # every row of it is in quant.parquet now
     return df
 

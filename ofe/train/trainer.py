@@ -32,9 +32,9 @@ from ofe.core.model import GPT
 from ofe.core.optim import build_optimizer, lr_at
 from ofe.core.probe import collect, compute
 from ofe.io import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
+from ofe.runfolder import METRICS, SUMMARY
 from ofe.plan import costs
 from ofe.train import checkpoint, dcp, parallel
-from ofe.train.checkpoint import METRICS, SUMMARY
 
 # A non-finite gradient norm with a finite loss skips the update (one bad batch, an overflow); this
 # many in a row means the weights cannot recover, so the run is recorded as diverged.
