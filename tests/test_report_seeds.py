@@ -257,7 +257,7 @@ def test_page_comes_from_the_templates_and_escapes_what_it_is_given(page: str) -
     # a marker only the page template writes (no Python module of the package contains it)
     marker = '<meta name="generator" content="ofe/templates/page.html.j2">'
     assert marker in page
-    assert not any("ofe/templates/page.html.j2" in p.read_text() for p in templates.parent.glob("*.py"))
+    assert not any("ofe/templates/page.html.j2" in p.read_text() for p in templates.parents[1].rglob("*.py"))
     assert "Seeds &lt;&amp;&gt; bands" in page and "Seeds <&> bands" not in page
     # a variable the template uses but the context lacks is an error, not an empty string
     with pytest.raises(jinja2.UndefinedError, match="vega_bundle"):
