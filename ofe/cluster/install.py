@@ -15,7 +15,7 @@ from pathlib import Path
 
 from platformdirs import AppDirs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # ofe/cluster/install.py -> the repository
 LAUNCHER_FILE = re.compile(r"(launcher_file=)([^\s'\"#]+)")
 
 
