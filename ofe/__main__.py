@@ -168,11 +168,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(memplan.format_plan(rows))
         memplan.check(rows)  # a run that does not fit: ConfigError, exit 2
     elif args.cmd == "plan":
-        from ofe.plan import grid
+        from ofe.plan import grid, plan_from_config
 
         config = args.config_json if args.config_json is not None else grid.load_config(args.config)
-        from ofe.plan import plan_from_config
-
         plan = plan_from_config(config, args.schema, args.data_root)
         atomic_write_json(args.out, plan)
         print(f"[ofe] planned {len(plan['runs'])} runs in {len(plan['studies'])} studies -> {args.out}")
