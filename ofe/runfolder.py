@@ -7,8 +7,8 @@ the head that launches the job writes config.json, job.json and, when the job fa
 holds .launch.lock while it waits. Files of another config are moved aside into stale/.
 
 The one reader of such a folder: its summary, whose config its files are of (`recorded_hash`, the run
-identity the trainer compares; `config_mismatch`, the plan-level hash aggregation and status compare), its
-state from the files alone (`examine`), and a finished run's final model. No torch at import: aggregation
+identity the trainer compares; `config_mismatch`, the plan-level hash aggregation compares), its state
+from the files alone (`examine`), and a finished run's final model. No torch at import: aggregation
 and the report read this module.
 """
 
@@ -74,7 +74,7 @@ def config_mismatch(record: dict[str, Any], want: str | None) -> str | None:
     """Why a file's `record` (a summary, a Parquet file's metadata) is not of the planned config (hash
     `want`), or None. The plan-level hash of the config it records is computed afresh, not read from the
     file, so both sides use today's definition and a device or dtype does not count; nothing to compare
-    where either side records none. Aggregation and status compare these."""
+    where either side records none."""
     config = record.get("config")
     if config is not None and not isinstance(config, dict):
         return f"its config is not a mapping but {type(config).__name__}"
