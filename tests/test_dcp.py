@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ofe.core.model import GPT
+from ofe.runfolder import load_final_model
 from ofe.train import trainer as train_mod
-from ofe.train.checkpoint import load_final_model
 from ofe.train.trainer import train
 from tests.conftest import tiny_run
 

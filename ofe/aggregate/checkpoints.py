@@ -22,9 +22,9 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from ofe.aggregate.read import READ_ERRORS, CorruptRun, brief, read_table, run_status
+from ofe.aggregate.read import READ_ERRORS, CorruptRun, read_table, run_status
 from ofe.io import METRIC_SCHEMA, QUANT_SCHEMA, read_metadata, write_parquet
-from ofe.runfolder import ERROR, INSPECT, METRICS, QUANT
+from ofe.runfolder import ERROR, INSPECT, METRICS, QUANT, brief
 from ofe.plan.studies import measure_settings
 
 ID_FIELDS = [("ckpt_id", pa.string()), ("model", pa.string()), ("label", pa.string()),

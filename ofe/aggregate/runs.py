@@ -24,11 +24,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ofe.aggregate.checkpoints import aggregate_checkpoints
-from ofe.aggregate.read import FINISHED, CorruptRun, check_config, read_table, run_status
+from ofe.aggregate.read import CorruptRun, check_config, read_table, run_status
 from ofe.config import config_hash
 from ofe.io import METRIC_SCHEMA, QUANT_SCHEMA, provenance, write_parquet
 from ofe.plan.validate import format_value  # text labels spelt as in run folder names
-from ofe.runfolder import METRICS, QUANT, SUMMARY
+from ofe.runfolder import FINISHED, METRICS, QUANT, SUMMARY
 
 GRID_TYPES = {"scale": pa.string(), "block": pa.string(), "beta": pa.float64(), "optimizer": pa.string(),
               "lr": pa.float64(), "seed": pa.int64()}

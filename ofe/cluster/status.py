@@ -19,7 +19,7 @@ from typing import Any
 
 from ofe.cluster.jobstate import StatusCache, is_live, pid_alive, query
 from ofe.config import config_hash
-from ofe.runfolder import ERROR, INSPECT, JOB, METRICS, QUANT, SUMMARY
+from ofe.runfolder import INSPECT, JOB, METRICS, QUANT, SUMMARY, examine
 
 STATUSES = ("done", "running", "pending", "failed", "diverged", "corrupt", "missing")
 PROGRESS = re.compile(rb"\[ofe\] step (\d+)/(\d+) .*?max-kurtosis (\S+)")
@@ -100,8 +100,8 @@ def checkpoint_row(ckpt: dict[str, Any], folder: Path, slurm_states: dict[str, s
                                                            f"{done['revision']}, not the planned checkpoint")
         except (ValueError, KeyError, TypeError) as e:
             row["status"], row["detail"] = "corrupt", f"{INSPECT}: {e}"
-    elif (folder / ERROR).exists():
-        row["status"], row["detail"] = "failed", _last_line((folder / ERROR).read_text())
+    elif (error := examine(folder).error) is not None:
+        row["status"], row["detail"] = "failed", error.strip()
     elif info and (why := _live(row, info, slurm_states)) is not None:
         row["status"], row["detail"] = "failed", f"{why} without {INSPECT}"
     return row
@@ -120,10 +120,13 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
     row["job"] = info.get("job_id")
     log = _tail(Path(info["stdout"])) if info.get("stdout") else b""
     row["step"], row["max_kurtosis"] = _progress(log)
-    summary, error = run_dir / SUMMARY, run_dir / ERROR
-    if summary.exists():
+    folder = examine(run_dir)  # the state from the files; a summary here is read as leniently as before
+    if SUMMARY in folder.files:
+        if folder.summary is None:
+            row["status"], row["detail"] = "corrupt", folder.reason
+            return row
         try:
-            s = json.loads(summary.read_text())
+            s = folder.summary
             finished = "done" if s["status"] == "completed" else s["status"]
             row["step"] = s.get("steps_done", row["step"])
             row["max_kurtosis"] = s.get("max_kurtosis_last", row["max_kurtosis"])
@@ -133,17 +136,17 @@ def run_row(run: dict[str, Any], run_dir: Path, slurm_states: dict[str, str]) ->
         except (ValueError, KeyError, TypeError) as e:
             row["status"], row["detail"] = "corrupt", f"{SUMMARY}: {e}"
             return row
-        if (run_dir / QUANT).exists():
+        if QUANT in folder.files:
             row["status"] = finished
-            if not (run_dir / METRICS).exists():
+            if METRICS not in folder.files:
                 row["status"], row["detail"] = "corrupt", f"{METRICS} missing; rerun the workflow"
-        elif error.exists():
-            row["status"], row["detail"] = "failed", _last_line(error.read_text())
+        elif folder.error is not None:
+            row["status"], row["detail"] = "failed", folder.error.strip()
         elif _live(row, info, slurm_states) is not None:
             row["status"], row["detail"] = "corrupt", QUANT_MISSING
         return row
-    if error.exists():
-        row["status"], row["detail"] = "failed", _last_line(error.read_text())
+    if folder.error is not None:
+        row["status"], row["detail"] = "failed", folder.error.strip()
         return row
     if not info:
         return row

@@ -25,7 +25,6 @@ the batches they are scored on.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import time
@@ -43,7 +42,7 @@ from ofe.io import (HF_NOT_QUANTISED, HF_QUANTISED_TENSORS, METRIC_SCHEMA, QUANT
                     QUANTISED_TENSORS, atomic_write_json, library_versions, provenance, write_parquet)
 from ofe.plan import studies
 from ofe.pretrained.hf import HF_LIBRARIES, InspectError
-from ofe.runfolder import INSPECT, METRICS, QUANT, SUMMARY
+from ofe.runfolder import INSPECT, METRICS, QUANT, SUMMARY, final_checkpoint, load_final_model, read_summary
 
 # Tokens per optimiser step of public training runs whose revisions name the step.
 TOKENS_PER_STEP = {"EleutherAI/pythia": 1024 * 2048}
@@ -194,20 +193,18 @@ def run_target(run_dir: Path) -> Target:
     from ofe.config import RunConfig
     from ofe.core import probe, quant
     from ofe.core.model import GPT
-    from ofe.train.checkpoint import load_final_model, names
 
     run_dir = Path(run_dir)
-    summary_path = run_dir / SUMMARY
-    if not summary_path.exists():
+    if not (run_dir / SUMMARY).exists():
         raise InspectError(f"--run {run_dir}: no summary.json, so not a finished ofe run; train it to the end "
                            "first (python -m ofe train), or pass a run folder")
-    summary = json.loads(summary_path.read_text())
+    summary = read_summary(run_dir)
     if summary.get("status") != "completed":
         raise InspectError(f"--run {run_dir}: the run {summary.get('status')} at step {summary.get('steps_done')}"
                            " and has no final model to inspect; inspect a completed run")
     cfg = RunConfig.from_dict(summary["config"])
     sharded = cfg.train.parallel == "fsdp"
-    final = run_dir / names(sharded)[0]
+    final = final_checkpoint(run_dir, sharded)
     if not final.exists():
         kind = "train.parallel: fsdp, sharded" if sharded else f"train.parallel: {cfg.train.parallel}"
         raise InspectError(f"--run {run_dir}: the run completed but its final checkpoint {final.name} ({kind}) "

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 
-from ofe.config import config_hash
 from ofe.io import atomic_torch_save, read_metadata
 from ofe.runfolder import (CHECKPOINT, METRICS, PREVIOUS, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV, STALE,
-                           SUMMARY)
+                           SUMMARY, recorded_hash)
 from ofe.train import dcp
 
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
@@ -51,23 +50,6 @@ def remove_temp_files(out: Path) -> list[str]:
                 tmp.unlink(missing_ok=True)
             removed.append(tmp.name)
     return removed
-
-
-def recorded_hash(record: dict[str, Any]) -> str | None:
-    """The config hash a summary or a Parquet file's metadata records, or that of the config it
-    records (outputs written before hashes were recorded); None when it records neither."""
-    if record.get("config_hash"):
-        return record["config_hash"]
-    return config_hash(record["config"]) if isinstance(record.get("config"), dict) else None
-
-
-def finished_summary(out: Path, want: str) -> dict[str, Any] | None:
-    """The run's summary if it exists and belongs to config `want`: only then is the run finished."""
-    try:
-        summary = json.loads((out / SUMMARY).read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) and recorded_hash(summary) == want else None
 
 
 def _mismatch(have: str | None, want: str) -> str | None:
@@ -175,15 +157,6 @@ def load_checkpoint(out: Path, sharded: bool = False) -> tuple[str, dict[str, An
         if (out / name).exists():
             return name, _load(out / name)
     return None
-
-
-def load_final_model(run_dir: Path, model: torch.nn.Module, sharded: bool = False) -> None:
-    """Load a finished run's final weights into `model` (an unsharded GPT, one process), from
-    `checkpoint.pt` or, for an fsdp run, the sharded `checkpoint.dcp`."""
-    if sharded:
-        dcp.load_model_weights(run_dir / SHARDED, model)
-    else:
-        model.load_state_dict(torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=True)["model"])
 
 
 def save_checkpoint(state: dict[str, Any], out: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +86,3 @@ def load(model: nn.Module, opt: Any, path: Path) -> None:
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-
-
-def load_model_weights(path: Path, model: nn.Module) -> None:
-    """The whole model, in one process without a process group (the int8 evaluation of a run)."""
-    import torch.distributed.checkpoint as dcp
-
-    state = {"model": model.state_dict()}
-    # only the model's keys are read, the optimiser's skipped; no_dist: this process alone, group or not
-    with warnings.catch_warnings():  # DCP warns that it loads in one process: what is meant here
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=path, no_dist=True)
-    model.load_state_dict(state["model"])

@@ -17,8 +17,7 @@ from ofe.config import QuantConfig, RunConfig
 from ofe.core.model import GPT
 from ofe.core.quant import perplexity, quantised_copy
 from ofe.io import QUANT_COLUMNS, QUANT_SCHEMA, atomic_write_json, provenance, write_parquet
-from ofe.runfolder import QUANT, QUANT_PARTIAL, SUMMARY
-from ofe.train.checkpoint import load_final_model, recorded_hash
+from ofe.runfolder import QUANT, QUANT_PARTIAL, load_final_model, read_summary, recorded_hash
 from ofe.train.parallel import resolve_device
 
 
@@ -31,7 +30,7 @@ def quantise_run(run_dir: Path | str, cfg: QuantConfig, device: torch.device | s
     RUN/quant.partial.json as soon as it is measured, so a requeued job computes only the rows missing
     there; rows of another run identity or other quant settings are discarded."""
     run_dir = Path(run_dir)
-    summary = json.loads((run_dir / SUMMARY).read_text())
+    summary = read_summary(run_dir)
     run_cfg = RunConfig.from_dict(summary["config"])
     wanted = [(p, b) for p in cfg.protocols for b in cfg.bits]
     if summary["status"] == "completed":

@@ -32,7 +32,7 @@ from ofe.core.model import GPT
 from ofe.core.optim import build_optimizer, lr_at
 from ofe.core.probe import collect, compute
 from ofe.io import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
-from ofe.runfolder import METRICS, SUMMARY
+from ofe.runfolder import METRICS, SUMMARY, finished_summary
 from ofe.plan import costs
 from ofe.train import checkpoint, dcp, parallel
 
@@ -355,7 +355,7 @@ def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) ->
     return or all train). The device is resolved first, so a job that cannot use its GPUs fails here."""
     out = Path(out_dir)
     device, dtype = resolve_runtime(cfg.train)
-    summary = checkpoint.finished_summary(out, identity(cfg, device, dtype))
+    summary = finished_summary(out, identity(cfg, device, dtype))
     if summary is not None and (out / METRICS).exists():  # else the final checkpoint rewrites both
         print(f"[ofe] {out}: already finished ({summary['status']}, this config on {device.type} in "
               f"{str(dtype).removeprefix('torch.')}); nothing to train", flush=True)

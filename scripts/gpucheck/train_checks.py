@@ -167,9 +167,9 @@ def micro_batches(ctx: Context, r: Result) -> None:
 def fsdp_one_rank(ctx: Context, r: Result) -> None:
     """6. train.parallel fsdp in one process: an uninterrupted run, a run killed after step 10 and resumed
     (losses within 1e-3), and its final sharded weights loaded into a plain GPT
-    (ofe.train.checkpoint.load_final_model) give the trainer's final validation loss. ~10 s."""
+    (ofe.runfolder.load_final_model) give the trainer's final validation loss. ~10 s."""
     from ofe.core.data import TokenData
-    from ofe.train.checkpoint import load_final_model
+    from ofe.runfolder import load_final_model
 
     cfg = ctx.config("tiny", parallel="fsdp")
     straight, resumed = ctx.folder("straight"), ctx.folder("resumed")
