@@ -160,7 +160,7 @@ def test_a_cpu_run_is_neither_finished_nor_resumed_on_a_gpu(data_dir, tmp_path, 
     class Built(Exception):
         """The trainer was about to be built: the run was not taken for finished."""
 
-    def trainer(c, out):
+    def trainer(c, out, on_checkpoint=()):
         raise Built(out)
 
     monkeypatch.setattr(train_mod, "Trainer", trainer)

@@ -364,7 +364,7 @@ def train(cfg: RunConfig, out_dir: Path | str, on_checkpoint: Iterable[Checkpoin
               f"{str(dtype).removeprefix('torch.')}); nothing to train", flush=True)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, out, on_checkpoint)
+    trainer = Trainer(cfg, out, on_checkpoint=on_checkpoint)
     try:
         return trainer.run()
     finally:  # also after an exception: a process group this run made must not outlive it
