@@ -6,12 +6,13 @@ import os
 import socket
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import pytest
 
 if TYPE_CHECKING:
     from ofe.config import RunConfig
+    from ofe.train.trainer import Trainer
 
 # No test may reach a hub: fail fast instead of hanging on the closed network.
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -78,3 +79,17 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a test tried to open a network connection")
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+class Killed(Exception):
+    """A test's kill of a training process, raised by `kill_after`'s hook."""
+
+
+def kill_after(step: int) -> Callable[["Trainer"], None]:
+    """An `on_checkpoint` hook of the Trainer that kills the run (raises `Killed`) right after its first
+    checkpoint at or past `step`, on every rank."""
+    def hook(trainer: "Trainer") -> None:
+        if trainer.state.step >= step:
+            raise Killed(trainer.state.step)
+
+    return hook

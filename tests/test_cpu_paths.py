@@ -104,7 +104,7 @@ def test_fsdp_and_ddp_compute_bf16_alike_with_an_fp32_stream(data_dir, tmp_path)
         losses = []
         for _ in range(3):
             losses.append(tr.train_step()[0])
-            tr.step += 1
+            tr.state.step += 1
         x = tr.data.probe_batch(4)
         with tr._autocast():
             streams, qk = collect(tr.model, x)

@@ -12,9 +12,8 @@ import torch
 
 from ofe.core.model import GPT
 from ofe.runfolder import load_final_model
-from ofe.train import trainer as train_mod
 from ofe.train.trainer import train
-from tests.conftest import tiny_run
+from tests.conftest import Killed, kill_after, tiny_run
 
 FSDP = {"parallel": "fsdp"}
 
@@ -24,8 +23,8 @@ def _metrics(run) -> pd.DataFrame:
 
 
 def _stopped(data_dir, run, **optim):
-    with pytest.raises(train_mod._Interrupted):
-        train(tiny_run(data_dir, train=FSDP, optim=optim), run, stop_after=8)
+    with pytest.raises(Killed):
+        train(tiny_run(data_dir, train=FSDP, optim=optim), run, on_checkpoint=[kill_after(8)])
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +56,8 @@ def test_another_configs_sharded_checkpoint_is_moved_aside(data_dir, tmp_path, c
 
 
 def test_a_ddp_checkpoint_is_another_config_for_an_fsdp_run(data_dir, tmp_path, capsys, straight):
-    with pytest.raises(train_mod._Interrupted):
-        train(tiny_run(data_dir), tmp_path, stop_after=8)  # train.parallel: ddp, checkpoint.pt
+    with pytest.raises(Killed):
+        train(tiny_run(data_dir), tmp_path, on_checkpoint=[kill_after(8)])  # train.parallel: ddp, checkpoint.pt
     capsys.readouterr()
     train(tiny_run(data_dir, train=FSDP), tmp_path)
     assert "checkpoint.pt belongs to config" in capsys.readouterr().out

@@ -17,9 +17,8 @@ from ofe.config import ModelConfig, OptimConfig
 from ofe.core.model import GPT
 from ofe.core.optim import OPTIMIZERS, build_optimizer
 from ofe.io import atomic_write_json, atomic_write_text, write_parquet
-from ofe.train import trainer as train_mod
 from ofe.train.trainer import Trainer, train
-from tests.conftest import tiny_run
+from tests.conftest import Killed, kill_after, tiny_run
 
 KEY = ["step", "layer", "site", "metric"]
 
@@ -68,8 +67,8 @@ def test_another_configs_outputs_are_moved_aside_and_training_starts_fresh(
     assert a.config_hash() != b.config_hash()
     run = tmp_path / "run"
     if a_left == "checkpoint":
-        with pytest.raises(train_mod._Interrupted):
-            train(a, run, stop_after=8)
+        with pytest.raises(Killed):
+            train(a, run, on_checkpoint=[kill_after(8)])
         expected_aside = {"checkpoint.pt", "checkpoint.prev.pt"}
     else:  # a finished run of A: its early return must not answer for B
         train(a, run)
@@ -101,8 +100,8 @@ def test_another_configs_outputs_are_moved_aside_and_training_starts_fresh(
 
 def test_checkpoint_without_a_config_hash_is_moved_aside(data_dir, tmp_path, capsys, straight_a):
     cfg = _config_a(data_dir)
-    with pytest.raises(train_mod._Interrupted):
-        train(cfg, tmp_path, stop_after=8)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path, on_checkpoint=[kill_after(8)])
     for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # as an older ofe wrote them
         ck = torch.load(tmp_path / name, weights_only=True)
         del ck["config_hash"]
@@ -125,8 +124,8 @@ def _truncate(path) -> None:
 
 def test_truncated_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path, capsys, straight_a):
     cfg = _config_a(data_dir)
-    with pytest.raises(train_mod._Interrupted):
-        train(cfg, tmp_path, stop_after=8)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path, on_checkpoint=[kill_after(8)])
     assert torch.load(tmp_path / "checkpoint.prev.pt", weights_only=True)["step"] == 4
     _truncate(tmp_path / "checkpoint.pt")
     capsys.readouterr()
@@ -141,8 +140,8 @@ def test_truncated_checkpoint_falls_back_to_the_previous_one(data_dir, tmp_path,
 
 def test_both_checkpoints_unreadable_start_fresh(data_dir, tmp_path, capsys, straight_a):
     cfg = _config_a(data_dir)
-    with pytest.raises(train_mod._Interrupted):
-        train(cfg, tmp_path, stop_after=8)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path, on_checkpoint=[kill_after(8)])
     _truncate(tmp_path / "checkpoint.pt")
     (tmp_path / "checkpoint.prev.pt").write_bytes(b"")
     capsys.readouterr()
@@ -211,7 +210,7 @@ def test_crash_before_the_summary_never_duplicates_rows(data_dir, tmp_path, monk
 def _poison(trainer: Trainer, when) -> None:
     """Make one parameter's gradient infinite (the loss stays finite) at the steps `when` selects."""
     param = next(trainer.model.parameters())
-    param.register_hook(lambda g: torch.full_like(g, math.inf) if when(trainer.step) else g)
+    param.register_hook(lambda g: torch.full_like(g, math.inf) if when(trainer.state.step) else g)
 
 
 def test_non_finite_gradient_skips_the_update(data_dir, tmp_path):
@@ -222,7 +221,7 @@ def test_non_finite_gradient_skips_the_update(data_dir, tmp_path):
     def spy():
         before = [p.detach().clone() for p in trainer.model.parameters()]
         out = real_step()
-        weights[trainer.step] = (before, [p.detach().clone() for p in trainer.model.parameters()])
+        weights[trainer.state.step] = (before, [p.detach().clone() for p in trainer.model.parameters()])
         return out
 
     trainer.train_step = spy
@@ -317,8 +316,8 @@ def test_loading_an_optimiser_moves_its_moments_to_the_parameters_and_keeps_step
 @pytest.mark.parametrize("name,parallel", [(name, "ddp") for name in OPTIMIZERS] + [("adamw", "fsdp")])
 def test_resume_loads_the_checkpoint_to_the_cpu(data_dir, tmp_path, monkeypatch, name, parallel):
     cfg = tiny_run(data_dir, optim={"name": name}, train={"parallel": parallel})
-    with pytest.raises(train_mod._Interrupted):
-        train(cfg, tmp_path, stop_after=4)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path, on_checkpoint=[kill_after(4)])
     seen, real_load = [], torch.load
 
     def load(f, *args, **kwargs):  # ofe's own loads only (DCP reads its shards' bytes itself)
@@ -329,7 +328,7 @@ def test_resume_loads_the_checkpoint_to_the_cpu(data_dir, tmp_path, monkeypatch,
     monkeypatch.setattr(torch, "load", load)
     trainer = Trainer(cfg, tmp_path)
     try:
-        assert trainer.step == 4
+        assert trainer.state.step == 4
         first = "state.pt" if parallel == "fsdp" else "checkpoint.pt"  # the fsdp folder's own state
         assert seen and seen[0][0] == first and all(m == "cpu" for _, m in seen), seen
         parts = _parts(trainer.opt)

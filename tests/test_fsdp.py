@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from ofe.cluster.launch import launch
 from ofe.config import RunConfig
 from ofe.train.trainer import train
-from tests.conftest import tiny_run
+from tests.conftest import Killed, kill_after, tiny_run
 
 KEY = ["step", "layer", "site", "metric"]
 # per-process batch 2 in micro-batches of 1: every step accumulates, with FSDP's gradient sync off
@@ -26,16 +26,15 @@ KEY = ["step", "layer", "site", "metric"]
 SHARDED = {"steps": 12, "batch_size": 4, "parallel": "fsdp", "micro_batch_size": 1}
 
 
-def _rank_main(rank: int, world: int, port: int, config: dict, out: str, stop_after: int | None, errors) -> None:
+def _rank_main(rank: int, world: int, port: int, config: dict, out: str, kill_at: int | None, errors) -> None:
     import os
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from ofe.train.trainer import _Interrupted
-
+    hooks = [kill_after(kill_at)] if kill_at is not None else []
     try:
-        train(RunConfig.from_dict(config), out, stop_after=stop_after)
-    except _Interrupted:
+        train(RunConfig.from_dict(config), out, on_checkpoint=hooks)
+    except Killed:
         pass
     except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
         errors.put(f"rank {rank}: {traceback.format_exc()}")
@@ -47,13 +46,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_processes(cfg: RunConfig, out, world: int = 2, stop_after: int | None = None) -> None:
+def run_processes(cfg: RunConfig, out, world: int = 2, kill_at: int | None = None) -> None:
     """`train` in `world` spawned processes (RANK, WORLD_SIZE, MASTER_* as a launcher sets them);
-    `stop_after`: every rank stops right after the first checkpoint at or beyond that step (a kill)."""
+    `kill_at`: every rank stops right after the first checkpoint at or beyond that step (a kill)."""
     ctx = mp.get_context("spawn")
     errors = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg.to_dict(), str(out), stop_after, errors))
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, cfg.to_dict(), str(out), kill_at, errors))
              for r in range(world)]
     for p in procs:
         p.start()
@@ -113,7 +112,7 @@ def test_two_sharded_processes_reproduce_one_process(one_process, sharded_run):
 def stopped(data_dir, tmp_path_factory):
     """A 2-process fsdp run killed right after its step-8 checkpoint."""
     out = tmp_path_factory.mktemp("stopped")
-    run_processes(tiny_run(data_dir, train=SHARDED), out, stop_after=8)
+    run_processes(tiny_run(data_dir, train=SHARDED), out, kill_at=8)
     assert not (out / "summary.json").exists()
     return out
 

@@ -217,12 +217,12 @@ def measured_peak(cfg: RunConfig, out: Path) -> tuple[int, int]:
         tr = Trainer(cfg, out)
         tr.procs.owns_group = False  # a second trainer in this process reuses the group
         tr.train_step()
-        tr.step += 1
+        tr.state.step += 1
         tr.opt.zero_grad(set_to_none=True)
         before = live.peak = live.now
         for _ in range(2):
             tr.train_step()
-            tr.step += 1
+            tr.state.step += 1
     return before, live.peak
 
 

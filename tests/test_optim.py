@@ -16,8 +16,8 @@ import yaml
 from ofe.config import ModelConfig, OptimConfig
 from ofe.core.model import GPT
 from ofe.core.optim import OPTIMIZERS, build_optimizer, make_optimizer
-from ofe.train.trainer import _Interrupted, train
-from tests.conftest import REPO, tiny_run
+from ofe.train.trainer import train
+from tests.conftest import REPO, Killed, kill_after, tiny_run
 
 torch.set_default_dtype(torch.float32)
 
@@ -329,8 +329,8 @@ def test_muon_trains_and_resumes_end_to_end(data_dir, tmp_path):
     loss = df[(df.site == "train") & (df.metric == "loss")].sort_values("step").value.to_numpy()
     assert len(loss) == 12 and all(math.isfinite(v) for v in loss)
     assert loss[-4:].mean() < loss[0] - 0.3, loss  # from ln 256 = 5.5; about 4.8 after 12 steps
-    with pytest.raises(_Interrupted):  # killed after the step-8 checkpoint, then restarted
-        train(cfg, tmp_path / "resumed", stop_after=8)
+    with pytest.raises(Killed):  # killed after the step-8 checkpoint, then restarted
+        train(cfg, tmp_path / "resumed", on_checkpoint=[kill_after(8)])
     train(cfg, tmp_path / "resumed")
     pd.testing.assert_frame_equal(df, pd.read_parquet(tmp_path / "resumed" / "metrics.parquet"))
 

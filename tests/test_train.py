@@ -20,7 +20,7 @@ from ofe.train import checkpoint, parallel
 from ofe.train import trainer as train_mod
 from ofe.train.parallel import DeviceError
 from ofe.train.trainer import train
-from tests.conftest import REPO, tiny_run
+from tests.conftest import REPO, Killed, kill_after, tiny_run
 
 
 def _metrics(path) -> pd.DataFrame:
@@ -75,8 +75,8 @@ def _metrics_of(data_dir, out, **sections):
 def test_interrupted_run_resumes_to_identical_metrics(data_dir, tmp_path):
     cfg = tiny_run(data_dir)
     train(cfg, tmp_path / "straight")
-    with pytest.raises(train_mod._Interrupted):
-        train(cfg, tmp_path / "resumed", stop_after=8)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "resumed", on_checkpoint=[kill_after(8)])
     assert not (tmp_path / "resumed" / "summary.json").exists()
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["step"] == 8
     train(cfg, tmp_path / "resumed")
@@ -152,15 +152,15 @@ def test_a_cpu_run_is_neither_finished_nor_resumed_on_a_gpu(data_dir, tmp_path, 
     """The same config (device auto, precision auto) on a CUDA host is another run: CUDA bf16."""
     cfg = tiny_run(data_dir, train={"device": "auto"})
     train(cfg, tmp_path / "done")
-    with pytest.raises(train_mod._Interrupted):
-        train(cfg, tmp_path / "half", stop_after=4)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "half", on_checkpoint=[kill_after(4)])
     cpu_id = json.loads((tmp_path / "done" / "summary.json").read_text())["config_hash"]
     assert cpu_id == cfg.config_hash()  # CPU fp32: the config hash, as before the identity held the device
 
     class Built(Exception):
         """The trainer was about to be built: the run was not taken for finished."""
 
-    def trainer(c, out):
+    def trainer(c, out, on_checkpoint=()):
         raise Built(out)
 
     monkeypatch.setattr(train_mod, "Trainer", trainer)

@@ -28,12 +28,14 @@ from ofe.io import atomic_torch_save, read_metadata
 from ofe.runfolder import (CHECKPOINT, METRICS, PREVIOUS, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV, STALE,
                            SUMMARY, recorded_hash)
 from ofe.train import dcp
+from ofe.train.state import RunState
 
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
 # being written by its head process at the very moment the job starts.
 OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV)
-# What a resumable checkpoint holds besides the model; one without them cannot be resumed exactly.
-CHECKPOINT_KEYS = {"model", "optimizer", "step", "rows", "seconds", "status", "skipped_steps", "consecutive_skips"}
+# What a resumable checkpoint holds: the model, the optimiser and the run's progress; one without them
+# cannot be resumed exactly.
+CHECKPOINT_KEYS = {"model", "optimizer", *RunState.keys()}
 # A sharded checkpoint's state.pt: the same, its model and optimiser being DCP's shards beside it.
 SHARDED_KEYS = CHECKPOINT_KEYS - {"model", "optimizer"}
 

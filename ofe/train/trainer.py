@@ -20,7 +20,7 @@ import os
 import resource
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import pandas as pd
 import torch
@@ -35,14 +35,14 @@ from ofe.io import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
 from ofe.runfolder import METRICS, SUMMARY, finished_summary
 from ofe.plan import costs
 from ofe.train import checkpoint, dcp, parallel
+from ofe.train.state import RunState
 
 # A non-finite gradient norm with a finite loss skips the update (one bad batch, an overflow); this
 # many in a row means the weights cannot recover, so the run is recorded as diverged.
 MAX_CONSECUTIVE_SKIPS = 10
 
-
-class _Interrupted(Exception):
-    """Raised by the `stop_after` test hook to simulate a kill right after a checkpoint."""
+# Called with the trainer on every rank after each checkpoint is written (tests kill a run there by raising).
+CheckpointHook = Callable[["Trainer"], None]
 
 
 class Trainer:
@@ -59,10 +59,15 @@ class Trainer:
     to the slice's (gradient accumulation; under ddp only the last one communicates, under fsdp each
     reduce-scatters, so that no rank holds unsharded gradients); validation runs in the same micro-batches.
     bf16 is autocast on every path: weights, residual stream and probed activations stay fp32.
+    Everything a checkpoint saves and a resume restores is `self.state` (`ofe.train.state.RunState`).
     """
 
-    def __init__(self, cfg: RunConfig, out_dir: Path | str) -> None:
+    def __init__(self, cfg: RunConfig, out_dir: Path | str, on_checkpoint: Iterable[CheckpointHook] = ()) -> None:
         self.cfg, self.out = cfg, Path(out_dir)
+        self.on_checkpoint = list(on_checkpoint)
+        # the progress line's clock, restarted by run(): when it started, the seconds trained and the step
+        # then, and the last probe's largest kurtosis
+        self._t_start, self._seconds_before, self._steps_at_start, self._peak = time.perf_counter(), 0.0, 0, math.nan
         tc = cfg.train
         torch.set_num_threads(tc.threads)
         self.device, self.dtype = resolve_runtime(tc)
@@ -92,12 +97,10 @@ class Trainer:
         self.wrapped = parallel.wrap(self.model, tc, self.device, self.procs)  # fsdp: the model itself
         self.forward = torch.compile(self.wrapped) if tc.compile else self.wrapped
         self.opt = build_optimizer(self.model, cfg.optim)  # after sharding: it holds the shards
-        self.step, self.rows, self.seconds, self.status = 0, [], 0.0, "running"
-        self.skipped_steps = self.consecutive_skips = 0
         self.tokens_per_step = tc.batch_size * cfg.model.context
         self.runtime = parallel.runtime(self.device, self.dtype)
         self.config_hash = identity(cfg, self.device, self.dtype)  # not cfg.config_hash(): see run_identity
-        self._resume()
+        self.state = self._resume()
 
     @property
     def collects(self) -> bool:
@@ -109,7 +112,8 @@ class Trainer:
                               enabled=self.compute_dtype is not None)
 
     # ---- checkpoints ----------------------------------------------------------------------------
-    def _resume(self) -> None:
+    def _resume(self) -> RunState:
+        """Load model and optimiser from the run's checkpoint, if it has one; returns the run's state."""
         # rank 0 alone cleans the folder and picks the checkpoint; the others wait, then load that one
         # on the CPU: load_state_dict copies the weights and moments to the parameters' device and
         # leaves the optimisers' `step` counters on the CPU, where reading them costs no device sync
@@ -120,34 +124,34 @@ class Trainer:
             if self.rank and chosen[0] is not None:
                 found = chosen[0], checkpoint.load_checkpoint(self.out, self.sharded)[1]
         if found is None:
-            return
+            return RunState()
         name, ck = found
         if self.sharded:
             dcp.load(self.model, self.opt, self.out / name)  # every rank its shards
         else:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
-        if "rng" in ck:  # nothing in training draws from it today; restored so nothing ever differs
-            torch.set_rng_state(ck["rng"])
-        self.step, self.rows, self.seconds = ck["step"], [tuple(r) for r in ck["rows"]], ck["seconds"]
-        self.status, self.skipped_steps, self.consecutive_skips = (
-            ck["status"], ck["skipped_steps"], ck["consecutive_skips"])
-        done = "; final metrics already logged" if self.status == "completed" else ""
-        print(f"[ofe] resumed {self.out} at step {self.step} from {name}{done}", flush=True)
+        state = RunState.from_checkpoint(ck)
+        done = "; final metrics already logged" if state.status == "completed" else ""
+        print(f"[ofe] resumed {self.out} at step {state.step} from {name}{done}", flush=True)
+        return state
 
     def save_checkpoint(self) -> None:
-        state = {"step": self.step, "rows": self.rows, "seconds": self.seconds, "status": self.status,
-                 "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips,
-                 "rng": torch.get_rng_state(), "config": self.cfg.to_dict(), "config_hash": self.config_hash}
+        """Write the run's state, model and optimiser (rank 0; under fsdp every rank its shards), then call
+        the `on_checkpoint` hooks on every rank."""
+        state = {**self.state.to_dict(), "config": self.cfg.to_dict(), "config_hash": self.config_hash}
         if self.sharded:  # every rank writes its shards
             dcp.save(state, self.model, self.opt, self.out, self.procs)
         elif not self.rank:
             checkpoint.save_checkpoint(
                 {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), **state}, self.out)
+        for hook in self.on_checkpoint:
+            hook(self)
 
     # ---- logging --------------------------------------------------------------------------------
     def _add(self, layer: int, site: str, metric: str, value: float) -> None:
-        self.rows.append((self.step, self.step * self.tokens_per_step, layer, site, metric, float(value)))
+        step = self.state.step
+        self.state.rows.append((step, step * self.tokens_per_step, layer, site, metric, float(value)))
 
     def log_probe(self) -> float:
         """Metrics at every site on the fixed held-out batch; returns the max kurtosis (for progress).
@@ -190,10 +194,10 @@ class Trainer:
         """One optimiser step; returns (loss, grad norm, lr). A non-finite loss or gradient norm skips
         the update (every rank sees the same all-reduced values, so all skip together)."""
         tc = self.cfg.train
-        lr = lr_at(self.step, tc.steps, self.cfg.optim)
+        lr = lr_at(self.state.step, tc.steps, self.cfg.optim)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x, y = self.data.train_batch(tc.seed, self.step)
+        x, y = self.data.train_batch(tc.seed, self.state.step)
         b = tc.batch_size // self.world  # this rank's equal slice of the global batch
         x, y = (parallel.to_device(t[self.rank * b:(self.rank + 1) * b], self.device) for t in (x, y))
         m = tc.micro_batch_size or b
@@ -219,35 +223,37 @@ class Trainer:
         return loss_value, grad_norm, lr
 
     # ---- the loop, top to bottom: measure, step, record, report, checkpoint; then complete --------
-    def run(self, stop_after: int | None = None) -> dict[str, Any]:
+    def run(self) -> dict[str, Any]:
         """Train from the current step (0, or where `_resume` left off) to `train.steps`, then write the
-        run's files. `stop_after` (tests) raises after the first checkpoint at or past that step."""
+        run's files."""
+        tc, state = self.cfg.train, self.state
         self._start_clock()
-        while self.step < self.cfg.train.steps:
+        while state.step < tc.steps:
             self._measure()
             loss, grad_norm, lr = self.train_step()
             if not self._record(loss, grad_norm, lr):
                 break
-            self.step += 1
+            state.step += 1
             self._report(loss, lr)
-            self._checkpoint_on_schedule(stop_after)
+            if state.step % tc.checkpoint_every == 0 and state.step < tc.steps:  # the last one is _complete's
+                self.save_checkpoint()
         self._complete()
         self._update_clock()
         return self.finish()
 
     def _start_clock(self) -> None:
-        self._t_start, self._seconds_before = time.perf_counter(), self.seconds
-        self._steps_at_start, self._peak = self.step, math.nan
+        self._t_start, self._seconds_before = time.perf_counter(), self.state.seconds
+        self._steps_at_start, self._peak = self.state.step, math.nan
 
     def _update_clock(self) -> None:
-        self.seconds = self._seconds_before + time.perf_counter() - self._t_start
+        self.state.seconds = self._seconds_before + time.perf_counter() - self._t_start
 
     def _measure(self) -> None:
         """The probe and the validation due before this step's update."""
         tc = self.cfg.train
-        if self.step % tc.log_every == 0 and self.collects:
+        if self.state.step % tc.log_every == 0 and self.collects:
             self._peak = self.log_probe()
-        if self.step % tc.eval_every == 0 and self.collects:
+        if self.state.step % tc.eval_every == 0 and self.collects:
             self.log_val()
 
     def _record(self, loss: float, grad_norm: float, lr: float) -> bool:
@@ -255,46 +261,41 @@ class Trainer:
         self._add(-1, "train", "loss", loss)
         self._add(-1, "train", "lr", lr)
         self._add(-1, "train", "grad_norm", grad_norm)
+        state = self.state
         if not math.isfinite(loss):  # a result, not a crash (docs/science.md section 2: no-norm diverges)
-            self.status = "diverged"
-            print(f"[ofe] step {self.step}: loss {loss}: diverged", flush=True)
+            state.status = "diverged"
+            print(f"[ofe] step {state.step}: loss {loss}: diverged", flush=True)
             return False
         if math.isfinite(grad_norm):
-            self.consecutive_skips = 0
+            state.consecutive_skips = 0
             return True
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        print(f"[ofe] step {self.step}: grad norm {grad_norm}: update skipped "
-              f"({self.consecutive_skips} in a row)", flush=True)
-        if self.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-            self.status = "diverged"
-            print(f"[ofe] step {self.step}: {self.consecutive_skips} updates skipped in a row: diverged", flush=True)
+        state.skipped_steps += 1
+        state.consecutive_skips += 1
+        print(f"[ofe] step {state.step}: grad norm {grad_norm}: update skipped "
+              f"({state.consecutive_skips} in a row)", flush=True)
+        if state.consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+            state.status = "diverged"
+            print(f"[ofe] step {state.step}: {state.consecutive_skips} updates skipped in a row: diverged",
+                  flush=True)
             return False
         return True
 
     def _report(self, loss: float, lr: float) -> None:
         """The progress line, every `log_every` steps and at the end (rank 0)."""
         self._update_clock()
-        tc = self.cfg.train
-        if (self.step % tc.log_every == 0 or self.step == tc.steps) and not self.rank:
-            elapsed = max(self.seconds - self._seconds_before, 1e-9)
-            tok_s = (self.step - self._steps_at_start) * self.tokens_per_step / elapsed
-            print(f"[ofe] step {self.step}/{tc.steps} loss {loss:.3f} lr {lr:.2e} "
+        tc, step = self.cfg.train, self.state.step
+        if (step % tc.log_every == 0 or step == tc.steps) and not self.rank:
+            elapsed = max(self.state.seconds - self._seconds_before, 1e-9)
+            tok_s = (step - self._steps_at_start) * self.tokens_per_step / elapsed
+            print(f"[ofe] step {step}/{tc.steps} loss {loss:.3f} lr {lr:.2e} "
                   f"max-kurtosis {self._peak:.2f} {tok_s:,.0f} tok/s", flush=True)
-
-    def _checkpoint_on_schedule(self, stop_after: int | None) -> None:
-        tc = self.cfg.train
-        if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
-            self.save_checkpoint()
-            if stop_after is not None and self.step >= stop_after:
-                raise _Interrupted(self.step)
 
     def _complete(self) -> None:
         """A run that reached its last step: the final probe and validation, then the final checkpoint,
         which records the status, so a rerun never logs the final rows twice."""
-        if self.status != "running":
+        if self.state.status != "running":
             return
-        self.status = "completed"
+        self.state.status = "completed"
         if self.collects:
             self.log_probe()
             self.log_val()
@@ -305,34 +306,35 @@ class Trainer:
         n_params = self.model.num_params()  # global sizes, even of shards
         self.procs.shutdown()
         if self.rank:  # rank 0 writes the run's files
-            return {"status": self.status, "rank": self.rank, "steps_done": self.step}
-        df = pd.DataFrame(self.rows, columns=METRIC_SCHEMA.names)
+            return {"status": self.state.status, "rank": self.rank, "steps_done": self.state.step}
+        df = pd.DataFrame(self.state.rows, columns=METRIC_SCHEMA.names)
         meta = {"config": self.cfg.to_dict(), "config_hash": self.config_hash, "provenance": provenance(),
-                "status": self.status, "runtime": self.runtime}
+                "status": self.state.status, "runtime": self.runtime}
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
         summary = self._summary(df, n_params)
-        atomic_write_json(self.out / SUMMARY, summary)  # last: marks the run finished
+        write_summary(self.out, summary)
         return summary
 
     def _summary(self, df: pd.DataFrame, n_params: int) -> dict[str, Any]:
         """summary.json: status, final losses, the last probe's largest kurtosis, speed, memory, config."""
         train_loss = df[(df.site == "train") & (df.metric == "loss")].value
         val_loss = df[(df.site == "val") & (df.metric == "loss")].value
-        done = self.status == "completed"  # a diverged run has no final loss: its finite tail is not one
+        state = self.state
+        done = state.status == "completed"  # a diverged run has no final loss: its finite tail is not one
         kurt = df[df.metric == "kurtosis"]
         last_kurt = kurt[kurt.step == kurt.step.max()].value if len(kurt) else pd.Series(dtype=float)
         return {
-            "status": self.status,
-            "steps_done": self.step,
+            "status": state.status,
+            "steps_done": state.step,
             "steps": self.cfg.train.steps,
-            "skipped_steps": self.skipped_steps,
+            "skipped_steps": state.skipped_steps,
             # the largest kurtosis over sites and layers at the last probe (`ofe status` shows it)
             "max_kurtosis_last": float(last_kurt.max()) if len(last_kurt) else None,
             "final_train_loss": float(train_loss.tail(10).mean()) if done and len(train_loss) else None,
             "final_val_loss": float(val_loss.iloc[-1]) if done and len(val_loss) else None,
-            "tokens": self.step * self.tokens_per_step,
-            "wall_s": round(self.seconds, 3),
-            "tokens_per_s": round(self.step * self.tokens_per_step / max(self.seconds, 1e-9), 1),
+            "tokens": state.step * self.tokens_per_step,
+            "wall_s": round(state.seconds, 3),
+            "tokens_per_s": round(state.step * self.tokens_per_step / max(state.seconds, 1e-9), 1),
             "n_params": n_params,
             "processes": self.world,
             "device": self.runtime["device"],
@@ -348,11 +350,12 @@ class Trainer:
         }
 
 
-def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, out_dir: Path | str, on_checkpoint: Iterable[CheckpointHook] = ()) -> dict[str, Any]:
     """Train one run into `out_dir`, resuming from its checkpoint if it has one of this run's identity;
     idempotent once finished. A summary of another config, or of this config on another device type or
     dtype, is no answer: it is moved aside and the run trains (every rank reads the same summary, so all
-    return or all train). The device is resolved first, so a job that cannot use its GPUs fails here."""
+    return or all train). The device is resolved first, so a job that cannot use its GPUs fails here.
+    `on_checkpoint`: hooks the Trainer calls after each checkpoint."""
     out = Path(out_dir)
     device, dtype = resolve_runtime(cfg.train)
     summary = finished_summary(out, identity(cfg, device, dtype))
@@ -361,9 +364,9 @@ def train(cfg: RunConfig, out_dir: Path | str, stop_after: int | None = None) ->
               f"{str(dtype).removeprefix('torch.')}); nothing to train", flush=True)
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, out)
+    trainer = Trainer(cfg, out, on_checkpoint=on_checkpoint)
     try:
-        return trainer.run(stop_after=stop_after)
+        return trainer.run()
     finally:  # also after an exception: a process group this run made must not outlive it
         trainer.procs.shutdown()
 
@@ -378,6 +381,11 @@ def resolve_runtime(tc: TrainConfig) -> tuple[torch.device, torch.dtype]:
 def identity(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The run's identity (`ofe.config.run_identity`) when trained on `device` in `dtype`."""
     return run_identity(cfg.to_dict(), device.type, str(dtype).replace("torch.", ""))
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """summary.json, written last of a run's files: its presence marks the run finished."""
+    atomic_write_json(run_dir / SUMMARY, summary)
 
 
 def load_run_config(path: Path | str) -> RunConfig:

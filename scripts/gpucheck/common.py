@@ -192,18 +192,33 @@ class StepLog:
         return self.end - self.starts[first]
 
 
+class Killed(Exception):
+    """A check's kill of a training run, raised by `kill_after`'s hook."""
+
+
+def kill_after(step: int) -> Callable[[Any], None]:
+    """A Trainer `on_checkpoint` hook that kills the run (raises `Killed`) right after its first checkpoint
+    at or past `step`."""
+    def hook(trainer: Any) -> None:
+        if trainer.state.step >= step:
+            raise Killed(trainer.state.step)
+
+    return hook
+
+
 def instrument(trainer: Any, log: StepLog, count: Callable[[], int] = lambda: 0) -> None:
     """Record in `log` when each iteration starts and how many syncs `count` had seen by then (the
     Trainer's loop calls `_measure` first in every iteration and `_complete` after the last)."""
     measure, complete = trainer._measure, trainer._complete
 
     def timed_measure() -> None:
-        log.starts[trainer.step], log.syncs[trainer.step] = time.perf_counter(), count()
+        step = trainer.state.step
+        log.starts[step], log.syncs[step] = time.perf_counter(), count()
         measure()
 
     def timed_complete() -> None:
         log.end = time.perf_counter()
-        log.syncs[trainer.step] = count()
+        log.syncs[trainer.state.step] = count()
         complete()
 
     trainer._measure, trainer._complete = timed_measure, timed_complete

@@ -10,13 +10,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from gpucheck.common import (Context, Result, StepLog, autocast, compile_backend, instrument,
-                             losses, max_diff, step_tensors, sync_counter)
+from gpucheck.common import (Context, Killed, Result, StepLog, autocast, compile_backend, instrument,
+                             kill_after, losses, max_diff, step_tensors, sync_counter)
 from ofe.config import ModelConfig
 from ofe.core.model import GPT
 from ofe.core.optim import OPTIMIZERS
 from ofe.plan import presets
-from ofe.train.trainer import Trainer, _Interrupted, train
+from ofe.train.trainer import Trainer, train
 
 RESUME_TOL = 1e-3  # the bound on kill-and-resume against the uninterrupted run (losses)
 
@@ -131,17 +131,17 @@ def kill_and_resume(ctx: Context, r: Result) -> None:
         straight, resumed = ctx.folder(f"{name}-straight"), ctx.folder(f"{name}-resumed")
         train(cfg, straight)
         try:
-            train(cfg, resumed, stop_after=10)
-            r.expect(False, f"{name}: the stop_after=10 hook did not interrupt the run")
-        except _Interrupted:
+            train(cfg, resumed, on_checkpoint=[kill_after(10)])
+            r.expect(False, f"{name}: the kill_after(10) hook did not interrupt the run")
+        except Killed:
             pass
         trainer = Trainer(cfg, resumed)
         try:
             steps = step_tensors(trainer.opt)
             on_device = sum(t.device.type != "cpu" for t in steps)
-            r.fig(**{f"{name}.resumed_at": trainer.step, f"{name}.step_tensors": len(steps),
+            r.fig(**{f"{name}.resumed_at": trainer.state.step, f"{name}.step_tensors": len(steps),
                      f"{name}.step_tensors_off_cpu": on_device})
-            r.expect(trainer.step == 10, f"{name}: resumed at step {trainer.step}, not 10")
+            r.expect(trainer.state.step == 10, f"{name}: resumed at step {trainer.state.step}, not 10")
             r.expect(on_device == 0, f"{name}: {on_device} of {len(steps)} optimiser step tensors are not on the CPU")
             trainer.run()
         finally:
@@ -175,9 +175,9 @@ def fsdp_one_rank(ctx: Context, r: Result) -> None:
     straight, resumed = ctx.folder("straight"), ctx.folder("resumed")
     train(cfg, straight)
     try:
-        train(cfg, resumed, stop_after=10)
-        r.expect(False, "the stop_after=10 hook did not interrupt the run")
-    except _Interrupted:
+        train(cfg, resumed, on_checkpoint=[kill_after(10)])
+        r.expect(False, "the kill_after(10) hook did not interrupt the run")
+    except Killed:
         pass
     summary = train(cfg, resumed)
     diff = max_diff(losses(straight), losses(resumed))
@@ -215,7 +215,7 @@ def compile_no_recompiles(ctx: Context, r: Result) -> None:
             measure = trainer._measure
 
             def snapshot() -> None:
-                if trainer.step == warm:
+                if trainer.state.step == warm:
                     seen.update(frames=counters["frames"]["total"], graphs=counters["stats"]["unique_graphs"])
                 measure()
 
