@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ofe.config import QuantConfig
+from ofe.core.hooks import first_tensor, layer_input
 from ofe.core.quant import quantise_weight, symmetric_scale
 from ofe.pretrained import hf, quant as hf_quant
 from tests import hf_models
@@ -59,10 +60,10 @@ def test_static_protocol_puts_every_named_tensor_on_its_grid(family):
     for name, site in sites.items():  # registered after the quantisers: they see what the next op sees
         if site.where == "output":
             site.module.register_forward_hook(
-                lambda _m, _a, out, name=name: seen.__setitem__(name, hf.first_tensor(out).detach()))
+                lambda _m, _a, out, name=name: seen.__setitem__(name, first_tensor(out).detach()))
         else:
             site.module.register_forward_pre_hook(
-                lambda _m, a, k, name=name: seen.__setitem__(name, hf.layer_input(a, k).detach()), with_kwargs=True)
+                lambda _m, a, k, name=name: seen.__setitem__(name, layer_input(a, k).detach()), with_kwargs=True)
     with torch.no_grad():
         q(input_ids=_windows(seed=1)[0][:, :-1])
     assert set(seen) == names

@@ -20,12 +20,14 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from ofe.config import QuantConfig
+from ofe.core.hooks import first_tensor, layer_input
 from ofe.core.model import GPT, Attention
 
 Protocol = Literal["static_per_tensor", "dynamic_per_token"]
@@ -112,48 +114,62 @@ def upper_quantile(flat: Tensor, q: float) -> float:
 # ---- protocols on a model ---------------------------------------------------------------------------
 
 @dataclass
-class _Site:
+class Site:
+    """One tensor a protocol quantises, in ofe's GPT or a transformers model: the input or the output of
+    `module`, the range observed there (static protocol), and the hook now on it."""
     module: nn.Module
     where: Literal["input", "output"]
     observer: RangeObserver | None = None
-    hook: Callable | None = field(default=None, repr=False)
+    handle: RemovableHandle | None = field(default=None, repr=False)
+
+    def attach(self, fn: Callable[[Tensor], Tensor | None]) -> None:
+        """Hook `fn` onto the site's tensor (replacing it unless `fn` returns None), in place of the hook
+        the site had. Inputs may be positional or `hidden_states=`; outputs a tensor or a tuple led by one."""
+        if self.handle is not None:
+            self.handle.remove()
+        if self.where == "input":
+            def pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+                x = layer_input(args, kwargs)
+                out = None if x is None else fn(x)
+                if out is None:
+                    return None
+                if args and args[0] is x:
+                    return (out, *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": out}
+            self.handle = self.module.register_forward_pre_hook(pre, with_kwargs=True)
+            return
+
+        def post(_m: nn.Module, _args: tuple, output: Any) -> Any:
+            out = fn(first_tensor(output))
+            if out is None:
+                return None
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        self.handle = self.module.register_forward_hook(post)
 
 
-def _static_sites(model: GPT) -> dict[str, _Site]:
+def _static_sites(model: GPT) -> dict[str, Site]:
     """Every activation the static protocol quantises, by a readable name: as in Qualcomm's W8A8
     protocol, the inputs and outputs of every linear layer, the attention scores (logits before the
     softmax) and probabilities, every norm's output, the residual sums and the embeddings sum."""
-    sites: dict[str, _Site] = {}
+    sites: dict[str, Site] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
-            sites[f"{name}:in"] = _Site(m, "input")
+            sites[f"{name}:in"] = Site(m, "input")
             if not name.endswith("attn.qkv"):  # its output is quantised after the Q/K bias, below
-                sites[f"{name}:out"] = _Site(m, "output")
+                sites[f"{name}:out"] = Site(m, "output")
         elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and not name.endswith(("q_norm", "k_norm")):
-            sites[f"{name}:out"] = _Site(m, "output")
+            sites[f"{name}:out"] = Site(m, "output")
         elif isinstance(m, Attention):
-            sites[f"{name}.qkv_out:out"] = _Site(m.qkv_out, "output")
-            sites[f"{name}.scores:out"] = _Site(m.scores, "output")
-            sites[f"{name}.probs:out"] = _Site(m.probs, "output")
+            sites[f"{name}.qkv_out:out"] = Site(m.qkv_out, "output")
+            sites[f"{name}.scores:out"] = Site(m.scores, "output")
+            sites[f"{name}.probs:out"] = Site(m.probs, "output")
     for i, blk in enumerate(model.blocks):
-        sites[f"blocks.{i}.input:out"] = _Site(blk.input, "output")  # residual sum (embeddings at 0)
-        sites[f"blocks.{i}.mid:out"] = _Site(blk.mid, "output")  # residual sum after attention
-    sites["unembed_pre_norm:out"] = _Site(model.unembed_pre_norm, "output")
+        sites[f"blocks.{i}.input:out"] = Site(blk.input, "output")  # residual sum (embeddings at 0)
+        sites[f"blocks.{i}.mid:out"] = Site(blk.mid, "output")  # residual sum after attention
+    sites["unembed_pre_norm:out"] = Site(model.unembed_pre_norm, "output")
     if model.embed_norm is not None:
-        sites["embed_norm:in"] = _Site(model.embed_norm, "input")  # the embeddings sum itself
+        sites["embed_norm:in"] = Site(model.embed_norm, "input")  # the embeddings sum itself
     return sites
-
-
-def _hook(site: _Site, fn: Callable[[Tensor], Tensor | None]):
-    if site.where == "input":
-        def pre(_m, args):
-            out = fn(args[0])
-            return None if out is None else (out, *args[1:])
-        return site.module.register_forward_pre_hook(pre)
-
-    def post(_m, _args, output):
-        return fn(output)
-    return site.module.register_forward_hook(post)
 
 
 def quantised_copy(model: GPT, protocol: str, bits: int, cfg: QuantConfig,
@@ -169,26 +185,23 @@ def quantised_copy(model: GPT, protocol: str, bits: int, cfg: QuantConfig,
     if protocol == "dynamic_per_token":
         for m in q.modules():
             if isinstance(m, nn.Linear):
-                _hook(_Site(m, "input"), lambda x: quantise_per_token(x, bits))
+                Site(m, "input").attach(lambda x: quantise_per_token(x, bits))
         return q
 
     for m in q.modules():  # the fused SDPA kernel never shows the scores and probabilities
         if isinstance(m, Attention):
             m.explicit = True
     sites = _static_sites(q)
-    handles = []
     for site in sites.values():
         site.observer = RangeObserver(cfg.percentile)
-        handles.append(_hook(site, lambda x, obs=site.observer: obs(x)))
+        site.attach(lambda x, obs=site.observer: obs(x))
     with torch.no_grad():
         for idx in calib_inputs:  # observe in full precision
             q(idx)
-    for h in handles:
-        h.remove()
-    for site in sites.values():
+    for site in sites.values():  # each site's quantiser replaces its observer
         scale, zp = asymmetric_params(site.observer.lo, site.observer.hi, bits)
         # plain floats: no tensor of the host's, so the activation's device and dtype are used as they are
-        _hook(site, lambda x, s=scale, z=zp: fake_quant(x, s, z, 0, 2**bits - 1))
+        site.attach(lambda x, s=scale, z=zp: fake_quant(x, s, z, 0, 2**bits - 1))
     return q
 
 

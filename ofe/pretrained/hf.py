@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe.core import metrics
+from ofe.core.hooks import first_tensor, layer_input
 from ofe.plan.studies import looks_like_path
 
 INSTALL_HINT = "pip install -e '.[hf]'"
@@ -221,22 +222,6 @@ def context_limit(model: nn.Module) -> int | None:
 
 def vocab_size(model: nn.Module) -> int:
     return model.get_input_embeddings().weight.shape[0]
-
-
-# ---- hooks --------------------------------------------------------------------------------------------
-
-def layer_input(args: tuple, kwargs: dict) -> Tensor | None:
-    """The hidden state a decoder layer is called with: first positional argument in every family
-    here, `hidden_states=` in families that pass it by keyword."""
-    if args and isinstance(args[0], Tensor):
-        return args[0]
-    x = kwargs.get("hidden_states")
-    return x if isinstance(x, Tensor) else None
-
-
-def first_tensor(output: Any) -> Tensor:
-    """A layer's output hidden state (older transformers return a tuple whose first item it is)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
 
 
 def forward(model: nn.Module, idx: Tensor, **kw: Any) -> Any:

@@ -1,7 +1,7 @@
 """The two simulated W8A8 protocols of `ofe.core.quant`, generically, on any transformers causal LM.
 
-Same primitives and the same recipe as `ofe.core.quant` (`fake_quant`, `RangeObserver`, `asymmetric_params`,
-`quantise_weight`, `quantise_per_token`), on a deep copy so the original model is untouched:
+Same primitives, hook sites and recipe as `ofe.core.quant` (`fake_quant`, `RangeObserver`, `asymmetric_params`,
+`quantise_weight`, `quantise_per_token`, `Site`), on a deep copy so the original model is untouched:
 
 - `static_per_tensor`: weights of every linear layer (`nn.Linear`, and GPT-2's `Conv1D`, whose weight
   is stored transposed) symmetric per tensor; activations asymmetric per tensor with static ranges,
@@ -23,14 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ofe.config import QuantConfig
-from ofe.core.quant import RangeObserver, asymmetric_params, fake_quant, quantise_per_token, quantise_weight
+from ofe.core.quant import (RangeObserver, Site, asymmetric_params, fake_quant, quantise_per_token,
+                            quantise_weight)
 from ofe.pretrained import hf
 
 ATTENTION_NAME = "ofe_quant"  # the name `quantising_attention` is registered under
@@ -144,14 +144,6 @@ def switch_attention(model: nn.Module, q: nn.Module, inputs: Tensor, rtol: float
 
 # ---- the protocols ------------------------------------------------------------------------------------
 
-@dataclass
-class Site:
-    module: nn.Module
-    where: Literal["input", "output"]
-    observer: RangeObserver | None = None
-    handle: Any = field(default=None, repr=False)
-
-
 def static_sites(q: nn.Module) -> dict[str, Site]:
     """Every activation the static protocol quantises, by a readable name (see `ofe.io.HF_QUANTISED_TENSORS`)."""
     head = q.get_output_embeddings()
@@ -173,28 +165,6 @@ def static_sites(q: nn.Module) -> dict[str, Site]:
     return sites
 
 
-def attach(site: Site, fn: Callable[[Tensor], Tensor | None]) -> Any:
-    """A hook applying `fn` to the site's tensor (replacing it unless `fn` returns None). Inputs may be
-    positional or `hidden_states=`; outputs may be a tensor or a tuple led by one."""
-    if site.where == "input":
-        def pre(_m: nn.Module, args: tuple, kwargs: dict) -> Any:
-            x = hf.layer_input(args, kwargs)
-            out = None if x is None else fn(x)
-            if out is None:
-                return None
-            if args and args[0] is x:
-                return (out, *args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": out}
-        return site.module.register_forward_pre_hook(pre, with_kwargs=True)
-
-    def post(_m: nn.Module, _args: tuple, output: Any) -> Any:
-        out = fn(hf.first_tensor(output))
-        if out is None:
-            return None
-        return (out, *output[1:]) if isinstance(output, tuple) else out
-    return site.module.register_forward_hook(post)
-
-
 def quantised_copy(model: nn.Module, protocol: str, bits: int, cfg: QuantConfig,
                    calib: list[Tensor]) -> tuple[nn.Module, dict[str, Any]]:
     """A fake-quantised copy of `model` and what was quantised ({"sites": n, "attention": reason or
@@ -211,20 +181,19 @@ def quantised_copy(model: nn.Module, protocol: str, bits: int, cfg: QuantConfig,
             quantise_linear_weight(m, bits, per_channel, cfg.weight_range)
     if protocol == "dynamic_per_token":
         for m in linears:
-            attach(Site(m, "input"), lambda x: quantise_per_token(x, bits))
+            Site(m, "input").attach(lambda x: quantise_per_token(x, bits))
         info["sites"] = len(linears)
         return q, info
 
     sites = static_sites(q)
     for site in sites.values():
         site.observer = RangeObserver(cfg.percentile)
-        site.handle = attach(site, lambda x, obs=site.observer: obs(x))
+        site.attach(lambda x, obs=site.observer: obs(x))
     with torch.no_grad():
         for w in calib:  # observe in full precision activations (weights already quantised, as ofe.core.quant)
             hf.forward(q, w[:, :-1])
-    for site in sites.values():
-        site.handle.remove()
+    for site in sites.values():  # each site's quantiser replaces its observer
         scale, zp = asymmetric_params(site.observer.lo, site.observer.hi, bits)
-        site.handle = attach(site, lambda x, s=scale, z=zp: fake_quant(x, torch.tensor(s), z, 0, 2**bits - 1))
+        site.attach(lambda x, s=scale, z=zp: fake_quant(x, torch.tensor(s), z, 0, 2**bits - 1))
     info["sites"] = len(sites)
     return q, info
