@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ofe.config import config_hash
+from ofe.io import atomic_write_json
 
 if TYPE_CHECKING:
     import torch
@@ -48,6 +49,11 @@ def read_summary(folder: Path) -> Any:
     """The folder's summary.json as parsed, whatever it holds; OSError or ValueError where it cannot be
     read. json.loads takes NaN and Infinity: summaries written before they were strict JSON carry them."""
     return json.loads((folder / SUMMARY).read_text())
+
+
+def write_summary(folder: Path, summary: dict[str, Any]) -> None:
+    """summary.json, written last of a run's files (atomically): its presence marks the run finished."""
+    atomic_write_json(folder / SUMMARY, summary)
 
 
 # ---- whose results: the config-hash checks -------------------------------------------------------------

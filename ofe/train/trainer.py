@@ -31,8 +31,8 @@ from ofe.core.data import TokenData
 from ofe.core.model import GPT
 from ofe.core.optim import build_optimizer, lr_at
 from ofe.core.probe import collect, compute
-from ofe.io import METRIC_SCHEMA, atomic_write_json, provenance, write_parquet
-from ofe.runfolder import METRICS, SUMMARY, finished_summary
+from ofe.io import METRIC_SCHEMA, provenance, write_parquet
+from ofe.runfolder import METRICS, finished_summary, write_summary
 from ofe.plan import costs
 from ofe.train import checkpoint, dcp, parallel
 from ofe.train.state import RunState
@@ -312,7 +312,7 @@ class Trainer:
                 "status": self.state.status, "runtime": self.runtime}
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
         summary = self._summary(df, n_params)
-        write_summary(self.out, summary)
+        write_summary(self.out, summary)  # last: marks the run finished
         return summary
 
     def _summary(self, df: pd.DataFrame, n_params: int) -> dict[str, Any]:
@@ -381,11 +381,6 @@ def resolve_runtime(tc: TrainConfig) -> tuple[torch.device, torch.dtype]:
 def identity(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> str:
     """The run's identity (`ofe.config.run_identity`) when trained on `device` in `dtype`."""
     return run_identity(cfg.to_dict(), device.type, str(dtype).replace("torch.", ""))
-
-
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """summary.json, written last of a run's files: its presence marks the run finished."""
-    atomic_write_json(run_dir / SUMMARY, summary)
 
 
 def load_run_config(path: Path | str) -> RunConfig:
