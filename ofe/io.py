@@ -65,7 +65,7 @@ QUANTISED_TENSORS = {
     ),
 }
 
-# What each protocol quantises on a transformers model, in words (the metadata and README carry it;
+# What each protocol quantises on a transformers model, in words (the metadata and docs/inspect.md carry it;
 # `ofe.pretrained.quant.static_sites` is the truth).
 HF_QUANTISED_TENSORS = {
     "static_per_tensor": (

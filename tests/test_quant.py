@@ -85,7 +85,7 @@ def test_planted_outlier_channel_breaks_static_per_tensor_quantisation():
     out_static, out_dynamic = _linear_errors(x, calib, w)
     assert clean_static < 0.02 and clean_dynamic < 0.02
     assert out_static > 20 * clean_static  # more than an order of magnitude
-    assert out_dynamic < 0.5 * out_static  # per-token scales suffer less, but do suffer: see README
+    assert out_dynamic < 0.5 * out_static  # per-token scales suffer less, but do suffer: see docs/int8.md
 
 
 def test_planted_outlier_tokens_leave_dynamic_per_token_error_unchanged():

@@ -5,7 +5,7 @@ Muon cheap. On a CPU, bf16 matmuls are faster than fp32 only with AMX: measured 
 each instruction set on this project's AMX host (1 thread, 256x1024 @ 1024x256), bf16 took 60-70x fp32's
 time with AVX2 only (torch's scalar fallback), 6x with AVX512, 1.6x with AVX512-BF16 and 0.1x with AMX.
 So on CPU the iteration runs in fp32, the same iteration at a higher precision, one dtype for every
-CPU run whatever the host. (On an AMX host this makes Muon's step slower: README, Benchmarks.)
+CPU run whatever the host. (On an AMX host this makes Muon's step slower: docs/benchmarks.md.)
 
 Only `step` is overridden: the constructor, the param groups' keys and the state (one
 `momentum_buffer` per parameter) are torch's, so a state_dict of torch.optim.Muon loads here and back.

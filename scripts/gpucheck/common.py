@@ -32,7 +32,7 @@ SMOKE_VOCAB = 1000
 @functools.lru_cache(maxsize=None)
 def benchmark() -> Any:
     """benchmarks/throughput.py as a module (benchmarks/ is not a package): check 10 runs its `measure`,
-    the same measurement the README's benchmark table reports."""
+    the same measurement docs/benchmarks.md reports."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
