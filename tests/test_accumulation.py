@@ -9,7 +9,7 @@ import pytest
 from ofe.cluster.launch import launch
 from ofe.config import ConfigError, RunConfig, TrainConfig, check_micro_batch, check_parallel
 from ofe.train.trainer import train
-from tests.conftest import tiny_run
+from tests.helpers.runs import tiny_run
 
 
 def _curve(run, metric: str, site: str = "train") -> np.ndarray:

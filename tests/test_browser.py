@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, require_service
+from tests.helpers import REPO
+from tests.helpers.services import require_service
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACT = REPO / "reports" / "test-artifacts" / "browser.png"

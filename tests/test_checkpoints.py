@@ -20,8 +20,8 @@ from ofe.config import ConfigError, QuantConfig, build_section
 from ofe.plan import plan_from_config
 from ofe.plan.studies import ckpt_id, revision_step
 from ofe.pretrained.inspection import Settings, inspect
-from tests import hf_models
-from tests.test_workflow import TEST_CONFIG, job_counts, snakemake
+from tests.helpers import hf_models
+from tests.helpers.workflow import TEST_CONFIG, job_counts, snakemake
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.usefixtures("no_network")

@@ -17,7 +17,7 @@ from ofe.config import (SUPPORTED_BITS, ConfigError, DataConfig, ModelConfig, Op
                         RunConfig, TrainConfig, build_section)
 from ofe.plan import grid, presets
 from ofe.plan import plan_from_config
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -191,7 +191,7 @@ def test_tokenizer_is_bytes_or_a_plausible_transformers_name(config, monkeypatch
 def saved_tokenizer(tmp_path) -> str:
     """A 300-token byte-level BPE (tests/hf_models.py) in a local folder, as save_pretrained writes it."""
     pytest.importorskip("transformers")
-    from tests import hf_models
+    from tests.helpers import hf_models
 
     path = tmp_path / "tok"
     hf_models.tokenizer().save_pretrained(path)

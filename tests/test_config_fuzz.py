@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import copy
 import re
-import shutil
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,11 +16,11 @@ from typing import Callable
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers.workflow import SNAKEMAKE
 
 pytestmark = pytest.mark.slow  # ~60 Snakemake parses
 
-SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
 BASE_TEXT = (REPO / "config.yaml").read_text()
 BASE = yaml.safe_load(BASE_TEXT)
 

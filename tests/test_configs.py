@@ -9,8 +9,8 @@ import pytest
 
 from ofe.plan import plan_from_config
 from ofe.plan.grid import load_config
-from tests.conftest import REPO
-from tests.test_workflow import job_counts, snakemake
+from tests.helpers import REPO
+from tests.helpers.workflow import job_counts, snakemake
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

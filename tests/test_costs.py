@@ -14,7 +14,8 @@ import yaml
 from ofe.config import ModelConfig, OptimConfig
 from ofe.plan import costs, grid, presets
 from ofe.train import parallel
-from tests.conftest import REPO, tiny_run
+from tests.helpers import REPO
+from tests.helpers.runs import tiny_run
 
 
 def test_the_default_timeouts_are_torchs():

@@ -12,7 +12,7 @@ import torch
 from ofe.core import metrics
 from ofe.core.probe import collect, compute
 from ofe.train.trainer import Trainer, train
-from tests.conftest import tiny_run
+from tests.helpers.runs import tiny_run
 
 
 def _losses(run) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from ofe.core.model import GPT
 from ofe.runfolder import load_final_model
 from ofe.train.trainer import train
-from tests.conftest import Killed, kill_after, tiny_run
+from tests.helpers.runs import Killed, kill_after, tiny_run
 
 FSDP = {"parallel": "fsdp"}
 

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ofe.cluster.launch import launch
 from ofe.train.trainer import train
-from tests.conftest import tiny_run
+from tests.helpers.runs import tiny_run
 
 
 def test_two_process_loss_curve_equals_one_process(data_dir, tmp_path):

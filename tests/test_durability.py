@@ -18,7 +18,7 @@ from ofe.core.model import GPT
 from ofe.core.optim import OPTIMIZERS, build_optimizer
 from ofe.io import atomic_write_json, atomic_write_text, write_parquet
 from ofe.train.trainer import Trainer, train
-from tests.conftest import Killed, kill_after, tiny_run
+from tests.helpers.runs import Killed, kill_after, tiny_run
 
 KEY = ["step", "layer", "site", "metric"]
 

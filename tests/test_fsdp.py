@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from ofe.cluster.launch import launch
 from ofe.config import RunConfig
 from ofe.train.trainer import train
-from tests.conftest import Killed, kill_after, tiny_run
+from tests.helpers.runs import Killed, kill_after, tiny_run
 
 KEY = ["step", "layer", "site", "metric"]
 # per-process batch 2 in micro-batches of 1: every step accumulates, with FSDP's gradient sync off

@@ -13,7 +13,7 @@ from ofe.config import QuantConfig
 from ofe.core.hooks import first_tensor, layer_input
 from ofe.core.quant import quantise_weight, symmetric_scale
 from ofe.pretrained import hf, quant as hf_quant
-from tests import hf_models
+from tests.helpers import hf_models
 
 pytest.importorskip("transformers")
 

@@ -21,8 +21,8 @@ from ofe.io import read_metadata
 from ofe.pretrained import hf
 from ofe.pretrained.hf import InspectError
 from ofe.pretrained.inspection import Settings, inspect, revision_step
-from tests import hf_models
-from tests.conftest import REPO, tiny_run
+from tests.helpers import REPO, hf_models
+from tests.helpers.runs import tiny_run
 
 SMALL = dict(settings=Settings(batches=2, batch_size=2, context=32),
              quant=QuantConfig(calib_batches=2, eval_batches=2))

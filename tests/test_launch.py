@@ -15,8 +15,8 @@ import ofe.cluster.jobstate as jobstate
 from ofe.cluster.jobstate import SchedulerUnavailable, StatusCache
 from ofe.cluster.launch import Work, cancel, launch, launch_work, run_lock
 from ofe.config import ConfigError
-from tests.conftest import tiny_run
-from tests.launch_probe import EnvProbe
+from tests.helpers.launch_probe import EnvProbe
+from tests.helpers.runs import tiny_run
 
 LOCAL = {"cluster": "local", "poll_s": 0.2, "timeout_min": 5}
 

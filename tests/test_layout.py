@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PACKAGE = REPO / "ofe"
 # What must never import torch: planning (the Snakefile imports it), the config, the files' formats, and

@@ -7,9 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ import yaml
 from ofe.__main__ import main
 from ofe.config import ConfigError
 from ofe.plan import grid, memory, memplan, presets
-from tests.conftest import REPO
+from tests.helpers import REPO
+from tests.helpers.workflow import SNAKEMAKE
 
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 SLURM_LAUNCHER = REPO / "profiles" / "slurm" / "launcher.yaml"
@@ -153,7 +152,6 @@ def test_a_micro_batch_that_does_not_divide_a_process_share_is_refused_at_plan_t
     assert "train.micro_batch_size: 4 does not divide the per-process batch of 2" in str(err.value)
 
 
-SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
 
 
 def test_the_workflow_prints_the_plan_and_refuses_before_any_job(tmp_path, config):

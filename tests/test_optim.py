@@ -17,7 +17,8 @@ from ofe.config import ModelConfig, OptimConfig
 from ofe.core.model import GPT
 from ofe.core.optim import OPTIMIZERS, build_optimizer, make_optimizer
 from ofe.train.trainer import train
-from tests.conftest import REPO, Killed, kill_after, tiny_run
+from tests.helpers import REPO
+from tests.helpers.runs import Killed, kill_after, tiny_run
 
 torch.set_default_dtype(torch.float32)
 

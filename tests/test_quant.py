@@ -22,7 +22,7 @@ from ofe.train import quantise as quantise_mod
 from ofe.train.checkpoint import prepare_run_dir
 from ofe.train.quantise import quantise_run
 from ofe.train.trainer import train
-from tests.conftest import tiny_run
+from tests.helpers.runs import tiny_run
 
 
 @pytest.mark.parametrize("bits", [4, 6, 8])

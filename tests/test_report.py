@@ -20,7 +20,7 @@ from ofe.report import plots
 from ofe.report.page import build_report, studies
 from ofe.report.plots import int8 as plots_int8
 from ofe.report.sections import FIGURES
-from tests.report_html import chart_specs, page_section, spec_values, table_rows
+from tests.helpers.report_html import chart_specs, page_section, spec_values, table_rows
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 N_LAYERS = 2

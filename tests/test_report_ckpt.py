@@ -19,7 +19,7 @@ import vl_convert
 from ofe.io import METRIC_SCHEMA, write_parquet
 from ofe.report.ckpt import load_checkpoint_tables
 from ofe.report.page import build_report
-from tests.report_html import chart_specs, page_section, spec_values, table_rows
+from tests.helpers.report_html import chart_specs, page_section, spec_values, table_rows
 
 STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"
 PAIRS = [(STATIC, 8), (STATIC, 4), (DYNAMIC, 8)]

@@ -18,7 +18,7 @@ import vl_convert
 from ofe.io import write_parquet
 from ofe.report import htmlparts, plots
 from ofe.report.page import build_report
-from tests.report_html import spec_values
+from tests.helpers.report_html import spec_values
 
 SEEDS = 3
 STEPS = (0, 10, 20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 PLACEHOLDER = re.compile(r"(?<!\{)\{([^{}]+)\}(?!\})")  # {x} but not {{x}} (an escaped brace)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,9 +20,11 @@ import yaml
 
 from ofe.plan import grid
 from ofe.train.trainer import train
-from tests.conftest import REPO, require_service, tiny_run
+from tests.helpers import REPO
+from tests.helpers.runs import tiny_run
+from tests.helpers.services import require_service
+from tests.helpers.workflow import SNAKEMAKE
 
-SNAKEMAKE = shutil.which("snakemake") or str(Path(sys.executable).parent / "snakemake")
 HOW = "start a local cluster with `sudo scripts/slurm-localhost.sh start` (.ci/run does)"
 
 
@@ -243,7 +244,7 @@ def test_a_checkpoint_study_inspects_on_slurm(tmp_path):
     """A checkpoint study's inspection is a SLURM job of its own (the launcher's settings, the
     `inspect:` section's resources), recorded for re-attach like a training job, into the report."""
     pytest.importorskip("transformers")
-    from tests import hf_models
+    from tests.helpers import hf_models
 
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     model = hf_models.save(hf_models.build("llama"), tmp_path / "models" / "tiny-llama")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 # Spelt in pieces so that this file does not match itself.
 FORBIDDEN = ("../" + "shared", "PAPER" + ".md", "CPU-CALIBRATION" + ".md", "SLURM-NOTES" + ".md",

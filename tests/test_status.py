@@ -14,7 +14,8 @@ import pytest
 from ofe.config import QuantConfig
 from ofe.train.quantise import quantise_run
 from ofe.train.trainer import train
-from tests.conftest import REPO, tiny_run
+from tests.helpers import REPO
+from tests.helpers.runs import tiny_run
 
 
 def _start_ticks(pid: int) -> int:

@@ -9,7 +9,7 @@ import numpy as np
 
 from ofe.config import ModelConfig
 from ofe.core.data import TokenData
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
 throughput = importlib.util.module_from_spec(spec)

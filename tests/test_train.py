@@ -20,7 +20,8 @@ from ofe.train import checkpoint, parallel
 from ofe.train import trainer as train_mod
 from ofe.train.parallel import DeviceError
 from ofe.train.trainer import train
-from tests.conftest import REPO, Killed, kill_after, tiny_run
+from tests.helpers import REPO
+from tests.helpers.runs import Killed, kill_after, tiny_run
 
 
 def _metrics(path) -> pd.DataFrame:

@@ -76,7 +76,7 @@ def save(model, folder: Path, tok=None) -> Path:
 
 def text_file(folder: Path, chars: int = 60_000) -> Path:
     """Python source (this repository's) as the text to measure on."""
-    root = Path(__file__).resolve().parents[1] / "ofe"
+    root = Path(__file__).resolve().parents[2] / "ofe"
     text = "".join(p.read_text() for p in sorted(root.rglob("*.py")))  # every module, in its subpackage too
     path = folder / "text.txt"
     path.write_text((text * (chars // len(text) + 1))[:chars])
