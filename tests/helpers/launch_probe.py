@@ -1,5 +1,6 @@
-"""A job that reports the environment it was started with, for tests/test_launch.py. In a module of its
-own: the job's process unpickles it by module name, which a test module (imported by file) lacks."""
+"""A job that reports the environment it was started with, for tests/integration/test_launch.py. In a
+module of its own, under tests/helpers/: the job's process unpickles it by module path
+(tests.helpers.launch_probe), importable wherever the repository's root is on sys.path."""
 
 from __future__ import annotations
 

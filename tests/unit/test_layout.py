@@ -141,7 +141,7 @@ from pathlib import Path
 
 from ofe.aggregate.runs import aggregate
 from ofe.report.page import build_report
-from tests.test_report import _metrics_frame, _quant_frame, _runs_frame, _write_results
+from tests.unit.report.test_report import _metrics_frame, _quant_frame, _runs_frame, _write_results
 
 root = Path(sys.argv[1])
 runs = _runs_frame()

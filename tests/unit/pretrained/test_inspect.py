@@ -1,5 +1,5 @@
 """`ofe inspect` on tiny random models of each family, a planted outlier against its closed form, an
-`ofe` run folder, the errors, and that nothing is fetched from a hub (tests/hf_models.py builds all)."""
+`ofe` run folder, the errors, and that nothing is fetched from a hub (tests/helpers/hf_models.py builds all)."""
 
 from __future__ import annotations
 

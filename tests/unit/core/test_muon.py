@@ -14,7 +14,7 @@ import ofe.core.optim
 from ofe.config import OptimConfig
 from ofe.core.muon import Muon, newton_schulz_dtype, zeropower_via_newtonschulz
 from ofe.core.optim import build_optimizer
-from tests.test_optim import assert_same_state, gpt, gpt_loss, spectrum_gradient
+from tests.unit.core.test_optim import assert_same_state, gpt, gpt_loss, spectrum_gradient
 
 KELLER = (3.4445, -4.7750, 2.0315)  # Keller Jordan's quintic coefficients (his muon.py)
 

@@ -123,7 +123,7 @@ def report(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
         train(replace(RunConfig.from_dict(run["config"]), data_dir=str(data_dir)), run_dir)
         quantise_run(run_dir, quant)
     aggregate(plan, results)
-    # PNG export is covered in test_report.py; SVG only here keeps the fixture quick.
+    # PNG export is covered in tests/unit/report/test_report.py; SVG only here keeps the fixture quick.
     return build_report(results, root / "reports" / "index.html", png=False)
 
 

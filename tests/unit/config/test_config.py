@@ -189,7 +189,7 @@ def test_tokenizer_is_bytes_or_a_plausible_transformers_name(config, monkeypatch
 
 @pytest.fixture
 def saved_tokenizer(tmp_path) -> str:
-    """A 300-token byte-level BPE (tests/hf_models.py) in a local folder, as save_pretrained writes it."""
+    """A 300-token byte-level BPE (tests/helpers/hf_models.py) in a local folder, as save_pretrained writes it."""
     pytest.importorskip("transformers")
     from tests.helpers import hf_models
 
