@@ -24,6 +24,8 @@ import pytest
 from tests.helpers import REPO
 from tests.helpers.services import require_service
 
+pytestmark = pytest.mark.slow  # starts processes: a finished tiny grid and headless Chromium
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACT = REPO / "reports" / "test-artifacts" / "browser.png"
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 
 from ofe.cluster.launch import launch
 from ofe.train.trainer import train
 from tests.helpers.runs import tiny_run
+
+pytestmark = pytest.mark.slow  # starts processes: two training processes (submitit tasks)
 
 
 def test_two_process_loss_curve_equals_one_process(data_dir, tmp_path):

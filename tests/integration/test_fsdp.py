@@ -19,6 +19,8 @@ from ofe.config import RunConfig
 from ofe.train.trainer import train
 from tests.helpers.runs import Killed, kill_after, tiny_run
 
+pytestmark = pytest.mark.slow  # starts processes: two training processes (submitit tasks)
+
 KEY = ["step", "layer", "site", "metric"]
 # per-process batch 2 in micro-batches of 1: every step accumulates, with FSDP's gradient sync off
 # for the first micro-batch. clip 1.0 is active (gradient norms 1.4-2.8): a clip by a rank's local

@@ -18,6 +18,8 @@ from ofe.config import ConfigError
 from tests.helpers.launch_probe import EnvProbe
 from tests.helpers.runs import tiny_run
 
+pytestmark = pytest.mark.slow  # starts processes: submitit jobs (local executor)
+
 LOCAL = {"cluster": "local", "poll_s": 0.2, "timeout_min": 5}
 
 

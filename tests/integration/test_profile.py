@@ -14,6 +14,7 @@ import pytest
 from tests.helpers import REPO
 from tests.helpers.workflow import SNAKEMAKE
 
+pytestmark = pytest.mark.slow  # starts processes: `python -m ofe` and Snakemake processes
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ from tests.helpers.runs import tiny_run
 from tests.helpers.services import require_service
 from tests.helpers.workflow import SNAKEMAKE
 
+pytestmark = pytest.mark.slow  # starts processes: Snakemake against a real SLURM
+
 HOW = "start a local cluster with `sudo scripts/slurm-localhost.sh start` (.ci/run does)"
 
 

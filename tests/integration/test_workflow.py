@@ -14,6 +14,8 @@ from ofe.io import read_metadata
 from tests.helpers import REPO
 from tests.helpers.workflow import TEST_CONFIG, job_counts, snakemake
 
+pytestmark = pytest.mark.slow  # starts processes: Snakemake, and a grid trained end to end
+
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
@@ -49,7 +51,6 @@ def test_bad_config_stops_before_any_job(workdir):
     assert not (workdir / "results").exists()
 
 
-@pytest.mark.slow
 def test_two_run_grid_end_to_end(workdir):
     out = snakemake(workdir)
     assert out.returncode == 0, out.stderr[-3000:]
