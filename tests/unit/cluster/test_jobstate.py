@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from ofe.cluster.jobstate import StatusCache, wait_for
 
 N_JOBS = 50
@@ -51,6 +53,7 @@ def _start_waiters(tmp_path: Path) -> tuple[list, multiprocessing.Queue]:
     return procs, queue
 
 
+@pytest.mark.slow  # starts fifty waiting processes
 def test_fifty_waiting_rules_share_one_query_per_poll(tmp_path, monkeypatch):
     calls = fake_scheduler(tmp_path, monkeypatch)
     t0 = time.time()

@@ -269,6 +269,7 @@ def _two_processes(rank: int, port: int, data_dir: str, results: str) -> None:
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow  # starts two training processes
 def test_two_processes_shard_under_fsdp_and_add_buckets_under_ddp(data_dir, tmp_path):
     """Two processes: under fsdp each holds its half of every parameter and AdamW moment, exactly the
     sharded bytes; under ddp the whole model, its moments and DDP's gradient buckets, exactly. The peak

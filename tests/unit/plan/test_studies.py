@@ -257,6 +257,7 @@ def test_cancel_reaches_the_inspection_jobs(tmp_path):
         job.kill()
 
 
+@pytest.mark.slow  # starts a submitit job
 def test_a_model_above_the_jobs_memory_fails_its_job_by_name(models, tmp_path):
     """inspect.mem_gb is the job's memory and the limit its model is checked against before any weight
     is read: a model above it fails the job with the model's name and what to change, in error.txt."""

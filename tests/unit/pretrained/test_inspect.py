@@ -128,6 +128,7 @@ def test_planted_outlier_channel_matches_closed_form(family, tok, text, tmp_path
     assert len(pd.read_parquet(tmp_path / "out" / "quant.parquet")) == 0  # no protocol asked for
 
 
+@pytest.mark.slow  # starts `python -m ofe inspect` in a process of its own
 def test_cli_inspects_the_stdlib_corpus_offline_and_writes_nothing_to_the_hub_cache(saved, tmp_path):
     cache = tmp_path / "hub"
     cache.mkdir()

@@ -39,6 +39,7 @@ def test_four_micro_batches_reproduce_the_whole_batch(data_dir, tmp_path):
     np.testing.assert_allclose(k_micro.value.to_numpy(), k_whole.value.to_numpy(), rtol=1e-4)
 
 
+@pytest.mark.slow  # starts two training processes (submitit tasks)
 def test_two_ddp_processes_accumulating_reproduce_one_process(data_dir, tmp_path):
     # per-process batch 4 in micro-batches of 2: DDP's no_sync on the first, the all-reduce on the last
     one = train(tiny_run(data_dir, train={"batch_size": 8}), tmp_path / "one")

@@ -84,6 +84,7 @@ def test_interrupted_run_resumes_to_identical_metrics(data_dir, tmp_path):
     pd.testing.assert_frame_equal(_metrics(tmp_path / "straight"), _metrics(tmp_path / "resumed"))
 
 
+@pytest.mark.slow  # starts a training process, killed and restarted
 def test_killed_process_resumes_to_identical_metrics(data_dir, tmp_path):
     """SIGKILL a real `python -m ofe train` after its first checkpoint, start it again."""
     cfg = tiny_run(data_dir, train={"steps": 40, "checkpoint_every": 5, "log_every": 5})
