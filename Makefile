@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Profile for `make run`; `make run PROFILE=profiles/slurm` on a cluster.
 PROFILE ?= profiles/local
 
-.PHONY: run test venv clean paper gpu-check
+.PHONY: run test test-fast venv clean paper gpu-check
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,12 @@ paper: venv
 test: venv
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
 		$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The unit tests only (docs/testing.md): everything but the `slow` ones, which start processes
+# (tests/integration/) or train for long. Under 2 minutes on 2 cores.
+test-fast: venv
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
+		$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # The GPU self-check (README "Before the first GPU job"): twelve checks of the CUDA path on one GPU, about
 # 7 minutes; exit status = failed checks. Never part of `test`. GPU_CHECK_ARGS="--device cpu" is a smoke

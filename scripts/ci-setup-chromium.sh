@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's headless Chromium for the real-browser report test (tests/test_browser.py).
+# Installs Debian's headless Chromium for the real-browser report test (tests/integration/test_browser.py).
 # Idempotent; needs root (CI runs as root). Skips the install when chromium is already on PATH.
 set -euo pipefail
 if command -v chromium >/dev/null 2>&1; then

@@ -5,7 +5,7 @@ code (a HF GPT-2 whose blocks it replaces): learned positions, tied embeddings, 
 biases, trainable zero-initialised biases on the query and key projections only (`qk_bias`), QK-RMSNorm
 as gain * x / (rms(x) + 1e-5) (`qk_norm='rms'`), and every matrix, embeddings included, drawn from
 N(0, 0.02^2) with no depth scaling (GPT-2's is `scale_residual_init`, off by default). Its norm-free
-blocks keep one LayerNorm, on block 0's attention input (`first_norm`). `tests/test_reference.py`
+blocks keep one LayerNorm, on block 0's attention input (`first_norm`). `tests/unit/core/test_reference.py`
 checks the OP forward pass against a transcription of that code.
 
 The probe taps the `nn.Identity` sites (`Block.input`, `Block.mid`, `GPT.unembed_pre_norm`,

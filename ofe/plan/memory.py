@@ -4,7 +4,7 @@
 in seven parts (every figure is per process, i.e. per GPU on a GPU node):
 
 - params: every parameter and buffer in fp32 (weights stay fp32; bf16 is a compute copy), the list
-  `param_shapes` gives, which is `ofe.core.model.GPT`'s (tests/test_memory.py checks it against the model).
+  `param_shapes` gives, which is `ofe.core.model.GPT`'s (tests/unit/plan/test_memory.py checks it against the model).
 - grads: one fp32 gradient per parameter (under fsdp its shard: with micro-batches every one
   reduce-scatters, `ofe.train.parallel.grad_sync`, so no rank accumulates unsharded gradients).
 - optimizer: what each optimiser keeps per parameter tensor of n entries and shape (r, c), fp32
@@ -45,7 +45,7 @@ in seven parts (every figure is per process, i.e. per GPU on a GPU node):
 
 `total` = params + grads + optimizer + max(activations, step temporaries, evaluation) + extra +
 reserve. Without the reserve it bounds the measured peak of live tensors from above
-(tests/test_memory.py, CPU): over training steps by 0.5-9% in one process, 15% (ddp) and 19% (fsdp)
+(tests/unit/plan/test_memory.py, CPU): over training steps by 0.5-9% in one process, 15% (ddp) and 19% (fsdp)
 in two processes of a model whose static memory is as large as its activations; over validation and
 the probe by 0-0.6% (18% for bf16 validation). With one micro-batch the gradients appear while backward frees the
 activations, so the true peak is lower by up to min(grads, activations).
@@ -216,7 +216,7 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
         copies laid out for bmm), and per query the T scores of each head: the tanh output c, the
         softmax output s (fp32 under autocast on CUDA), and its c copy for probs @ v when c != s;
         plus the causal mask, T^2 bytes per forward (`activation_bytes`). The only quadratic term: SDPA
-        keeps none. Approximate: within 5% of the counted bytes in fp32 (tests/test_memory.py).
+        keeps none. Approximate: within 5% of the counted bytes in fp32 (tests/unit/plan/test_memory.py).
     """
     d, H, r, T = m.d_model, m.n_head, m.mlp_ratio, m.context
     if m.norm != "none":

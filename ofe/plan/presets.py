@@ -86,7 +86,7 @@ def op(n_layer: int = REFERENCE_DEPTH) -> Overrides:
 
 def op_final_norm(n_layer: int = REFERENCE_DEPTH) -> Overrides:
     """OP with a final LayerNorm added back: raises kurtosis in late layers (He et al. 2024, section 2).
-    This is the public code's OP model exactly (its GPT-2 base keeps the final LN); tests/test_reference.py
+    This is the public code's OP model exactly (its GPT-2 base keeps the final LN); tests/unit/core/test_reference.py
     checks its forward pass against a transcription of that code."""
     out = op(n_layer)
     out["model"]["final_norm"] = "layernorm"
@@ -139,7 +139,7 @@ DDP_FALLBACK: dict[str, dict[str, Any]] = {
 
 # Checkpoint intervals of the paper-scale presets: a checkpoint blocks training while it is written,
 # so each interval is long enough that writing costs under 5% of the training time, by these stated
-# assumptions (tests/test_costs.py recomputes them):
+# assumptions (tests/unit/plan/test_costs.py recomputes them):
 # - a step's time from its FLOPs, 6 N D (N parameters, D = 64 x 512 tokens), on 8 H100s at 989 TFLOP/s
 #   of dense bf16 each and 50% MFU: an optimistic MFU for 4,096 tokens per GPU, so steps are if anything
 #   longer and the share smaller (attention's FLOPs, +4% at context 512, are left out for the same reason);
