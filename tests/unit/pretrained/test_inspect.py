@@ -255,7 +255,7 @@ def test_bad_input_stops_with_a_message_naming_the_model(case, saved, text, tmp_
     elif case == "relative":
         kw["model"], match = "./nope", r"\./nope: no such model folder"
     elif case == "too_large":
-        kw["model"], kw["max_memory_gb"], match = str(saved["llama"]), 1e-6, "parameters need about .* \(--max-memory-gb; in a checkpoint study, inspect.mem_gb\)"
+        kw["model"], kw["max_memory_gb"], match = str(saved["llama"]), 1e-6, r"parameters need about .* \(--max-memory-gb; in a checkpoint study, inspect.mem_gb\)"
     elif case == "revision_on_folder":
         kw["model"], kw["revision"], match = str(saved["opt"]), "step1000", "applies to a hub name"
     elif case == "uncached_hub_name":
