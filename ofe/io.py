@@ -3,6 +3,11 @@
 Every file `ofe` writes goes through `atomic_write_*`: the bytes land in a temporary file beside the
 target, are flushed to disk, and are renamed over it, so a reader (or Snakemake) never sees a
 half-written file, and a power cut or node crash leaves either the old file or the new one.
+
+No pandas or pyarrow at import: the head's waiters (`python -m ofe launch`, one per run in flight) import
+this module for its atomic writes, and must stay light (issue 22). The Parquet schemas are built on first
+use (`METRIC_SCHEMA`, `QUANT_SCHEMA`: module attributes made by `__getattr__`), and the Parquet functions
+import pyarrow when called.
 """
 
 from __future__ import annotations
@@ -21,33 +26,37 @@ import subprocess
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
+if TYPE_CHECKING:
+    import pandas as pd
+    import pyarrow as pa
 
 # One row per (step, layer, site, metric) of one run: the long/tidy layout of every metric file.
 # layer is -1 for run-level rows (site "train" or "val"); block inputs are layers 0..L-1 and the
-# tensor fed to the unembedding is layer L.
-METRIC_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("tokens", pa.int64()),
-        ("layer", pa.int64()),
-        ("site", pa.string()),
-        ("metric", pa.string()),
-        ("value", pa.float64()),
-    ]
-)
+# tensor fed to the unembedding is layer L. METRIC_SCHEMA is the pyarrow schema of these (name, type) pairs.
+METRIC_FIELDS = (("step", "int64"), ("tokens", "int64"), ("layer", "int64"), ("site", "string"),
+                 ("metric", "string"), ("value", "float64"))
 
 METADATA_KEY = b"ofe"  # JSON blob in the Parquet key-value metadata: config + provenance
 
 # ---- int8 tables: one row per (protocol, bits) of a run or checkpoint (quant.parquet) ----------------
 
-QUANT_SCHEMA = pa.schema([("protocol", pa.string()), ("bits", pa.int64()), ("ppl_fp", pa.float64()),
-                          ("ppl_q", pa.float64()), ("delta", pa.float64())])
-QUANT_COLUMNS = QUANT_SCHEMA.names
+QUANT_FIELDS = (("protocol", "string"), ("bits", "int64"), ("ppl_fp", "float64"), ("ppl_q", "float64"),
+                ("delta", "float64"))
+QUANT_COLUMNS = [name for name, _ in QUANT_FIELDS]
+_SCHEMAS = {"METRIC_SCHEMA": METRIC_FIELDS, "QUANT_SCHEMA": QUANT_FIELDS}
+
+
+def __getattr__(name: str) -> Any:
+    """METRIC_SCHEMA and QUANT_SCHEMA, the pyarrow schemas, built (and kept) on first use."""
+    if name not in _SCHEMAS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import pyarrow as pa
+
+    schema = pa.schema([(field, getattr(pa, kind)()) for field, kind in _SCHEMAS[name]])
+    globals()[name] = schema
+    return schema
 
 # What each protocol quantises, in words, for the report
 # (`ofe.core.quant._static_sites` is the truth; kept here so the report needs no torch).
@@ -182,6 +191,9 @@ def write_parquet(
     df: pd.DataFrame, path: Path | str, schema: pa.Schema | None = None, metadata: dict | None = None
 ) -> None:
     """Write `df` atomically with an explicit schema; `metadata` lands as JSON under the key `ofe`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     table = pa.Table.from_pandas(df, schema=schema, preserve_index=False)
     if metadata is not None:
         meta = dict(table.schema.metadata or {})
@@ -193,6 +205,8 @@ def write_parquet(
 
 def read_metadata(path: Path | str) -> dict:
     """The `ofe` JSON metadata of a Parquet file written by `write_parquet` ({} if none)."""
+    import pyarrow.parquet as pq
+
     meta = pq.read_schema(path).metadata or {}
     raw = meta.get(METADATA_KEY)
     return json.loads(raw) if raw else {}
