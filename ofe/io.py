@@ -58,6 +58,7 @@ def __getattr__(name: str) -> Any:
     globals()[name] = schema
     return schema
 
+
 # What each protocol quantises, in words, for the report
 # (`ofe.core.quant._static_sites` is the truth; kept here so the report needs no torch).
 QUANTISED_TENSORS = {
