@@ -223,3 +223,17 @@ def test_offline_inspect_of_an_uncached_model_ends_in_one_clear_line(offline, tm
     last = err.strip().splitlines()[-1]
     assert last.startswith("ofe inspect: ofe-test/not-cached at revision step1000 is not in the local cache")
     assert "hf download ofe-test/not-cached --revision step1000" in last
+
+
+@pytest.mark.slow  # starts snakemake
+def test_offline_the_workflow_stops_before_any_job_naming_the_tokenizer(offline, tmp_path):
+    import yaml
+
+    from tests.helpers.workflow import snakemake
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(_config(tokenizer="gpt9-nonexistent"), sort_keys=False))
+    dry = snakemake(tmp_path, "-n")
+    assert dry.returncode != 0 and "Traceback" not in dry.stderr, dry.stderr[-3000:]
+    assert ("data.tokenizer: 'gpt9-nonexistent' is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+            "forbids downloading it") in dry.stderr and FILL in dry.stderr
+    assert not (tmp_path / "results").exists()
