@@ -45,3 +45,14 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
 
+
+
+@pytest.fixture
+def hub_online(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Planning as on a machine with network (`ofe.plan.offline`): HF_HUB_OFFLINE and HF_DATASETS_OFFLINE
+    are 0 for this test, so a hub name not in the local cache passes planning as it does online. The
+    libraries themselves keep the session's offline flag, read at their import, so nothing downloads;
+    pair it with `no_network` where a test could reach a hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

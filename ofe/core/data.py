@@ -14,12 +14,14 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ofe.config import DataConfig
+from ofe.config import ConfigError, DataConfig
 from ofe.io import atomic_write_json, atomic_path, provenance
+from ofe.plan import offline
 
 EOS_BYTE = 0  # documents are joined with a NUL byte, which never occurs in Python source
 FIXED_STREAM = 0xB0B  # seeds the held-out probe and validation batches: identical for every run
@@ -51,9 +53,7 @@ def load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
         ds = stdlib_dataset()
         keys, texts = ds["path"], ds["text"]
     else:
-        import datasets
-
-        ds = datasets.load_dataset(cfg.path, cfg.name, data_files=cfg.data_files, split=cfg.split)
+        ds = _load_dataset(cfg, cfg.split)
         if cfg.text_column not in ds.column_names:
             raise ValueError(
                 f"data.text_column: {cfg.text_column!r} is not a column of {cfg.path}; "
@@ -61,7 +61,7 @@ def load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
             )
         texts = ds[cfg.text_column]
         if cfg.val_split:
-            val = datasets.load_dataset(cfg.path, cfg.name, data_files=cfg.data_files, split=cfg.val_split)
+            val = _load_dataset(cfg, cfg.val_split)
             return _cap(texts, cfg), _cap(val[cfg.text_column], cfg)
         keys = [f"{i}:{t[:200]}" for i, t in enumerate(texts)]
     texts = _cap(texts, cfg)
@@ -71,6 +71,29 @@ def load_splits(cfg: DataConfig) -> tuple[list[str], list[str]]:
         raise ValueError(f"data: the split left train={len(train)} / val={len(val)} documents; "
                          "add documents or change data.val_fraction")
     return train, val
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def _load_dataset(cfg: DataConfig, split: str):
+    """`datasets.load_dataset` of the data section; a dataset that cannot be found or fetched (not cached
+    while offline, no network, a wrong name) is a ConfigError naming data.path and the command that fills
+    the cache, not a traceback."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.path, cfg.name, data_files=cfg.data_files, split=split)
+    except OSError as e:  # ConnectionError, datasets' DatasetNotFoundError (a FileNotFoundError), ...
+        hint = ""
+        if offline.is_hub_dataset(cfg.path):
+            var = offline.datasets_offline_var()
+            why = f" ({var} forbids downloading)" if var else ""
+            hint = (f"; if it is not in the local Hugging Face cache{why}, fill the cache on a machine with "
+                    f"network: {offline.dataset_fill_command(cfg.path, cfg.name, split)}")
+        raise ConfigError(f"data.path: dataset {cfg.path!r} (split {split!r}) could not be loaded "
+                          f"({_first_line(e)}){hint}") from e
 
 
 def _cap(texts: list[str], cfg: DataConfig) -> list[str]:
@@ -89,7 +112,7 @@ class Tokenizer:
                 from transformers import AutoTokenizer
             except ImportError as e:
                 raise ImportError(f"data.tokenizer={name!r} needs `pip install transformers`") from e
-            self._hf = AutoTokenizer.from_pretrained(name)
+            self._hf = _load_tokenizer(AutoTokenizer, name)
             self.vocab_size = len(self._hf)
             self.eos = self._hf.eos_token_id if self._hf.eos_token_id is not None else 0
 
@@ -104,6 +127,19 @@ class Tokenizer:
             parts.append(ids.astype(dtype, copy=False))
             parts.append(np.array([self.eos], dtype=dtype))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def _load_tokenizer(auto: Any, name: str) -> Any:
+    """`AutoTokenizer.from_pretrained(name)`; a tokenizer that is not cached while offline, not on the hub
+    or not loadable is a ConfigError naming data.tokenizer and the command that fills the cache."""
+    try:
+        return auto.from_pretrained(name)
+    except OSError as e:  # transformers wraps the hub's errors (offline, not found, gated) in OSError
+        var = offline.hub_offline_var()
+        why = f"; {var} forbids downloading it" if var else ""
+        raise ConfigError(f"data.tokenizer: {name!r} could not be loaded ({_first_line(e)}){why}; if it is a hub "
+                          f"name, fill the local Hugging Face cache on a machine with network: "
+                          f"{offline.tokenizer_fill_command(name)}") from e
 
 
 def prepare(cfg: DataConfig, out_dir: Path | str) -> dict:

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 
 from ofe.config import ConfigError, DataConfig, RunConfig, build_section, section_fields
 from ofe.config import SECTIONS as SECTIONS_BY_NAME
-from ofe.plan import presets, studies
+from ofe.plan import offline, presets, studies
 from ofe.plan.validate import AXES, DEFAULT_SCHEMA, SECTIONS, folder_segment, format_value, validate
 from ofe.plan.vocab import tokenizer_vocab
 # re-exported: the workflow reaches the config checks through ofe.plan.grid
@@ -130,6 +130,9 @@ def expand_valid(config: dict) -> dict[str, Run]:
         tokenizer_vocab(data.tokenizer)
     except ConfigError as e:
         raise ConfigError(f"config.yaml: {e}") from None
+    # offline (HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): a hub dataset must already be in the local cache
+    if problem := offline.check_dataset(data.source, data.path, data.name, data.split):
+        raise ConfigError(f"config.yaml: {problem}")
     runs: dict[str, Run] = {}
     origin: dict[str, tuple[str, dict, str]] = {}  # run id -> (study, point, config hash)
     for study, spec in config["studies"].items():

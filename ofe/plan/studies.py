@@ -15,7 +15,9 @@ section on which corpus (tokenised with each model's own tokenizer), `quant:` wh
 Checked here, before any job starts (each message names the key): a local path exists and is a
 save_pretrained folder, revisions only for hub names, `step` only where one checkpoint is meant, and
 no two different checkpoints share a folder. Whether a hub revision exists is only known on the hub,
-so that is checked by the job, which names the model and revision when it is not there.
+so that is checked by the job, which names the model and revision when it is not there. In offline
+mode (HF_HUB_OFFLINE=1) a hub model at a revision not in the local cache is refused here
+(`ofe.plan.offline`), naming the key and the `hf download` command that fills the cache.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ofe.config import ConfigError
+from ofe.plan import offline
 
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 STEP = re.compile(r"step[-_]?(\d+)")  # Pythia's revisions: step0 ... step143000
@@ -117,6 +120,10 @@ def expand(config: dict[str, Any]) -> list[dict[str, Any]]:
             for revision in entry.get("revisions") or [None]:
                 cid = ckpt_id(entry["name"], revision)
                 step = entry.get("step") if entry.get("step") is not None else revision_step(revision)
+                if not is_local(entry["name"]) and (problem := offline.check_checkpoint(
+                        f"{key}.name" if revision is None else f"{key}.revisions", entry["name"], revision)):
+                    errors.append(problem)
+                    continue
                 item = {"ckpt_id": cid, "model": entry["name"], "label": label(entry["name"]),
                         "revision": revision, "step": step, "order": len(out), "studies": [study]}
                 first = out.get(cid)

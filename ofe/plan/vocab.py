@@ -6,7 +6,9 @@ job starts, naming the key.
   the network): a local folder, or a hub name already in the Hugging Face cache. A local path that
   exists but holds no tokenizer transformers can load is refused, naming data.tokenizer.
 - A hub name not in the local cache is not an error: the prepare step may download it on a machine
-  with network, and training still compares the prepared data's vocabulary with the model's.
+  with network, and training still compares the prepared data's vocabulary with the model's. In offline
+  mode (HF_HUB_OFFLINE=1, `ofe.plan.offline`) it is: nothing could download it, so it is refused, naming
+  data.tokenizer and the command that fills the cache.
 A path that does not exist and is no hub name is refused earlier, by DataConfig (`ofe.config.fields`).
 """
 
@@ -17,6 +19,7 @@ import os
 
 from ofe.config import ConfigError
 from ofe.config.fields import has_transformers
+from ofe.plan import offline
 from ofe.plan.validate import TOKENIZER_VOCAB
 
 
@@ -29,7 +32,10 @@ def tokenizer_vocab(name: str) -> int | None:
         return None
     if os.path.exists(name):  # transformers reads an existing path as a local folder, never the hub
         return _local_vocab(os.path.realpath(name), name)
-    return _hub_vocab(name)
+    vocab = _hub_vocab(name, str(offline.hub_cache()))
+    if vocab is None and (var := offline.hub_offline_var()) is not None:
+        raise ConfigError(offline.not_cached("data.tokenizer", name, var, offline.tokenizer_fill_command(name)))
+    return vocab
 
 
 # Cached: a 10,000-run plan checks every run's vocab_size, and loading a tokenizer takes a while.
@@ -47,10 +53,10 @@ def _local_vocab(path: str, name: str) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _hub_vocab(name: str) -> int | None:
+def _hub_vocab(name: str, cache_dir: str) -> int | None:
     from transformers import AutoTokenizer
 
     try:
-        return len(AutoTokenizer.from_pretrained(name, local_files_only=True))
+        return len(AutoTokenizer.from_pretrained(name, local_files_only=True, cache_dir=cache_dir))
     except Exception:  # noqa: BLE001 - not cached here (or not loadable offline): training checks it
         return None

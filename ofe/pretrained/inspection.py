@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from ofe.config import DataConfig, QuantConfig
+from ofe.config import ConfigError, DataConfig, QuantConfig
 from ofe.io import (HF_NOT_QUANTISED, HF_QUANTISED_TENSORS, METRIC_SCHEMA, QUANT_COLUMNS, QUANT_SCHEMA,
                     QUANTISED_TENSORS, atomic_write_json, library_versions, provenance, write_parquet)
 from ofe.plan import studies
@@ -242,7 +242,10 @@ def _run_tokenizer(name: str) -> Any:
 
     hf.require_transformers()
     with hf.explain_load_errors(name, None):
-        return Tokenizer(name)
+        try:
+            return Tokenizer(name)
+        except ConfigError as e:  # not cached, not on the hub: it names data.tokenizer and how to fill the cache
+            raise InspectError(str(e)) from e
 
 
 # ---- the command --------------------------------------------------------------------------------------

@@ -229,9 +229,10 @@ def test_a_tokenizer_path_that_is_missing_or_holds_no_tokenizer_is_refused(confi
                               "transformers cannot load a tokenizer from it"), message
 
 
-@pytest.mark.usefixtures("no_network")
+@pytest.mark.usefixtures("no_network", "hub_online")
 def test_a_hub_tokenizer_not_cached_here_does_not_fail_planning(config, monkeypatch):
-    """The prepare step may download it on a machine with network; training checks the vocabulary."""
+    """Online, the prepare step may download it; training checks the vocabulary. (Offline, planning refuses
+    it: tests/unit/plan/test_offline.py.)"""
     pytest.importorskip("transformers")
     import socket
 

@@ -35,6 +35,7 @@ def test_there_are_study_sets() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.usefixtures("hub_online")  # configs/pythia.yaml names hub models: online, not cached here is fine
 def test_each_config_validates_and_plans(path: Path) -> None:
     plan = _plan(path)
     assert plan["runs"] or plan["checkpoints"], f"{path.name} plans no run and no checkpoint"
@@ -43,6 +44,7 @@ def test_each_config_validates_and_plans(path: Path) -> None:
     assert plan["config"]["report"] != "reports/index.html"
 
 
+@pytest.mark.usefixtures("hub_online")  # its hub tokenizer is not cached here
 def test_gpu_study_is_the_papers_130m_recipe() -> None:
     plan = _plan(REPO / "configs" / "paper-130m.yaml")
     assert _pairs(plan) == {(b, o): {0, 1, 2} for b in ("pre_ln", "op") for o in ("adamw", "soap")}
@@ -92,6 +94,7 @@ def test_cpu_study_compares_pre_ln_adamw_with_op_soap_over_length_width_and_seed
     assert all(run["config"]["optim"]["lr"] == 1e-2 for run in plan["runs"])  # one LR: the default grid's
 
 
+@pytest.mark.usefixtures("hub_online")
 def test_pythia_study_inspects_every_listed_checkpoint_and_trains_nothing() -> None:
     """configs/pythia.yaml: the paper's Figure 1 view over two Pythia sizes, one job per revision, each
     at the step its revision names (planned offline: nothing is looked up on the hub)."""

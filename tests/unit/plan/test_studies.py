@@ -43,6 +43,14 @@ def models(tmp_path_factory) -> dict[str, Path]:
     return {"cache": cache, "llama": llama}
 
 
+@pytest.fixture(autouse=True)
+def _planning_sees_the_cache(request, monkeypatch) -> None:
+    """The session is offline (tests/conftest.py), so planning checks each hub checkpoint against the
+    cache a job would use (`ofe.plan.offline`): the fake one of `models`."""
+    if "models" in request.fixturenames:
+        monkeypatch.setenv("HF_HUB_CACHE", str(request.getfixturevalue("models")["cache"]))
+
+
 def study_config(models: dict[str, Path], **extra) -> dict:
     config = copy.deepcopy(TEST_CONFIG)
     config["studies"] = {"pretrained": {
@@ -132,6 +140,7 @@ def _inspected(models: dict[str, Path], out: Path, revision: str, plan: dict, **
             text_file=hf_models.text_file(out), **planned(plan, **settings))
 
 
+@pytest.mark.usefixtures("hub_online")  # main and v2 are not in the cache: planned as online, then missing
 def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypatch):
     """completed / failed / missing / corrupt (another revision's files; a truncated table), each with
     its reason, and only the completed one contributes rows, at the plan's step."""
@@ -291,11 +300,12 @@ def test_a_relative_local_folder_is_a_local_checkpoint(models, tmp_path, monkeyp
     assert [r["status"] for r in grid_status(tmp_path / "results")] == ["done"]
 
 
-def test_tokens_are_known_only_with_the_step(models, tmp_path):
+def test_tokens_are_known_only_with_the_step(models, tmp_path, monkeypatch):
     """A Pythia-named model: step1000 has 1000 x 1024 x 2048 tokens; its `main` (no step in the name) has
     neither step nor tokens, not 0."""
     cache = hf_models.fake_hub_cache(tmp_path / "hub", models["llama"], "EleutherAI/pythia-ofe-test",
                                      {"main": "a" * 40, "step1000": "b" * 40})
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # where planning looks (the session is offline)
     config = study_config(models)
     config["studies"]["pretrained"]["models"] = [{"name": "EleutherAI/pythia-ofe-test",
                                                   "revisions": ["main", "step1000"]}]
