@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Profile for `make run`; `make run PROFILE=profiles/slurm` on a cluster.
 PROFILE ?= profiles/local
 
-.PHONY: run test test-fast venv clean paper gpu-check
+.PHONY: run report test test-fast venv clean paper gpu-check
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,12 @@ run: venv
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
 		$(BIN)/snakemake --profile $(PROFILE)
 	@echo "report: $(abspath reports/index.html)"
+
+# The partial report of a sweep in progress, from another shell at any moment (docs/workflow.md): the
+# runs finished so far -> reports/index-partial.html. CONFIG=configs/paper-int8.yaml for that sweep's.
+CONFIG ?= config.yaml
+report: venv
+	$(BIN)/python -m ofe report --live --config $(CONFIG)
 
 # The paper's int8 headline at CPU scale (configs/paper-int8.yaml, about 70 minutes on 2 cores); its report
 # is reports/paper-int8.html. Naming a config file replaces config.yaml's grid entirely.

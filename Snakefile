@@ -21,15 +21,13 @@ include: "workflow/rules/report.smk"
 
 
 # When runs fail (keep-going lets the others finish), still report what exists, so the report lists
-# the failed runs with their error. The partial tables go to results/partial/, not to the aggregate
-# rule's outputs, so the next invocation still reruns the failed runs, then aggregates.
+# the failed runs with their error, through `ofe report --live` (also `make report`, mid-sweep): the
+# partial tables go to results/partial/, not to the aggregate rule's outputs, so the next invocation still reruns the failed runs, then aggregates.
 onerror:
     if Path(f"{RESULTS}/plan.json").exists():
-        partial, logs = f"{RESULTS}/partial", f"{RESULTS}/logs"
-        shell(
-            "python -m ofe aggregate --plan {RESULTS:q}/plan.json --results {RESULTS:q} "
-            "--out {partial:q} > {logs:q}/aggregate-partial.log 2>&1 && "
-            "python -m ofe report --results {partial:q} --out {REPORT:q} "
+        logs = f"{RESULTS}/logs"
+        shell(  # the same command as `make report` (ofe/report/live.py), to REPORT itself
+            "python -m ofe report --live --results {RESULTS:q} --out {REPORT:q} "
             "> {logs:q}/report-partial.log 2>&1 && echo ofe: partial report: {REPORT:q} || true"
         )
 

@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("report", help="tables -> self-contained HTML report, figures as SVG and PNG")
     p.add_argument("--results", type=Path, default=Path("results"))
-    p.add_argument("--out", type=Path, default=Path("reports/index.html"))
+    p.add_argument("--out", type=Path, help="the page (default reports/index.html; with --live, REPORT's "
+                   "-partial sibling: reports/index-partial.html)")
+    p.add_argument("--live", action="store_true", help="mid-sweep, from any shell: aggregate the runs finished so "
+                   "far into RESULTS/partial/ and build the partial report (ofe/report/live.py)")
+    p.add_argument("--plan", type=Path, help="with --live: the plan (default RESULTS/plan.json)")
+    p.add_argument("--config", type=Path, help="with --live: the config file whose results_dir and report to use")
     p.add_argument("--figures", type=Path, help="where each figure's SVG/PNG goes (default: figures/ beside index.html, <stem>-figures/ beside any other page)")
     p.add_argument("--runs", type=Path, help="the run folders the runs table links (default: RESULTS/runs)")
     p.add_argument("--no-png", dest="png", action="store_false", help="export SVG only (PNG adds ~2 s per 20 runs)")
@@ -241,9 +246,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"[ofe] aggregated {len(frames['runs'])} runs {counts}, {len(frames['metrics'])} metric rows, "
               f"{len(frames['quant'])} quantisation rows, {len(frames['checkpoints'])} checkpoints "
               f"-> {args.out or args.results}")
+    elif args.cmd == "report" and args.live:
+        from ofe.report import live
+
+        results, report = live.settings(args.config) if args.config else (args.results, Path("reports/index.html"))
+        try:
+            page, counts = live.live_report(results, args.plan, args.out, report, png=args.png)
+        except live.NoPlan as e:
+            print(f"ofe report --live: {e}", file=sys.stderr)
+            return 2
+        print(f"[ofe] partial report ({counts}): {page.resolve()}")
     elif args.cmd == "report":
         from ofe.plan.grid import default_figures_dir
         from ofe.report.page import build_report
+
+        args.out = args.out or Path("reports/index.html")
 
         if args.expect_runs_digest:
             import pandas as pd
