@@ -22,7 +22,8 @@ include: "workflow/rules/report.smk"
 
 # When runs fail (keep-going lets the others finish), still report what exists, so the report lists
 # the failed runs with their error, through `ofe report --live` (also `make report`, mid-sweep): the
-# partial tables go to results/partial/, not to the aggregate rule's outputs, so the next invocation still reruns the failed runs, then aggregates.
+# partial tables go to results/partial/, not to the aggregate rule's outputs, so the next invocation
+# still reruns the failed runs, then aggregates.
 onerror:
     if Path(f"{RESULTS}/plan.json").exists():
         logs = f"{RESULTS}/logs"
