@@ -58,6 +58,11 @@ def _why_no_cuda() -> str:
             + (f", or CUDA_VISIBLE_DEVICES={mask!r} naming none that exists" if mask is not None else ""))
 
 
+def local_rank() -> int:
+    """This process's rank on its node (LOCAL_RANK, from submitit's tasks or a torchrun-like launcher)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """The device `train.device` means for the process of local rank `local_rank`. 'auto': CUDA when
     torch can use it, else CPU, unless the job was given GPUs (`gpus_given`): then DeviceError, as for

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from ofe.core.model import GPT
 from ofe.core.quant import perplexity, quantised_copy
 from ofe.io import QUANT_COLUMNS, QUANT_SCHEMA, atomic_write_json, provenance, write_parquet
 from ofe.runfolder import QUANT, QUANT_PARTIAL, load_final_model, read_summary, recorded_hash
-from ofe.train.parallel import resolve_device
+from ofe.train.parallel import local_rank, resolve_device
 
 
 def quantise_run(run_dir: Path | str, cfg: QuantConfig, device: torch.device | str | None = None) -> pd.DataFrame:
@@ -61,7 +60,7 @@ def _evaluate(run_dir: Path, run_cfg: RunConfig, cfg: QuantConfig, identity: str
     if not todo:
         return partial.rows
     if device is None:
-        device = resolve_device(run_cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+        device = resolve_device(run_cfg.train.device, local_rank())
     device = torch.device(device)
     if device.type == "cpu":  # the run's CPU budget; on a GPU the host threads hardly matter
         torch.set_num_threads(run_cfg.train.threads)

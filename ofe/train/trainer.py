@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from pathlib import Path
@@ -86,8 +85,6 @@ class Trainer:
         check_micro_batch(tc, self.world)  # the number of processes is known only now: check again
         self.sharded = tc.parallel == "fsdp"
         parallel.ieee_fp32_matmuls()  # never TF32: the metrics' and optimisers' fp32 matmuls stay exact
-        # bf16: autocast around forward and backward on every path (ddp and fsdp alike, ofe.train.parallel)
-        self.compute_dtype = parallel.mixed_precision_dtype(tc, self.device)
         self.data = TokenData(cfg.data_dir, cfg.model.context, tc.batch_size)
         if self.data.meta["vocab_size"] > cfg.model.vocab_size:
             raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
@@ -108,8 +105,8 @@ class Trainer:
         return not self.rank or self.sharded
 
     def _autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.compute_dtype or torch.float32,
-                              enabled=self.compute_dtype is not None)
+        # bf16: autocast around forward and backward on every path (ddp and fsdp alike, ofe.train.parallel)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def _resume(self) -> RunState:
@@ -374,7 +371,7 @@ def train(cfg: RunConfig, out_dir: Path | str, on_checkpoint: Iterable[Checkpoin
 def resolve_runtime(tc: TrainConfig) -> tuple[torch.device, torch.dtype]:
     """The device (`ofe.train.parallel.resolve_device`, this process's LOCAL_RANK) and compute dtype a run
     trains with in this process."""
-    device = parallel.resolve_device(tc.device, int(os.environ.get("LOCAL_RANK", "0")))
+    device = parallel.resolve_device(tc.device, parallel.local_rank())
     return device, parallel.mixed_precision_dtype(tc, device) or torch.float32
 
 

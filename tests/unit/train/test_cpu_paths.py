@@ -39,7 +39,7 @@ def test_bf16_autocast_on_cpu_trains_and_metrics_stay_fp32(data_dir, tmp_path):
     cfg = tiny_run(data_dir, train={"steps": 24, "precision": "bf16", "log_every": 8, "eval_every": 12},
                    model={"qk_bias": False})
     trainer = Trainer(cfg, tmp_path)
-    assert trainer.compute_dtype is torch.bfloat16 and trainer.device.type == "cpu"
+    assert trainer.dtype is torch.bfloat16 and trainer.device.type == "cpu"
     summary = trainer.run()
     assert summary["status"] == "completed" and summary["precision"] == "bfloat16"
     loss = _losses(tmp_path)
