@@ -48,7 +48,10 @@ install() {
 
 write_configs() {
     local cpus mem_mib
-    cpus=$(nproc)
+    # Declared CPUs, more than the machine has (SlurmdParameters=config_overrides lets slurmd accept
+    # that): a packed job of 8 one-CPU runs (launcher scales.<scale>.pack) must fit on the one node,
+    # as it would on any real node. The tests' tiny runs take one torch thread each and share the cores.
+    cpus=$(( $(nproc) > ${OFE_SLURM_CPUS:-16} ? $(nproc) : ${OFE_SLURM_CPUS:-16} ))
     mem_mib=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 * 9 / 10 ))
     mkdir -p "$DIR"/{state,spool,log,run,mysql} "$CONF_DIR"
     cat >"$CONF_DIR/slurm.conf" <<EOF
@@ -79,6 +82,7 @@ MinJobAge=300
 # submitit ignores SIGTERM (it checkpoints on SIGUSR2): a requeued or cancelled job is killed this
 # many seconds after SIGTERM (default 30).
 KillWait=5
+SlurmdParameters=config_overrides
 SchedulerType=sched/backfill
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mib State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
