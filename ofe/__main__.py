@@ -5,6 +5,7 @@
   prepare       tokenise a dataset once into a shared cache
   train         train one run from its RUN.json (resumes from its checkpoint)
   launch        submit `train` (+ `quantise`) through submitit (local or slurm) and wait for it
+  dispatch      the workflow's SLURM dispatcher (started by `launch`): arrays, packed runs, one poll
   cancel        cancel every pending or running job of this workflow
   status        where every run of the grid stands
   install-profile  install profiles/slurm as the global Snakemake profile `slurm`
@@ -78,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inspect-json", type=_json_arg, default={}, help="with --checkpoint-json: the inspect section")
     p.add_argument("--data-json", type=_json_arg, default={}, help="with --checkpoint-json: the data section")
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("dispatch", help="submit and watch the SLURM jobs of the runs handed over in STATUS_DIR "
+                       "(started by `launch`; exits when idle)")
+    p.add_argument("--status-dir", type=Path, required=True, help="RESULTS/.ofe-status")
 
     p = sub.add_parser("cancel", help="cancel every pending or running job of the run folders")
     p.add_argument("--results", type=Path, default=Path("results"))
@@ -162,6 +167,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         ckpts = studies.expand(config)
         launcher = grid.launcher_settings(config, args.schema)  # and its launcher_file, if any
         grid.check_launcher(runs.values(), launcher)
+        grid.check_packing(launcher)
         for r in runs.values():
             print(f"{r.run_id}  ({', '.join(r.studies)})")
         for c in ckpts:
@@ -198,15 +204,19 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         settings = inspect_settings({"inspect": args.inspect_json})
         summary = launch_inspect(args.checkpoint_json, args.out, args.launcher_json, settings, args.data_json,
-                                 args.quant_json or {}, args.status_dir)
+                                 args.quant_json or {}, args.status_dir, exec_wait=True)
         print(f"[ofe] {args.out}: inspected {summary['model']} at step {summary['step']}")
     elif args.cmd == "launch":
         from ofe.cluster.launch import launch
         from ofe.config import RunConfig
 
         summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json, args.status_dir,
-                         args.quant_json)
+                         args.quant_json, exec_wait=True)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "dispatch":
+        from ofe.cluster.dispatch import serve
+
+        return serve(args.status_dir)
     elif args.cmd == "cancel":
         from ofe.cluster.launch import cancel
 

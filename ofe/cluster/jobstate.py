@@ -48,7 +48,8 @@ def queue_listing() -> dict[str, str]:
     RuntimeError if it fails."""
     # -a: also jobs in hidden partitions or ones the user's groups cannot use; a job missing from the
     # listing is taken as gone, so the listing must hold every job of the user
-    ok, text = _run(["squeue", "-h", "-a", "-u", getpass.getuser(), "-o", "%i|%T"])
+    # -r: one line per array task ("123_4"), pending ones included, not one "123_[4-7]" line
+    ok, text = _run(["squeue", "-h", "-a", "-r", "-u", getpass.getuser(), "-o", "%i|%T"])
     if not ok:
         raise RuntimeError(text)
     listing = {}
@@ -100,6 +101,14 @@ class StatusCache:
             yield
         finally:
             mark.unlink(missing_ok=True)
+
+    def register(self, job_id: str) -> None:
+        """Include `job_id` in every query until `unregister`ed (the dispatcher's jobs)."""
+        (self.folder / WAITING).mkdir(parents=True, exist_ok=True)
+        (self.folder / WAITING / str(job_id)).touch()
+
+    def unregister(self, job_id: str) -> None:
+        (self.folder / WAITING / str(job_id)).unlink(missing_ok=True)
 
     def state(self, job_id: str) -> str:
         """The job's last known state ('UNKNOWN' before the scheduler has said anything of it)."""

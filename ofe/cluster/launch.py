@@ -10,6 +10,11 @@ again. The executor comes from the `launcher` settings: `local` (a subprocess; a
 since submitit's `debug` executor opens a debugger when the job raises; it sees the launching process's
 GPUs, `LocalGpus`) or `slurm`.
 
+On SLURM the run is handed over to the workflow's one dispatcher (`ofe.cluster.handover`,
+`ofe.cluster.dispatch`), which submits the runs handed over together as job arrays or packed jobs and
+asks the scheduler once per poll for all of them; the waiting rule blocks on a lock in a small `flock`
+process meanwhile. Local jobs are submitted and waited on here.
+
 Re-attach: the submitted job is recorded in RUN/job.json. If the Snakemake head is killed and started
 again while that job is still pending or running, `launch` waits on it instead of submitting a
 duplicate. Every submission gets its own submitit folder, so a job id reused after Slurm's state was
@@ -27,15 +32,15 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import submitit
 
+from ofe.cluster.handover import fail, hand_over
 from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
-from ofe.cluster.jobstate import StatusCache, live_job, pid_alive, process_start_time, wait_for
+from ofe.cluster.jobstate import StatusCache, live_job, pid_alive, process_start_time
 from ofe.config import ConfigError, RunConfig, check_micro_batch
 from ofe.io import atomic_write_json, atomic_write_text
 from ofe.runfolder import CONFIG, ERROR, INSPECT, JOB, LOCK, QUANT, SUMMARY
@@ -43,6 +48,7 @@ from ofe.runfolder import CONFIG, ERROR, INSPECT, JOB, LOCK, QUANT, SUMMARY
 # Cluster-specific settings a site sets in the environment rather than in any file of this repo.
 SLURM_ENV = {"partition": "OFE_SLURM_PARTITION", "account": "OFE_SLURM_ACCOUNT",
              "qos": "OFE_SLURM_QOS", "constraint": "OFE_SLURM_CONSTRAINT"}
+LOCK_FD_ENV = "OFE_RUN_LOCK_FD"
 GENERIC = ("timeout_min", "mem_gb", "cpus_per_task", "gpus_per_node", "tasks_per_node", "nodes")
 
 
@@ -76,8 +82,9 @@ class Work:
     it leaves when it finishes (the first one's JSON is what the launcher returns)."""
 
     call: submitit.helpers.Checkpointable
-    args: tuple
+    args: tuple  # JSON values: the dispatcher rebuilds the call from `kind` and these
     name: str
+    kind: str  # "train" or "inspect"
     scale: str  # the launcher's per-scale resources it gets ("" for none)
     done: tuple[str, ...]
     what: str  # "training" or "inspection", for messages
@@ -125,6 +132,9 @@ def run_lock(out: Path) -> Iterator[None]:
     with --nolock, or from two working copies) never train one run. flock is released by the kernel
     when the holder dies, so a killed head leaves no stale lock."""
     with (out / LOCK).open("a+") as f:
+        if _inherited_lock(out / LOCK):  # this process was started by `flock` for the same rule
+            yield
+            return
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -136,20 +146,39 @@ def run_lock(out: Path) -> Iterator[None]:
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         f.flush()
+        # the descriptor is handed on when the waiter becomes a `flock` process (`ofe.cluster.handover`),
+        # so the folder stays locked while it waits and the command it runs again adopts the lock
+        os.environ[LOCK_FD_ENV] = str(f.fileno())
         try:
             yield
         finally:
+            os.environ.pop(LOCK_FD_ENV, None)
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _inherited_lock(path: Path) -> bool:
+    """Whether this process inherited an open descriptor of `path` through exec (the waiter's `flock`):
+    it shares the lock its first process took, so locking again would refuse the rule its own folder."""
+    fd = os.environ.get(LOCK_FD_ENV)
+    if not fd:
+        return False
+    try:
+        held, there = os.fstat(int(fd)), path.stat()
+    except (OSError, ValueError):
+        return False
+    return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+
 def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status_dir: Path | str | None = None,
-           quant: dict[str, Any] | None = None) -> dict[str, Any]:
+           quant: dict[str, Any] | None = None, exec_wait: bool = False) -> dict[str, Any]:
     """Write the run's config.json, submit the job that trains it (and quantises it, given the `quant`
     settings), or re-attach to the recorded one, stream its log, and return its summary. The run
     folder is locked meanwhile (`run_lock`). `status_dir` is the workflow's shared scheduler-status
     cache (default: inside the run folder).
 
     Raises RuntimeError with the job's traceback (also saved to DIR/error.txt) if the job fails.
+    `exec_wait` (the CLI): on SLURM this process is replaced by a `flock` waiting on the dispatcher
+    (`ofe.cluster.handover`), which runs the same command line again when the job has ended.
     """
     out = Path(out_dir).resolve()
     config_path = out / CONFIG
@@ -161,13 +190,14 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status
 
     name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
     done = (SUMMARY, QUANT) if quant is not None else (SUMMARY,)
-    work = Work(TrainJob(), (str(config_path), str(out), quant), name, cfg.grid.get("scale", ""), done,
+    work = Work(TrainJob(), (str(config_path), str(out), quant), name, "train", cfg.grid.get("scale", ""), done,
                 "training", before_submit=before_submit)
-    return launch_work(work, out, launcher, status_dir)
+    return launch_work(work, out, launcher, status_dir, exec_wait)
 
 
 def launch_inspect(ckpt: dict[str, Any], out_dir: Path | str, launcher: dict[str, Any], settings: dict[str, Any],
-                   data: dict[str, Any], quant: dict[str, Any], status_dir: Path | str | None = None) -> dict[str, Any]:
+                   data: dict[str, Any], quant: dict[str, Any], status_dir: Path | str | None = None,
+                   exec_wait: bool = False) -> dict[str, Any]:
     """`launch` for one checkpoint of a checkpoint study (`ofe.plan.studies`): an `InspectJob` with the
     `inspect:` section's resources, re-attached and waited on like a training job; returns inspect.json.
     The memory the job is given (inspect.mem_gb, else the launcher's on SLURM) is the limit the model's
@@ -178,41 +208,43 @@ def launch_inspect(ckpt: dict[str, Any], out_dir: Path | str, launcher: dict[str
     resources = job_resources(settings)
     memory = resources.get("mem_gb") or (launcher.get("mem_gb") if launcher.get("cluster") == "slurm" else None)
     name = launcher.get("job_name_prefix", "ofe-") + "inspect_" + ckpt["ckpt_id"].replace("/", "_")
-    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "", (INSPECT,),
+    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "inspect", "", (INSPECT,),
                 "inspection", resources)
-    return launch_work(work, out, launcher, status_dir)
+    return launch_work(work, out, launcher, status_dir, exec_wait)
 
 
-def launch_work(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
+def launch_work(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None,
+                exec_wait: bool = False) -> dict[str, Any]:
     """Submit `work` from its folder `out` (or re-attach to its recorded job) under the folder's lock."""
     out.mkdir(parents=True, exist_ok=True)
+    status = Path(status_dir) if status_dir else out / ".ofe-status"
     with run_lock(out):
-        return _launch(work, out, launcher, status_dir)
+        if launcher.get("cluster", "local") == "slurm":
+            params = executor_parameters(launcher, work.scale, work.name, work.resources)
+            return hand_over(work, out, params, launcher, status, exec_wait)
+        return _launch_local(work, out, launcher, status)
 
 
-def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | str | None) -> dict[str, Any]:
+def _launch_local(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path) -> dict[str, Any]:
     poll = float(launcher.get("poll_s", 2.0))
     cluster = launcher.get("cluster", "local")
-    # one shared squeue/sacct per poll for the whole workflow, for re-attach as for waiting
-    cache = StatusCache(Path(status_dir) if status_dir else out / ".ofe-status", max_age_s=poll)
-    info = live_job(out / JOB, cache)
-    if info is not None and info["cluster"] == "slurm":
-        print(f"[ofe] re-attaching to SLURM job {info['job_id']} for {out}", flush=True)
-        job = submitit.SlurmJob(folder=info["folder"], job_id=str(info["job_id"]))
-    elif info is not None:
+    info = live_job(out / JOB, StatusCache(status_dir, max_age_s=poll))
+    if info is not None and info["cluster"] != "local":
+        raise RuntimeError(f"{out} has a live {info['cluster']} job {info['job_id']} (job.json); wait for it with "
+                           f"the {info['cluster']} launcher, or cancel it (python -m ofe cancel), then rerun")
+    if info is not None:
         print(f"[ofe] waiting for local job {info['job_id']} for {out}", flush=True)
         try:
             return _wait_local_pid(info, out, poll, work.done)
         except RuntimeError as e:
-            raise _fail(out, info["job_id"], e, work.what) from None
+            raise fail(out, info["job_id"], e, work.what) from None
     else:
         (out / ERROR).unlink(missing_ok=True)
         folder = out / "submitit" / time.strftime("%Y%m%dT%H%M%S")  # one folder per submission
         params = executor_parameters(launcher, work.scale, work.name, work.resources)
         call = work.call
-        if cluster == "local":  # the GPUs it may use, never the local executor's mask (`LocalGpus`)
-            call = LocalGpus(call, *local_gpus(params.pop("gpus_per_node", None),
-                                               os.environ.get("CUDA_VISIBLE_DEVICES")))
+        # the GPUs it may use, never the local executor's mask (`LocalGpus`)
+        call = LocalGpus(call, *local_gpus(params.pop("gpus_per_node", None), os.environ.get("CUDA_VISIBLE_DEVICES")))
         if work.before_submit is not None:
             work.before_submit(params)
         executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
@@ -220,10 +252,9 @@ def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | 
         job = executor.submit(call, *work.args)
         record = {"job_id": str(job.job_id), "cluster": cluster, "folder": str(folder),
                   "stdout": str(job.paths.stdout), "submitted": time.time()}
-        if cluster == "local":
-            record["pid"] = int(job.job_id)  # the local executor's job id is the process id
-            # -1: the job had already ended, so no later process with this pid is taken for it
-            record["pid_start"] = process_start_time(record["pid"]) or -1
+        record["pid"] = int(job.job_id)  # the local executor's job id is the process id
+        # -1: the job had already ended, so no later process with this pid is taken for it
+        record["pid_start"] = process_start_time(record["pid"]) or -1
         atomic_write_json(out / JOB, record)
         print(f"[ofe] submitted {cluster} {work.what} job {job.job_id} for {out} (log: {job.paths.stdout})",
               flush=True)
@@ -232,17 +263,14 @@ def _launch(work: Work, out: Path, launcher: dict[str, Any], status_dir: Path | 
     def echo() -> None:
         offset[0] = _echo_new(job.paths.stdout, offset[0])
 
-    if isinstance(job, submitit.SlurmJob):
-        wait_for(cache, str(job.job_id), job.paths.result_pickle, poll, on_poll=echo)
-    else:
-        while not job.done():
-            echo()
-            time.sleep(poll)
+    while not job.done():
+        echo()
+        time.sleep(poll)
     echo()
     try:
         return job.results()[0]  # rank 0 writes the summary (one result per task)
     except Exception as e:  # submitit's FailedJobError carries the remote traceback
-        raise _fail(out, job.job_id, e, work.what) from None
+        raise fail(out, job.job_id, e, work.what) from None
 
 
 def _wait_local_pid(info: dict[str, Any], out: Path, poll: float, done: tuple[str, ...]) -> dict[str, Any]:
@@ -258,11 +286,6 @@ def _wait_local_pid(info: dict[str, Any], out: Path, poll: float, done: tuple[st
     raise RuntimeError(f"local job {info['job_id']} for {out} ended without {', '.join(missing)}; see {log}")
 
 
-def _fail(out: Path, job_id: str, e: BaseException, what: str = "training") -> RuntimeError:
-    atomic_write_text(out / ERROR, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    return RuntimeError(f"{what} job {job_id} for {out} failed:\n{e}")
-
-
 def cancel(results_dir: Path | str, dry_run: bool = False, max_age_s: float = 10.0) -> list[str]:
     """Cancel every pending or running job of this workflow's run folders (Ctrl-C of Snakemake does
     not cancel jobs already on SLURM: that is what makes re-attach possible). The jobs' states come
@@ -271,13 +294,15 @@ def cancel(results_dir: Path | str, dry_run: bool = False, max_age_s: float = 10
     cancelled = []
     cache = StatusCache(Path(results_dir) / ".ofe-status", max_age_s=max_age_s)
     paths = [p for sub in ("runs", "checkpoints") for p in sorted(Path(results_dir, sub).rglob(JOB))]
+    seen: set[tuple[str, str]] = set()
     for path in paths:  # training jobs, then the checkpoint studies' inspection jobs
         info = live_job(path, cache)
         if info is None:
             continue
         cancelled.append(f"{info['cluster']} job {info['job_id']} ({path.parent})")
-        if dry_run:
+        if dry_run or (info["cluster"], str(info["job_id"])) in seen:  # a packed job holds several runs
             continue
+        seen.add((info["cluster"], str(info["job_id"])))
         if info["cluster"] == "slurm":
             subprocess.run(["scancel", str(info["job_id"])], check=False)
         else:

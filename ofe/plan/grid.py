@@ -23,7 +23,8 @@ from ofe.plan import offline, presets, studies
 from ofe.plan.validate import AXES, DEFAULT_SCHEMA, SECTIONS, folder_segment, format_value, validate
 from ofe.plan.vocab import tokenizer_vocab
 # re-exported: the workflow reaches the config checks through ofe.plan.grid
-from ofe.plan.validate import check_launcher, launcher_settings, load_config  # noqa: F401
+from ofe.plan.launcher import check_launcher, check_packing, launcher_settings  # noqa: F401
+from ofe.plan.yamlio import load_config  # noqa: F401
 
 
 @dataclass

@@ -26,7 +26,6 @@ import yaml
 from ofe.config import (ConfigError, DataConfig, build_section, check_field, field_kind, number_from_text,
                         section_fields)
 from ofe.plan import studies
-from ofe.plan.yamlio import load_config
 
 AXES = ("scale", "block", "beta", "optimizer", "lr", "seed")  # in run-path order
 SECTIONS = ("model", "optim", "train")
@@ -68,11 +67,11 @@ def _json_path(path: Iterable) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _schema(schema_path: str) -> dict:
+def load_schema(schema_path: str) -> dict:
     return yaml.safe_load(Path(schema_path).read_text())
 
 
-def _schema_errors(schema: dict, instance: Any, prefix: tuple = ()) -> list[str]:
+def schema_errors(schema: dict, instance: Any, prefix: tuple = ()) -> list[str]:
     """Every violation of `schema`, as 'dotted.key: what is wrong and what is allowed'."""
     validator = jsonschema.Draft202012Validator(schema)
     lines = []
@@ -98,7 +97,7 @@ def _schema_errors(schema: dict, instance: Any, prefix: tuple = ()) -> list[str]
 
 def validate_schema(config: dict, schema_path: Path | str = DEFAULT_SCHEMA) -> None:
     """Check config.yaml against the JSON schema; the error names the key and the allowed values."""
-    lines = _schema_errors(_schema(str(schema_path)), config)
+    lines = schema_errors(load_schema(str(schema_path)), config)
     if lines:
         raise ConfigError("\n".join(f"config.yaml: {line}" for line in lines))
 
@@ -137,7 +136,7 @@ def _child(node: dict, key: str) -> dict:
     return extra if isinstance(extra, dict) else {}
 
 
-def _numbers_by_schema(value: Any, node: dict, root: dict) -> Any:
+def numbers_by_schema(value: Any, node: dict, root: dict) -> Any:
     """Numeric strings where the schema wants a number, read as that number ('1e-2' -> 0.01)."""
     node = _resolve(node, root)
     if isinstance(value, str):
@@ -145,10 +144,10 @@ def _numbers_by_schema(value: Any, node: dict, root: dict) -> Any:
         number = number_from_text(value, kind) if kind else None
         return value if number is None else number
     if isinstance(value, dict):
-        return {k: _numbers_by_schema(v, _child(node, k), root) for k, v in value.items()}
+        return {k: numbers_by_schema(v, _child(node, k), root) for k, v in value.items()}
     if isinstance(value, list):
         items = node.get("items", {})
-        return [_numbers_by_schema(v, items, root) for v in value]
+        return [numbers_by_schema(v, items, root) for v in value]
     return value
 
 
@@ -176,8 +175,8 @@ def read_numbers(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) 
         return config
     config = copy.deepcopy(config)
     if schema_path is not None:
-        schema = _schema(str(schema_path))
-        config = _numbers_by_schema(config, schema, schema)
+        schema = load_schema(str(schema_path))
+        config = numbers_by_schema(config, schema, schema)
     def mapping(d: Any, key: str) -> dict:  # the schema has not been checked yet
         return d[key] if isinstance(d, dict) and isinstance(d.get(key), dict) else {}
 
@@ -194,14 +193,14 @@ def read_numbers(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) 
     return config
 
 
-def _non_finite(value: Any, path: tuple = ()) -> list[str]:
+def non_finite(value: Any, path: tuple = ()) -> list[str]:
     """Dotted keys of every inf or nan anywhere (no setting means either)."""
     if isinstance(value, float) and not math.isfinite(value):
         return [f"{_json_path(path)}: must be a finite number, got {value!r}"]
     if isinstance(value, dict):
-        return [m for k, v in value.items() for m in _non_finite(v, (*path, k))]
+        return [m for k, v in value.items() for m in non_finite(v, (*path, k))]
     if isinstance(value, list):
-        return [m for i, v in enumerate(value) for m in _non_finite(v, (*path, i))]
+        return [m for i, v in enumerate(value) for m in non_finite(v, (*path, i))]
     return []
 
 
@@ -303,9 +302,9 @@ def validate(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> d
     if not isinstance(config, dict):
         raise ConfigError(f"config.yaml: expected a mapping of settings, got {type(config).__name__}")
     config = read_numbers(config, schema_path)
-    errors = _non_finite(config)
+    errors = non_finite(config)
     if schema_path is not None:
-        errors += _schema_errors(_schema(str(schema_path)), config)
+        errors += schema_errors(load_schema(str(schema_path)), config)
     if not errors and "defaults" not in config:  # what training runs start from; checkpoints need none
         grids = [s for s, spec in config["studies"].items() if "grid" in spec]
         errors = [f"defaults: required, since studies {grids} train runs from it"] if grids else []
@@ -324,55 +323,3 @@ def validate(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> d
     if errors:
         raise ConfigError("\n".join(f"config.yaml: {line}" for line in errors))
     return config
-
-# ---- the launcher ------------------------------------------------------------------------------------
-
-def launcher_settings(config: dict, schema_path: Path | str = DEFAULT_SCHEMA) -> dict:
-    """config.yaml's `launcher`, updated from the file a profile names in `launcher_file`, numbers read
-    and checked against the schema's `$defs/launcher` (unknown keys refused, launcher.slurm's included)."""
-    launcher = dict(config.get("launcher") or {"cluster": "local"})
-    from_file: dict = {}
-    source = config.get("launcher_file")
-    if source:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"launcher_file: {str(source)!r} does not exist or is not a file (relative to "
-                              f"{Path.cwd()}); give the path of a YAML file of launcher settings")
-        from_file = load_config(path) or {}
-        if not isinstance(from_file, dict):
-            raise ConfigError(f"launcher_file {source}: expected a mapping of launcher settings, got "
-                              f"{type(from_file).__name__}")
-        launcher.update(from_file)
-    schema = _schema(str(schema_path))
-    launcher = _numbers_by_schema(launcher, schema["$defs"]["launcher"], schema)
-    lines = _non_finite(launcher, ("launcher",))
-    lines = lines or _schema_errors({"$defs": schema["$defs"], "$ref": "#/$defs/launcher"}, launcher,
-                                    ("launcher",))
-    if lines:
-        where = f"{source} (launcher_file)" if from_file else "config.yaml"
-        raise ConfigError("\n".join(f"{where}: {line}" for line in lines))
-    return launcher
-
-
-def check_launcher(plan_runs: Iterable[Any], launcher: dict) -> None:
-    """Each run's global batch (train.batch_size) must split evenly over its processes: tasks_per_node
-    x nodes for its scale (launcher.scales[scale], else launcher's own; the local executor runs one
-    node), as data-parallel training does. Runs come from the plan (dicts) or from `grid.expand` (Run)."""
-    bad: dict[tuple, list[str]] = {}
-    for r in plan_runs:
-        run_id, scale, batch = ((r["run_id"], r["grid"]["scale"], r["config"]["train"]["batch_size"])
-                                if isinstance(r, dict) else (r.run_id, r.grid["scale"], r.config.train.batch_size))
-        own = (launcher.get("scales") or {}).get(scale) or {}
-        keys = {k: (f"launcher.scales.{scale}.{k}", own[k]) if k in own else (f"launcher.{k}", launcher.get(k, 1))
-                for k in ("tasks_per_node", "nodes")}
-        if launcher.get("cluster") != "slurm":
-            keys["nodes"] = ("nodes (one for the local executor)", 1)
-        processes = keys["tasks_per_node"][1] * keys["nodes"][1]
-        if batch % processes:
-            bad.setdefault((scale, batch, processes, *keys.values()), []).append(run_id)
-    lines = [f"scale {scale!r}: train.batch_size {batch} is not divisible by its {n} processes "
-             f"({tk} {tv} x {nk} {nv}), in {len(ids)} runs such as {ids[0]}; make the batch a multiple "
-             f"of {n} or change {tk}"
-             for (scale, batch, n, (tk, tv), (nk, nv)), ids in bad.items()]
-    if lines:
-        raise ConfigError("launcher: each process trains an equal share of the batch:\n" + "\n".join(lines))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ofe.config import ConfigError
 from ofe.plan import memplan, plan_from_config
-from ofe.plan.grid import check_launcher, default_figures_dir, launcher_settings, load_config, runs_digest, validate
+from ofe.plan.grid import check_launcher, check_packing, default_figures_dir, launcher_settings, load_config, runs_digest, validate
 from ofe.plan.studies import job_spec, measure_settings
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
@@ -30,6 +30,7 @@ try:
     LAUNCHER = load_launcher(validate(config, SCHEMA))  # the launcher before expanding the grid
     PLAN = plan_from_config(config, SCHEMA)
     check_launcher(PLAN["runs"], LAUNCHER)
+    check_packing(LAUNCHER)  # job arrays and packed runs (profiles/slurm/launcher.yaml)
     # each run's estimated memory per process against its launcher entry's (ofe/plan/memory.py): printed,
     # and a run that would not fit stops the workflow here rather than hours later in the queue
     MEMORY = memplan.plan(PLAN["runs"], LAUNCHER)
@@ -76,3 +77,7 @@ def run_threads(wildcards):
 # function's signature for every job, seconds for a 10,000-run grid.
 THREADS = {r["config"]["train"]["threads"] for r in PLAN["runs"]}
 RUN_THREADS = THREADS.pop() if len(THREADS) == 1 else run_threads
+# On SLURM a waiting rule takes no CPU of the head (its job's CPUs come from the launcher's scale): one
+# head slot each, so `cores` in profiles/slurm caps the runs in flight, not their threads.
+if LAUNCHER.get("cluster") == "slurm":
+    RUN_THREADS = 1

@@ -26,6 +26,6 @@ rule inspect:
     log:
         f"{RESULTS}/logs/inspect/{{ckpt}}.log",
     shell:
-        "python -m ofe launch --checkpoint-json {params.ckpt:q} --inspect-json {INSPECT_ALL:q}"
+        "exec python -m ofe launch --checkpoint-json {params.ckpt:q} --inspect-json {INSPECT_ALL:q}"
         " --data-json {params.data:q} --quant-json {params.quant:q} --launcher-json {LAUNCHER_JSON:q}"
         " --status-dir {STATUS_DIR:q} --out {params.out:q} > {log:q} 2>&1"

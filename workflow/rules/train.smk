@@ -5,7 +5,9 @@
 # params are the run's full config and the quant settings: a change reruns exactly the runs it touches.
 # A change of `quant:` alone reruns the job, which finds the run's final checkpoint, rewrites its files
 # without training and quantises again (seconds per run).
-# Waiting rules share one squeue/sacct per poll through the status cache in STATUS_DIR.
+# Waiting rules share one squeue/sacct per poll through the status cache in STATUS_DIR; on SLURM they
+# hand their runs to one dispatcher per workflow (job arrays, packed runs: ofe/cluster/dispatch.py).
+# `exec`: the waiting process replaces the rule's shell (bash keeps ~3 MB per run in flight otherwise).
 STATUS_DIR = f"{RESULTS}/.ofe-status"
 QUANT_JSON = json.dumps(PLAN["quant"], sort_keys=True)
 
@@ -29,5 +31,5 @@ rule train:
     log:
         f"{RESULTS}/logs/train/{{run}}.log",
     shell:
-        "python -m ofe launch --run-json {params.run:q} --launcher-json {LAUNCHER_JSON:q}"
+        "exec python -m ofe launch --run-json {params.run:q} --launcher-json {LAUNCHER_JSON:q}"
         " --quant-json {params.quant:q} --status-dir {STATUS_DIR:q} --out {params.out:q} > {log:q} 2>&1"

@@ -52,7 +52,7 @@ def test_every_preset_prints_a_plan_and_fits_on_the_slurm_profile(tmp_path, conf
     assert all(r[-1] == "ok" for r in rows)
     by_scale = {r[0]: r for r in rows}
     assert by_scale["7b"][2:5] == ["fsdp", "8", "8"] and by_scale["1.2b"][2:5] == ["fsdp", "8", "8"]
-    assert by_scale["tiny"][-3:] == ["4.00G", "CPU", "ok"] and by_scale["7b"][-3:] == ["80.00G", "GPU", "ok"]
+    assert by_scale["tiny"][-3:] == ["2.00G", "CPU", "ok"] and by_scale["7b"][-3:] == ["80.00G", "GPU", "ok"]
 
 
 def test_sharded_presets_fall_back_to_ddp_for_whole_matrix_optimisers(config):
