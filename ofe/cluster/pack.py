@@ -64,15 +64,21 @@ class PackJob(submitit.helpers.Checkpointable):
             log.close()
             print(f"[ofe] member {index}: {member['out']} (pid {procs[member['out']].pid}, log "
                   f"{member_log(folder, job_id, index)})", flush=True)
-        for out, proc in procs.items():
-            rc = proc.wait()
-            if member_result(out) is None or member_result(out).get("job_id") != job_id:
-                # killed before it could say so itself (out of memory, a signal)
-                atomic_write_json(Path(out) / MEMBER_RESULT, {
-                    "job_id": job_id, "ok": False, "time": time.time(),
-                    "error": f"the run's process ended with exit status {rc} without a result "
-                             f"({'killed by signal ' + str(-rc) if rc < 0 else 'see its log'})"})
-            print(f"[ofe] member {out} ended (exit status {rc})", flush=True)
+        while procs:  # in whatever order they end: a member's waiter hears of its end at once
+            for out, proc in list(procs.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del procs[out]
+                mine = member_result(out)
+                if mine is None or mine.get("job_id") != job_id:
+                    # killed before it could say so itself (out of memory, a signal)
+                    atomic_write_json(Path(out) / MEMBER_RESULT, {
+                        "job_id": job_id, "ok": False, "time": time.time(),
+                        "error": f"the run's process ended with exit status {rc} without a result "
+                                 f"({'killed by signal ' + str(-rc) if rc < 0 else 'see its log'})"})
+                print(f"[ofe] member {out} ended (exit status {rc})", flush=True)
+            time.sleep(0.5)
         return {m["out"]: bool((member_result(m["out"]) or {}).get("ok")) for m in members}
 
 

@@ -18,96 +18,19 @@ import pytest
 import torch
 import yaml
 
-from ofe.plan import grid
 from ofe.train.trainer import train
 from tests.helpers import REPO
 from tests.helpers.runs import tiny_run
 from tests.helpers.services import require_service
-from tests.helpers.workflow import SNAKEMAKE
+from tests.helpers.slurm import (HOW, SNAKEMAKE, launcher, planned_hash, queued_jobs, run_snakemake, settled_jobs, slurm_up,
+                                 snakemake_cmd, workflow_dir)
 
 pytestmark = pytest.mark.slow  # starts processes: Snakemake against a real SLURM
-
-HOW = "start a local cluster with `sudo scripts/slurm-localhost.sh start` (.ci/run does)"
-
-
-def _slurm_up() -> bool:
-    try:
-        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=10)
-        acct = subprocess.run(["sacct", "-n", "-X"], capture_output=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return ping.returncode == 0 and "UP" in ping.stdout and acct.returncode == 0
 
 
 @pytest.fixture(scope="module", autouse=True)
 def slurm() -> None:
-    require_service(_slurm_up(), "a SLURM controller with accounting (sacct)", HOW)
-
-
-def sacct_jobs(name_prefix: str) -> pd.DataFrame:
-    """Every job (not step) whose name starts with the prefix: JobID, JobName, State."""
-    out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,JobName%200,State", "-S", "now-1hours"],
-                         capture_output=True, text=True, check=True).stdout
-    rows = [line.split("|") for line in out.splitlines() if line.strip()]
-    df = pd.DataFrame(rows, columns=["job_id", "name", "state"])
-    return df[df.name.str.startswith(name_prefix)]
-
-
-def queued_jobs(name_prefix: str) -> list[str]:
-    """States of the prefix's jobs in the controller's queue (squeue: no accounting lag)."""
-    out = subprocess.run(["squeue", "-h", "-o", "%j|%T"], capture_output=True, text=True, check=True).stdout
-    return [line.split("|")[1] for line in out.splitlines() if line.startswith(name_prefix)]
-
-
-def settled_jobs(name_prefix: str, expected: int = 1, timeout: float = 60) -> pd.DataFrame:
-    """sacct's view once at least `expected` jobs of the prefix are recorded and none is still pending,
-    running or completing (the result file can appear a moment before SLURM marks the job done, and
-    accounting lags the controller by seconds)."""
-    deadline = time.time() + timeout
-    while True:
-        jobs = sacct_jobs(name_prefix)
-        live = jobs.state.isin(["PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"])
-        if (len(jobs) >= expected and not live.any()) or time.time() > deadline:
-            return jobs
-        time.sleep(1)
-
-
-def launcher(prefix: str) -> dict:
-    return {"cluster": "slurm", "job_name_prefix": prefix, "poll_s": 1,
-            "scales": {"tiny": {"cpus_per_task": 1, "mem_gb": 2, "timeout_min": 10}}}
-
-
-def workflow_dir(tmp_path: Path, prefix: str, steps: int = 20) -> Path:
-    config = {
-        "data": {"source": "stdlib", "max_documents": 120},
-        "quant": {"bits": [8], "calib_batches": 1, "eval_batches": 1},
-        "defaults": {
-            "block": "pre_ln", "scale": "tiny", "optimizer": "adamw", "lr": 1.0e-2, "seed": 0,
-            "model": {"n_layer": 2, "d_model": 32, "n_head": 2, "context": 32},
-            "train": {"steps": steps, "batch_size": 4, "log_every": 5, "eval_every": 10, "checkpoint_every": 5},
-        },
-        "studies": {"norms": {"grid": {"block": ["pre_ln", "op"]}}},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    (tmp_path / "launcher.yaml").write_text(yaml.safe_dump(launcher(prefix)))
-    return tmp_path
-
-
-def planned_hash(workdir: Path, run_id: str) -> str:
-    """The config hash of one planned run of the workflow in `workdir` (its plan, computed here)."""
-    config = yaml.safe_load((workdir / "config.yaml").read_text())
-    return grid.expand(config, REPO / "workflow" / "schemas" / "config.schema.yaml")[run_id].config.config_hash()
-
-
-def snakemake_cmd(workdir: Path, *extra: str) -> list[str]:
-    # the test's own launcher file replaces the profile's (same key), keeping the profile's other settings
-    return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--profile",
-            str(REPO / "profiles" / "slurm"), "--config", f"launcher_file={workdir / 'launcher.yaml'}",
-            "--latency-wait", "5", *extra]
-
-
-def run_snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(snakemake_cmd(workdir, *extra), capture_output=True, text=True, timeout=900)
+    require_service(slurm_up(), "a SLURM controller with accounting (sacct)", HOW)
 
 
 def test_two_run_grid_completes_on_slurm_with_the_literal_profile_command(tmp_path):

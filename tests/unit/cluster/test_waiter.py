@@ -23,12 +23,15 @@ from ofe.cluster.launch import launch, launch_inspect
 from ofe.config import RunConfig, TrainConfig
 from ofe.plan.studies import inspect_settings
 from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
+from ofe.cluster.pack import PackJob
+import ofe.cluster.dispatch, ofe.cluster.handover  # the SLURM dispatcher and the waiter's side of it
 from ofe.cluster.jobstate import process_start_time
 from submitit.core.utils import DelayedSubmission
 
 root = Path(sys.argv[1])
 DelayedSubmission(LocalGpus(TrainJob(), None, None), "config.json", str(root), {}).dump(root / "train.pkl")
 DelayedSubmission(InspectJob(), {"ckpt_id": "m/1"}, str(root), {}, {}, {}).dump(root / "inspect.pkl")
+DelayedSubmission(PackJob(), [{"out": str(root), "config": "config.json", "quant": {}}]).dump(root / "pack.pkl")
 try:
     ofe.__main__.main(["launch", "--help"])
 except SystemExit:
