@@ -240,6 +240,8 @@ def live_job(record: Path, cache: StatusCache, tries: int = 6) -> dict[str, Any]
     info = json.loads(record.read_text())
     if (Path(info["folder"]) / f"{info['job_id']}_0_result.pkl").exists():
         return None  # the job has returned (or failed): a job still COMPLETING in squeue is not live
+    if info.get("pack") and _member_ended(record.parent, str(info["job_id"])):
+        return None  # this run's part of a packed job is over, though its neighbours may still run
     if info["cluster"] == "slurm":
         # a listing older than the submission could miss the job (older records lack the time)
         since = float(info.get("submitted") or record.stat().st_mtime)
@@ -248,6 +250,13 @@ def live_job(record: Path, cache: StatusCache, tries: int = 6) -> dict[str, Any]
         return None
     # a record without a start time (older ofe) can only be checked by pid
     return info if pid_alive(int(info["pid"]), info.get("pid_start")) else None
+
+
+def _member_ended(folder: Path, job_id: str) -> bool:
+    from ofe.cluster.spool import MEMBER_RESULT, read_json
+
+    result = read_json(folder / MEMBER_RESULT)
+    return result is not None and result.get("job_id") == job_id
 
 
 def _slurm_state(cache: StatusCache, job_id: str, since: float, tries: int) -> str:
