@@ -158,8 +158,14 @@ def _submit_ready(status_dir: Path, entries: dict[str, Entry]) -> None:
     groups: dict[str, list[Entry]] = {}
     for e in pending:
         r = e.request
+        if not pid_alive(int(r["pid"]), r.get("pid_start")):  # its rule was stopped while it was gathered
+            log(f"not submitting {r['out']}: its waiter (pid {r['pid']}) is gone")
+            e.release()
+            entries.pop(e.key, None)
+            continue
         shape = {k: v for k, v in r["params"].items() if k != "name"}
-        groups.setdefault(json.dumps([r["kind"], shape, r["pack"], r["array"]], sort_keys=True), []).append(e)
+        key = [r["kind"], shape, r["pack"], r["array"], r.get("cwd")]
+        groups.setdefault(json.dumps(key, sort_keys=True), []).append(e)
     for group in groups.values():
         try:
             _submit_group(status_dir, group)
@@ -182,6 +188,8 @@ def _submit_group(status_dir: Path, group: list[Entry]) -> None:
     from ofe.cluster.pack import PackJob, member_log
 
     first = group[0].request
+    if first.get("cwd"):  # a job starts where it was submitted from: the workflow's folder, as its paths are
+        os.chdir(first["cwd"])
     pack, units = int(first["pack"]), _units(group)
     params = dict(first["params"])
     if pack > 1:  # the scale's resources are per run: the job holds the pack's

@@ -60,7 +60,7 @@ def hand_over(work: Any, out: Path, params: dict[str, Any], launcher: dict[str, 
         request: dict[str, Any] = {"key": key, "token": spool.new_token(), "digest": digest, "out": str(out),
                                    "poll_s": poll, "gather_s": float(launcher.get("gather_s", 10)),
                                    "array": bool(launcher.get("array", False)), "scale": work.scale,
-                                   "prefix": launcher.get("job_name_prefix", "ofe-"), **payload,
+                                   "prefix": launcher.get("job_name_prefix", "ofe-"), "cwd": os.getcwd(), **payload,
                                    **spool.pid_record()}
         if info is not None and info["cluster"] != "slurm":
             raise RuntimeError(f"{out} has a live {info['cluster']} job {info['job_id']} (job.json); wait for it "

@@ -141,6 +141,22 @@ def test_a_request_of_a_dead_waiter_is_dropped(tmp_path) -> None:
     assert entries == {} and not list((status / spool.REQUESTS).iterdir())
 
 
+def test_a_run_whose_waiter_dies_while_gathered_is_not_submitted(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(submitit, "AutoExecutor", FakeExecutor)
+    FakeExecutor.made = []
+    status = tmp_path / "status"
+    waiter = subprocess.Popen(["sleep", "60"])
+    req = _request(status, tmp_path / "run", 1, True)
+    spool.write_request(status, {**req, "pid": waiter.pid, "pid_start": process_start_time(waiter.pid)})
+    entries: dict = {}
+    dispatch._take(status, entries)
+    assert list(entries) == [req["key"]]
+    waiter.kill()  # Ctrl-C of the head, within the gathering window
+    waiter.wait()
+    dispatch._submit_ready(status, entries)
+    assert entries == {} and FakeExecutor.made == [] and not spool.held(spool.hold_path(status, req["token"]))
+
+
 @pytest.mark.parametrize("launcher, key", [
     ({"cluster": "local", "scales": {"tiny": {"pack": 4}}}, "launcher.scales.tiny.pack: 4 needs cluster: slurm"),
     ({"cluster": "local", "array": True}, "launcher.array: true needs cluster: slurm"),
