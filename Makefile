@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # Profile for `make run`; `make run PROFILE=profiles/slurm` on a cluster.
 PROFILE ?= profiles/local
 
-.PHONY: run report test test-fast venv clean paper gpu-check
+.PHONY: run head report test test-fast venv clean paper gpu-check
 
 venv: $(VENV)/.installed
 
@@ -22,6 +22,13 @@ run: venv
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
 		$(BIN)/snakemake --profile $(PROFILE)
 	@echo "report: $(abspath reports/index.html)"
+
+# The head itself as a long, requeued SLURM job (docs/cluster.md "An unattended head"); its log is
+# results/logs/head.log. HEAD_ARGS="-- --profile slurm --configfile my-grid.yaml" (default: --profile slurm);
+# options such as --partition or --time go before the --.
+HEAD_ARGS ?=
+head: venv
+	$(BIN)/python -m ofe head $(HEAD_ARGS)
 
 # The partial report of a sweep in progress, from another shell at any moment (docs/workflow.md): the
 # runs finished so far -> reports/index-partial.html. CONFIG=configs/paper-int8.yaml for that sweep's.

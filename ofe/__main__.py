@@ -7,7 +7,8 @@
   launch        submit `train` (+ `quantise`) through submitit (local or slurm) and wait for it
   dispatch      the workflow's SLURM dispatcher (started by `launch`): arrays, packed runs, one poll
   cancel        cancel every pending or running job of this workflow
-  status        where every run of the grid stands
+  status        where every run of the grid stands (and the head job, if `head` submitted one)
+  head          run the Snakemake head itself as a long, requeued SLURM job (unattended)
   install-profile  install profiles/slurm as the global Snakemake profile `slurm`
   quantise      int8 (W8A8) perplexity of a finished run
   inspect       the training metrics and int8 perplexity of a pretrained model (or a finished run)
@@ -94,6 +95,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="query SLURM (one batched call) when the shared status cache is older (s)")
     p.add_argument("--no-query", dest="query", action="store_false", help="never query SLURM; cached states only")
 
+    p = sub.add_parser("head", help="submit the Snakemake head itself as a SLURM job (low resources, long "
+                       "time limit, requeued on preemption or time-out): `ofe head [options] [-- snakemake args]`")
+    p.add_argument("snakemake", nargs="*", metavar="SNAKEMAKE_ARG",
+                   help="after --: what the head runs `snakemake` with (default: --profile slurm)")
+    p.add_argument("--results", type=Path, help="the workflow's results folder, where head.json and "
+                   "logs/head.log go (default: results_dir of the config the snakemake arguments name)")
+    p.add_argument("--job-name", help="the head job's SLURM name (default ofe-head)")
+    p.add_argument("--time", help="the head job's time limit (default 7-00:00:00); it requeues itself before it")
+    p.add_argument("--cpus", type=int, help="CPUs of the head job (default 1)")
+    p.add_argument("--mem-gb", type=int, help="memory of the head job in GB (default 4)")
+    p.add_argument("--requeue-before-s", type=int, help="requeue this long before the time limit (default 300)")
+    for key in ("partition", "account", "qos"):
+        p.add_argument(f"--{key}", help=f"default: OFE_SLURM_{key.upper()}, as for the training jobs")
+    p.add_argument("--dry-run", action="store_true", help="write RESULTS/head.sbatch and print it; submit nothing")
+
     p = sub.add_parser("install-profile", help="install profiles/slurm as a global Snakemake profile")
     p.add_argument("--name", default="slurm", help="the profile's name: `snakemake --profile NAME`")
 
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                    "with this digest (ofe.plan.grid.runs_digest of the plan's run ids)")
 
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `ofe head` records how to restart it
     try:
         return _dispatch(args)
     except ConfigError as e:
@@ -224,14 +241,19 @@ def _dispatch(args: argparse.Namespace) -> int:
         verb = "would cancel" if args.dry_run else "cancelled"
         print("\n".join(f"[ofe] {verb} {j}" for j in jobs) or "[ofe] no pending or running jobs")
     elif args.cmd == "status":
-        from ofe.cluster.status import format_table, grid_status
+        from ofe.cluster.status import format_table, no_plan_message, survey
 
-        try:
-            rows = grid_status(args.results, args.max_age, args.query)
-        except FileNotFoundError as e:
-            print(f"ofe: {e}", file=sys.stderr)
-            return 1
+        rows, head = survey(args.results, args.max_age, args.query)
+        if head is not None:
+            print(head)
+        if rows is None:
+            print(f"ofe: {no_plan_message(args.results, head is not None)}", file=sys.stderr)
+            return 0 if head is not None else 1  # a submitted head that has not planned yet is no error
         print(format_table(rows))
+    elif args.cmd == "head":
+        from ofe.cluster.head import main as head_main
+
+        return head_main(args)
     elif args.cmd == "install-profile":
         from ofe.cluster.install import install_profile
 

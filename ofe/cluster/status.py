@@ -1,11 +1,12 @@
 """`python -m ofe status`: where every run of the grid stands, from the run folders alone.
 
 It needs no Snakemake head: it reads results/plan.json, each run folder (summary.json, quant.parquet,
-error.txt, job.json and the tail of the job's log) and the workflow's shared SLURM status cache, which
-the waiting heads keep. When that cache is fresher than `max_age_s` and knows every recorded job, the
-scheduler is not asked at all; otherwise one batched squeue (and one sacct for jobs that left the
-queue) covers all recorded jobs, never one query per run. The answer is shown, not written to the
-cache: only the waiting heads write it.
+error.txt, job.json and the tail of the job's log), the workflow's shared SLURM status cache, which the
+waiting heads keep, and results/head.json, the head job `ofe head` submitted (`ofe.cluster.head`). When
+that cache is fresher than `max_age_s` and knows every recorded job, the scheduler is not asked at all;
+otherwise one batched squeue (and one sacct for jobs that left the queue) covers all recorded jobs, the
+head job included, never one query per run. The answer is shown, not written to the cache: only the
+waiting heads write it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ofe.cluster.head import describe, read_record
 from ofe.cluster.jobstate import StatusCache, is_live, pid_alive, query
 from ofe.config import config_hash
 from ofe.runfolder import INSPECT, JOB, METRICS, QUANT, SUMMARY, examine
@@ -177,22 +179,42 @@ def slurm_states(results_dir: Path, job_ids: list[str], max_age_s: float, query_
 
 def grid_status(results_dir: Path | str, max_age_s: float = 60.0, query_scheduler: bool = True) -> list[dict]:
     """Every planned run's row, in plan order, then every checkpoint's (checkpoint studies)."""
+    rows, _ = survey(results_dir, max_age_s, query_scheduler)
+    if rows is None:
+        raise FileNotFoundError(no_plan_message(Path(results_dir), head_submitted=False))
+    return rows
+
+
+def no_plan_message(results_dir: Path, head_submitted: bool) -> str:
+    """Why there is no table yet, and what to run."""
+    plan_path = results_dir / "plan.json"
+    if head_submitted:  # the head job writes the plan once it starts
+        return f"{plan_path} does not exist yet: the head job has not planned the grid (see its log)"
+    return f"{plan_path} does not exist: run `snakemake -n` or `python -m ofe plan` first"
+
+
+def survey(results_dir: Path | str, max_age_s: float = 60.0,
+           query_scheduler: bool = True) -> tuple[list[dict] | None, str | None]:
+    """(the rows of `grid_status`, None before the grid is planned; the head job's line, None when no
+    `ofe head` was submitted for this folder). The head's state comes from the same one query."""
     results_dir = Path(results_dir)
     plan_path = results_dir / "plan.json"
-    if not plan_path.exists():
-        raise FileNotFoundError(f"{plan_path} does not exist: run `snakemake -n` or `python -m ofe plan` first")
-    plan = json.loads(plan_path.read_text())
-    runs = [(results_dir / "runs" / r["run_id"], r) for r in plan["runs"]]
-    ckpts = [(results_dir / "checkpoints" / c["ckpt_id"], c) for c in plan.get("checkpoints", [])]
-    slurm_ids = []
+    head = read_record(results_dir)
+    plan = json.loads(plan_path.read_text()) if plan_path.exists() else None
+    runs = [(results_dir / "runs" / r["run_id"], r) for r in plan["runs"]] if plan else []
+    ckpts = [(results_dir / "checkpoints" / c["ckpt_id"], c) for c in plan.get("checkpoints", [])] if plan else []
+    slurm_ids = [str(head["job_id"])] if head else []
     for folder, done in [(f, QUANT) for f, _ in runs] + [(f, INSPECT) for f, _ in ckpts]:
         if (folder / JOB).exists() and not (folder / done).exists():  # complete ones need no query
             info = _record(folder)
             if info.get("cluster") == "slurm":
                 slurm_ids.append(str(info["job_id"]))
     states = slurm_states(results_dir, slurm_ids, max_age_s, query_scheduler) if slurm_ids else {}
+    line = describe(head, states.get(str(head["job_id"]), "UNKNOWN")) if head else None
+    if plan is None:
+        return None, line
     return ([run_row(run, folder, states) for folder, run in runs]
-            + [checkpoint_row(c, folder, states) for folder, c in ckpts])
+            + [checkpoint_row(c, folder, states) for folder, c in ckpts]), line
 
 
 def format_table(rows: list[dict]) -> str:

@@ -5,9 +5,11 @@ wrapper around `sbatch`."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import yaml
@@ -94,14 +96,38 @@ def run_snakemake(workdir: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(snakemake_cmd(workdir, *extra), capture_output=True, text=True, timeout=900)
 
 
-def counting_sbatch(tmp_path: Path) -> tuple[dict[str, str], "callable"]:
-    """An environment whose `sbatch` is a wrapper that logs each call, then runs the real one; and a
-    function returning how many calls were made so far (each call is one SLURM submission)."""
-    real = subprocess.run(["sh", "-c", "command -v sbatch"], capture_output=True, text=True, check=True).stdout.strip()
-    bin_dir, calls = tmp_path / "bin", tmp_path / "sbatch-calls.txt"
+def counting_sbatch(tmp_path: Path) -> tuple[dict[str, str], Callable[[], list[str]]]:
+    """(an environment whose PATH starts with an `sbatch` that logs each submission's job name, then runs
+    the real sbatch; the names logged so far, one per sbatch call, in order).
+
+    The name is read from the command line (--job-name=, -J) or the submitted script's #SBATCH lines, so
+    jobs submitted by processes that inherit the environment (a head job's own submissions) count too.
+    A call that named no job logs '?'."""
+    real = shutil.which("sbatch")
+    if real is None:
+        raise FileNotFoundError("sbatch is not on PATH")
+    bin_dir, log = tmp_path / "counting-sbatch", tmp_path / "sbatch-calls.txt"
     bin_dir.mkdir(exist_ok=True)
-    wrapper = bin_dir / "sbatch"
-    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\nexec "{real}" "$@"\n')
-    wrapper.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    return env, lambda: len(calls.read_text().splitlines()) if calls.exists() else 0
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+name=""
+prev=""
+for a in "$@"; do
+    case "$a" in
+        --job-name=*) name="${{a#--job-name=}}" ;;
+        *) if [ "$prev" = "-J" ] || [ "$prev" = "--job-name" ]; then name="$a"
+           elif [ -z "$name" ] && [ -f "$a" ]; then
+               name=$(sed -n -e 's/^#SBATCH --job-name=//p' -e 's/^#SBATCH -J *//p' "$a" | head -n 1)
+           fi ;;
+    esac
+    prev="$a"
+done
+echo "${{name:-?}}" >> '{log}'
+exec '{real}' "$@"
+""")
+    (bin_dir / "sbatch").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+    def names() -> list[str]:
+        return log.read_text().splitlines() if log.exists() else []
+
+    return env, names

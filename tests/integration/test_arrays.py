@@ -58,10 +58,10 @@ def wait_for_checkpoints(wd: Path, n: int, timeout: float = 240) -> None:
 def test_four_runs_are_one_array_of_two_packed_jobs_with_a_direct_runs_metrics(tmp_path):
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     wd = grid_dir(tmp_path / "work", prefix, steps=20, seeds=[0, 1], pack=2)
-    env, submissions = counting_sbatch(tmp_path)
+    env, submitted = counting_sbatch(tmp_path)
     out = subprocess.run(snakemake_cmd(wd), env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert submissions() == 1  # four runs, one sbatch
+    assert len(submitted()) == 1  # four runs, one sbatch
     jobs = settled_jobs(prefix, expected=2)
     assert sorted(jobs.state) == ["COMPLETED", "COMPLETED"], jobs
     array = jobs.job_id.str.split("_").str[0]
@@ -95,7 +95,7 @@ def _member_pid(out: Path) -> int:
 def test_a_killed_packed_member_is_retried_alone_and_resumes(tmp_path):
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     wd = grid_dir(tmp_path / "work", prefix, steps=3000, seeds=[0], pack=2)  # ~30 s of training per run
-    env, submissions = counting_sbatch(tmp_path)
+    env, submitted = counting_sbatch(tmp_path)
     head = subprocess.Popen(snakemake_cmd(wd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -112,7 +112,7 @@ def test_a_killed_packed_member_is_retried_alone_and_resumes(tmp_path):
     neighbour = records["tiny/pre_ln/beta1/adamw/lr0.01/seed0"]
     assert neighbour["job_id"] == first  # finished in the first job, never resubmitted
     retried = records["tiny/op/beta0.2/adamw/lr0.01/seed0"]
-    assert retried["job_id"] != first and submissions() == 2  # the pack, then the member alone
+    assert retried["job_id"] != first and len(submitted()) == 2  # the pack, then the member alone
     assert "resumed" in Path(retried["stdout"]).read_text()
     assert "killed by signal 9" in log  # the first attempt's failure, as Snakemake showed it
     assert set(pd.read_parquet(wd / "results" / "runs.parquet").status) == {"completed"}
@@ -123,7 +123,7 @@ def test_requeued_and_cancelled_array_tasks_resume(tmp_path):
     its job id; the other is cancelled, so its rule retries it in a new job. Both resume."""
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     wd = grid_dir(tmp_path / "work", prefix, steps=3000, seeds=[0], pack=1)
-    env, submissions = counting_sbatch(tmp_path)
+    env, submitted = counting_sbatch(tmp_path)
     head = subprocess.Popen(snakemake_cmd(wd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -140,7 +140,7 @@ def test_requeued_and_cancelled_array_tasks_resume(tmp_path):
     assert head.returncode == 0, log[-3000:]
     after = jobs_of(wd)
     assert after[requeued]["job_id"] == before[requeued]["job_id"]  # requeued in place
-    assert after[cancelled]["job_id"] != before[cancelled]["job_id"] and submissions() == 2
+    assert after[cancelled]["job_id"] != before[cancelled]["job_id"] and len(submitted()) == 2
     for run_id in (requeued, cancelled):
         assert "resumed" in Path(after[run_id]["stdout"]).read_text(), run_id
     assert set(pd.read_parquet(wd / "results" / "runs.parquet").status) == {"completed"}
