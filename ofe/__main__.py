@@ -246,6 +246,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         rows, head = survey(args.results, args.max_age, args.query)
         if head is not None:
             print(head)
+        from ofe.cluster.spool import dispatcher_line
+
+        dispatcher = dispatcher_line(args.results / ".ofe-status")
+        if dispatcher is not None:
+            print(dispatcher)
         if rows is None:
             print(f"ofe: {no_plan_message(args.results, head is not None)}", file=sys.stderr)
             return 0 if head is not None else 1  # a submitted head that has not planned yet is no error

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import importlib.metadata
 import json
 import math
 import os
@@ -236,6 +235,8 @@ def git_revision(cwd: Path | str | None = None) -> dict:
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
     """Installed version of each package in `names` (None where it is not installed)."""
+    import importlib.metadata  # here: a quarter of a second to import, on every waiting rule otherwise
+
     out: dict[str, str | None] = {}
     for name in names:
         try:

@@ -39,7 +39,7 @@ from ofe.runfolder import JOB
 
 MAX_GATHER_S = 120.0  # a steady trickle of runs is still submitted at least this often
 IDLE_S = 60.0
-TICK_S = 0.5
+TICK_S = 0.1  # how soon a handed-over run is taken: its waiter is a 20 MB Python process until then
 SETTLE_POLLS = 2  # a requeue passes through states that look final for a moment
 
 
@@ -110,12 +110,21 @@ def serve(status_dir: Path | str, idle_s: float = IDLE_S) -> int:
                 cache = StatusCache(status_dir, max_age_s=poll)
             _check(status_dir, entries, cache)
             next_poll = now + poll
+            _write_state(status_dir, entries)
         if entries or any((status_dir / spool.REQUESTS).glob("*.json")):
             busy = now
         elif now - busy > idle_s:
             log("nothing in hand: exiting")
             return 0
         time.sleep(TICK_S)
+
+
+def _write_state(status_dir: Path, entries: dict[str, Entry]) -> None:
+    """What `ofe status` shows of the dispatcher: runs gathered, runs submitted and their jobs."""
+    jobs = sorted({str(e.job["job_id"]) for e in entries.values() if e.job is not None})
+    atomic_write_json(status_dir / spool.DISPATCH_STATE, {
+        "pid": os.getpid(), "time": time.time(), "gathering": sum(e.job is None for e in entries.values()),
+        "waiting": sum(e.job is not None for e in entries.values()), "jobs": jobs})
 
 
 def _take(status_dir: Path, entries: dict[str, Entry]) -> None:

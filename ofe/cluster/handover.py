@@ -109,7 +109,7 @@ def _wait_taken(status_dir: Path, request: dict[str, Any]) -> None:
         if time.time() - last_start > 5:  # it may have exited (idle) just before the request came
             dispatch.ensure(status_dir)
             last_start = time.time()
-        time.sleep(0.2)
+        time.sleep(0.05)
 
 
 def _finish(ended: dict[str, Any], out: Path, what: str) -> dict[str, Any]:

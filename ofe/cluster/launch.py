@@ -36,10 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import submitit
-
 from ofe.cluster.handover import fail, hand_over
-from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
 from ofe.cluster.jobstate import StatusCache, live_job, pid_alive, process_start_time
 from ofe.config import ConfigError, RunConfig, check_micro_batch
 from ofe.io import atomic_write_json, atomic_write_text
@@ -78,13 +75,12 @@ def local_gpus(gpus_per_node: int | None, visible: str | None) -> tuple[str | No
 
 @dataclass
 class Work:
-    """One job for `launch_work`: the callable and its arguments, its name and resources, and the files
+    """One job for `launch_work`: what it runs (`kind`, `args`), its name and resources, and the files
     it leaves when it finishes (the first one's JSON is what the launcher returns)."""
 
-    call: submitit.helpers.Checkpointable
-    args: tuple  # JSON values: the dispatcher rebuilds the call from `kind` and these
+    args: tuple  # JSON values: the job's callable (`kind`) is built where it is submitted
     name: str
-    kind: str  # "train" or "inspect"
+    kind: str  # "train" (`ofe.cluster.jobs.TrainJob`) or "inspect" (`InspectJob`)
     scale: str  # the launcher's per-scale resources it gets ("" for none)
     done: tuple[str, ...]
     what: str  # "training" or "inspection", for messages
@@ -190,7 +186,7 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status
 
     name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
     done = (SUMMARY, QUANT) if quant is not None else (SUMMARY,)
-    work = Work(TrainJob(), (str(config_path), str(out), quant), name, "train", cfg.grid.get("scale", ""), done,
+    work = Work((str(config_path), str(out), quant), name, "train", cfg.grid.get("scale", ""), done,
                 "training", before_submit=before_submit)
     return launch_work(work, out, launcher, status_dir, exec_wait)
 
@@ -208,7 +204,7 @@ def launch_inspect(ckpt: dict[str, Any], out_dir: Path | str, launcher: dict[str
     resources = job_resources(settings)
     memory = resources.get("mem_gb") or (launcher.get("mem_gb") if launcher.get("cluster") == "slurm" else None)
     name = launcher.get("job_name_prefix", "ofe-") + "inspect_" + ckpt["ckpt_id"].replace("/", "_")
-    work = Work(InspectJob(), (ckpt, str(out), settings, data, quant, memory), name, "inspect", "", (INSPECT,),
+    work = Work((ckpt, str(out), settings, data, quant, memory), name, "inspect", "", (INSPECT,),
                 "inspection", resources)
     return launch_work(work, out, launcher, status_dir, exec_wait)
 
@@ -242,7 +238,12 @@ def _launch_local(work: Work, out: Path, launcher: dict[str, Any], status_dir: P
         (out / ERROR).unlink(missing_ok=True)
         folder = out / "submitit" / time.strftime("%Y%m%dT%H%M%S")  # one folder per submission
         params = executor_parameters(launcher, work.scale, work.name, work.resources)
-        call = work.call
+        # submitit (and asyncio with it) only here: a SLURM waiter, one per run in flight, never imports it
+        import submitit
+
+        from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
+
+        call = TrainJob() if work.kind == "train" else InspectJob()
         # the GPUs it may use, never the local executor's mask (`LocalGpus`)
         call = LocalGpus(call, *local_gpus(params.pop("gpus_per_node", None), os.environ.get("CUDA_VISIBLE_DEVICES")))
         if work.before_submit is not None:

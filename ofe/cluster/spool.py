@@ -12,6 +12,7 @@ waiters; each then finds no ended record and hands its run over again (re-attach
     ended/<key>.json      how the job ended (written by the dispatcher, read once by the waiter)
     dispatch.lock         held by the live dispatcher for its whole life (flock: freed when it dies)
     dispatch.log          the dispatcher's own log
+    dispatch.json         what it has in hand, at its last poll (`ofe status` shows it)
 
 A run's key is derived from its folder; a request's token is new for every hand-over, so the waiter of
 a new hand-over never waits on the lock its previous `flock` process still holds.
@@ -31,7 +32,7 @@ from typing import Any
 from ofe.io import atomic_write_json
 
 REQUESTS, HOLD, ENDED = "requests", "hold", "ended"
-DISPATCH_LOCK, DISPATCH_LOG = "dispatch.lock", "dispatch.log"
+DISPATCH_LOCK, DISPATCH_LOG, DISPATCH_STATE = "dispatch.lock", "dispatch.log", "dispatch.json"
 # a member of a packed job writes how it ended here, in its own run folder (`ofe.cluster.pack`)
 MEMBER_RESULT = "job-result.json"
 
@@ -100,6 +101,22 @@ def held(path: Path) -> bool:
 
 def dispatcher_alive(status_dir: Path) -> bool:
     return held(status_dir / DISPATCH_LOCK)
+
+
+def dispatcher_line(status_dir: Path) -> str | None:
+    """One line for `ofe status`: whether the workflow's dispatcher runs and what it has in hand."""
+    if not (status_dir / DISPATCH_LOG).exists():
+        return None  # this workflow never ran on SLURM
+    log = status_dir / DISPATCH_LOG
+    if not dispatcher_alive(status_dir):
+        return f"dispatcher: not running (a waiting rule starts it; log: {log})"
+    state = read_json(status_dir / DISPATCH_STATE) or {}
+    if not state:
+        return f"dispatcher: running; log: {log}"
+    jobs = state.get("jobs", [])
+    return (f"dispatcher: running (pid {state.get('pid')}): {state.get('waiting', 0)} run(s) in "
+            f"{len(jobs)} SLURM job(s), {state.get('gathering', 0)} being gathered, as of "
+            f"{time.time() - state.get('time', time.time()):.0f} s ago; log: {log}")
 
 
 def slurm_free_env(env: dict[str, str]) -> dict[str, str]:

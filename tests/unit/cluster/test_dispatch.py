@@ -225,3 +225,19 @@ def test_a_packed_member_that_fails_leaves_its_neighbour_to_finish(tmp_path, dat
     assert not bad["ok"] and "no-data" in bad["error"] and bad["job_id"] == str(job.job_id)
     assert (tmp_path / "good" / "summary.json").exists() and not (tmp_path / "bad" / "summary.json").exists()
     assert "[ofe] step 4/4" in member_log(tmp_path / "jobs", str(job.job_id), 0).read_text()
+
+
+def test_status_says_whether_the_dispatcher_runs_and_what_it_holds(tmp_path) -> None:
+    import fcntl
+
+    assert spool.dispatcher_line(tmp_path) is None  # never on SLURM: nothing to say
+    (tmp_path / spool.DISPATCH_LOG).write_text("")
+    assert spool.dispatcher_line(tmp_path).startswith("dispatcher: not running")
+    (tmp_path / spool.DISPATCH_STATE).write_text(json.dumps({"pid": 42, "time": 0, "gathering": 3, "waiting": 16,
+                                                             "jobs": ["7_0", "7_1"]}))
+    with (tmp_path / spool.DISPATCH_LOCK).open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as the live dispatcher holds it
+        line = subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from ofe.cluster import "
+                               "spool; print(spool.dispatcher_line(Path(sys.argv[1])))", str(tmp_path)],
+                              capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
+    assert "running (pid 42): 16 run(s) in 2 SLURM job(s), 3 being gathered" in line
