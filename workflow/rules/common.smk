@@ -5,6 +5,7 @@
 # estimated memory fits its process's (the plan is printed to stderr).
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
