@@ -1,6 +1,6 @@
 """A run or a checkpoint deleted after a finished workflow is missing, not done: the next invocation
 trains (or inspects) exactly it again, then aggregates and reports, and the one after has nothing to do
-(the Snakefile's rule all requests every completion mark)."""
+(the Snakefile's rule all requests the missing completion marks)."""
 
 from __future__ import annotations
 
