@@ -1,14 +1,15 @@
-"""One scheduler query per poll interval for the whole workflow, shared by every waiting rule.
+"""One scheduler query per poll interval for the whole workflow, shared by every process that asks.
 
-Each train rule waits in its own process on its own SLURM job (which trains the run, then quantises
-it). Asking `squeue`/`sacct` from each of them makes N scheduler calls per poll with N jobs in flight,
-the RPC flood cluster admins complain about. Instead every waiter registers its job id in a shared
-folder (RESULTS/.ofe-status/) and reads the states from one cache file there; whichever waiter finds
-the cache older than the poll interval refreshes it, under a file lock, with one `squeue` for all of
-the user's jobs and one `sacct` for the registered ones that have left the queue. A failed query keeps
-the last known states, backs off, and is never read as "job gone": waiting goes on until the scheduler
-answers again. The cache also keeps the whole queue listing, so the rules of a restarted head deciding
-whether to re-attach, and `ofe cancel`, share that one squeue too.
+The workflow's dispatcher (`ofe.cluster.dispatch`) watches every SLURM job of the sweep; the rules of a
+restarted head deciding whether to re-attach, `ofe status` and `ofe cancel` ask too. Asking
+`squeue`/`sacct` per job makes N scheduler calls per poll with N jobs in flight, the RPC flood cluster
+admins complain about. Instead the jobs to follow are registered in a shared folder
+(RESULTS/.ofe-status/waiting/) and their states are read from one cache file there; whichever process
+finds the cache older than the poll interval refreshes it, under a file lock, with one `squeue` for all
+of the user's jobs (array tasks one per line) and one `sacct` for the registered ones that have left the
+queue. A failed query keeps the last known states, backs off, and is never read as "job gone": waiting
+goes on until the scheduler answers again. The cache also keeps the whole queue listing, which
+re-attaching rules and `ofe cancel` read.
 """
 
 from __future__ import annotations
@@ -91,17 +92,6 @@ class StatusCache:
         except (OSError, ValueError):
             return {"time": 0.0, "states": {}, "failures": 0, "next_try": 0.0}
 
-    @contextlib.contextmanager
-    def waiting(self, job_id: str) -> Iterator[None]:
-        """Register `job_id` for the shared query while the caller waits on it."""
-        mark = self.folder / WAITING / str(job_id)
-        mark.parent.mkdir(parents=True, exist_ok=True)
-        mark.touch()
-        try:
-            yield
-        finally:
-            mark.unlink(missing_ok=True)
-
     def register(self, job_id: str) -> None:
         """Include `job_id` in every query until `unregister`ed (the dispatcher's jobs)."""
         (self.folder / WAITING).mkdir(parents=True, exist_ok=True)
@@ -179,25 +169,6 @@ class StatusCache:
 def is_live(state: str) -> bool:
     """UNKNOWN counts as live: a job the scheduler has not (yet) answered for is never taken as gone."""
     return state in LIVE_STATES or state == "UNKNOWN"
-
-
-def wait_for(cache: StatusCache, job_id: str, result_path: Path, poll_s: float,
-             on_poll: Any = None, settle_polls: int = 2) -> str:
-    """Wait until the job's result file exists or the scheduler reports it ended (the same terminal
-    state on `settle_polls` polls: a requeue passes through states that look final for a moment).
-    `on_poll()` runs every poll (log streaming). Returns the last state seen."""
-    seen, state = 0, "UNKNOWN"
-    with cache.waiting(job_id):
-        while True:
-            if on_poll is not None:
-                on_poll()
-            if result_path.exists():
-                return state
-            state = cache.state(job_id)
-            seen = 0 if is_live(state) else seen + 1
-            if seen >= settle_polls:
-                return state
-            time.sleep(poll_s)
 
 
 class SchedulerUnavailable(RuntimeError):

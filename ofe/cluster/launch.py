@@ -86,6 +86,7 @@ class Work:
     what: str  # "training" or "inspection", for messages
     resources: dict[str, Any] = field(default_factory=dict)  # over the launcher's and the scale's
     before_submit: Callable[[dict[str, Any]], None] | None = None  # checks/writes once params are known
+    call: Any = None  # a local job's callable other than `kind`'s (a test's probe)
 
 
 def executor_parameters(launcher: dict[str, Any], scale: str, name: str,
@@ -243,7 +244,7 @@ def _launch_local(work: Work, out: Path, launcher: dict[str, Any], status_dir: P
 
         from ofe.cluster.jobs import InspectJob, LocalGpus, TrainJob
 
-        call = TrainJob() if work.kind == "train" else InspectJob()
+        call = work.call or (TrainJob() if work.kind == "train" else InspectJob())
         # the GPUs it may use, never the local executor's mask (`LocalGpus`)
         call = LocalGpus(call, *local_gpus(params.pop("gpus_per_node", None), os.environ.get("CUDA_VISIBLE_DEVICES")))
         if work.before_submit is not None:

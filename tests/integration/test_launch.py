@@ -46,7 +46,7 @@ def test_failing_job_raises_with_its_traceback(tmp_path):
 
 def _probe(out: Path, tasks: int = 1, **launcher) -> dict:
     """Submit `EnvProbe` as a local job with these launcher settings; what its task 0 saw."""
-    work = Work(EnvProbe(), (str(out),), "probe", "", ("env0.json",), "probe")
+    work = Work((str(out),), "probe", "probe", "", ("env0.json",), "probe", call=EnvProbe())
     return launch_work(work, out, {**LOCAL, "tasks_per_node": tasks, **launcher}, None)
 
 

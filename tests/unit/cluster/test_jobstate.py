@@ -1,5 +1,5 @@
-"""One shared scheduler query per poll for all waiting rules, failures backed off and never read as
-"job gone". squeue and sacct are small scripts on PATH that count their calls."""
+"""One shared scheduler query per poll for all the processes that ask (the dispatcher, re-attaching rules,
+`ofe status`), failures backed off and never read as "job gone". squeue and sacct are small scripts on PATH that count their calls."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ofe.cluster.jobstate import StatusCache, wait_for
+from ofe.cluster.jobstate import StatusCache, is_live
 
 N_JOBS = 50
 
@@ -39,8 +39,13 @@ echo "$last" | tr ',' '\\n' | while read -r id; do echo "$id|COMPLETED"; done
 
 
 def _wait(folder: str, job_id: str, never: str, queue) -> None:
+    """A process that polls its job's state every 0.1 s until the job has ended (as the dispatcher, a
+    re-attaching rule and `ofe status` each read the shared cache)."""
     cache = StatusCache(folder, max_age_s=0.5)
-    queue.put((job_id, wait_for(cache, job_id, Path(never), poll_s=0.1)))
+    cache.register(job_id)
+    while is_live(state := cache.state(job_id)):
+        time.sleep(0.1)
+    queue.put((job_id, state))
 
 
 def _start_waiters(tmp_path: Path) -> tuple[list, multiprocessing.Queue]:
@@ -78,18 +83,11 @@ def test_a_failing_scheduler_is_backed_off_and_never_read_as_gone(tmp_path, monk
     (tmp_path / "broken").touch()
     (tmp_path / "finished").touch()  # the jobs have ended, but the scheduler cannot say so
     cache = StatusCache(tmp_path / "status", max_age_s=0.1)
-    with cache.waiting("7"):
-        for _ in range(30):
-            assert cache.state("7") == "UNKNOWN"  # unknown, never "gone"
-            time.sleep(0.05)
+    cache.register("7")
+    for _ in range(30):
+        assert cache.state("7") == "UNKNOWN"  # unknown, never "gone"
+        time.sleep(0.05)
     assert 1 <= calls.read_text().split().count("squeue") <= 4  # backed off: 0.2, 0.4, 0.8 s, not 30 tries
     (tmp_path / "broken").unlink()
     time.sleep(2)  # past the back-off
     assert cache.state("7") == "COMPLETED"
-
-
-def test_wait_returns_as_soon_as_the_result_file_exists(tmp_path, monkeypatch):
-    fake_scheduler(tmp_path, monkeypatch)
-    result = tmp_path / "1_0_result.pkl"
-    result.touch()
-    assert wait_for(StatusCache(tmp_path / "status", 0.5), "1", result, poll_s=0.1) == "UNKNOWN"

@@ -179,8 +179,9 @@ def test_a_fresh_shared_cache_answers_without_a_scheduler_call(tmp_path, monkeyp
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     cache = StatusCache(results / ".ofe-status", max_age_s=15)  # the waiting head's query, in this process
-    with cache.waiting("81"):
-        assert cache.state("81") == "RUNNING"
+    cache.register("81")  # as the dispatcher does for its jobs
+    assert cache.state("81") == "RUNNING"
+    cache.unregister("81")
     assert (tmp_path / "calls.txt").read_text().split() == ["squeue"]
     (tmp_path / "calls.txt").unlink()
     out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(results)], cwd=REPO,
@@ -196,8 +197,9 @@ def test_a_fresh_shared_cache_answers_without_a_scheduler_call(tmp_path, monkeyp
     (bin_dir / "squeue").write_text(f"#!/bin/sh\necho squeue >> {tmp_path}/calls.txt\necho '82|PENDING'\n")
     (bin_dir / "sacct").write_text(f"#!/bin/sh\necho sacct >> {tmp_path}/calls.txt\necho '81|FAILED'\n")
     later = StatusCache(results / ".ofe-status", max_age_s=0)
-    with later.waiting("82"):
-        assert later.state("82") == "PENDING"
+    later.register("82")
+    assert later.state("82") == "PENDING"
+    later.unregister("82")
     out = subprocess.run([sys.executable, "-m", "ofe", "status", "--results", str(results)], cwd=REPO,
                          capture_output=True, text=True, timeout=60)
     rows = {line.split()[0].split("/")[1]: line for line in out.stdout.splitlines() if line.startswith("tiny/")}
