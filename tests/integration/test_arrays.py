@@ -12,6 +12,7 @@ import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import pytest
@@ -55,6 +56,22 @@ def wait_for_checkpoints(wd: Path, n: int, timeout: float = 240) -> None:
         time.sleep(0.3)
 
 
+def interrupted(wd: Path, env: dict[str, str], during: Callable[[], None]) -> str:
+    """Run the workflow; once both runs have checkpointed, call `during` (the interruption). Returns the
+    head's output, after asserting it succeeded."""
+    head = subprocess.Popen(snakemake_cmd(wd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_checkpoints(wd, 2)
+        during()
+        log, _ = head.communicate(timeout=600)
+    finally:
+        if head.poll() is None:
+            os.killpg(head.pid, signal.SIGKILL)
+    assert head.returncode == 0, log[-3000:]
+    return log
+
+
 def test_four_runs_are_one_array_of_two_packed_jobs_with_a_direct_runs_metrics(tmp_path):
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     wd = grid_dir(tmp_path / "work", prefix, steps=20, seeds=[0, 1], pack=2)
@@ -96,23 +113,19 @@ def test_a_killed_packed_member_is_retried_alone_and_resumes(tmp_path):
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     wd = grid_dir(tmp_path / "work", prefix, steps=3000, seeds=[0], pack=2)  # ~30 s of training per run
     env, submitted = counting_sbatch(tmp_path)
-    head = subprocess.Popen(snakemake_cmd(wd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        wait_for_checkpoints(wd, 2)
-        victim = wd / "results" / "runs" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0"
-        first = json.loads((victim / "job.json").read_text())["job_id"]
+    victim = wd / "results" / "runs" / "tiny" / "op" / "beta0.2" / "adamw" / "lr0.01" / "seed0"
+    first: list[str] = []
+
+    def kill_one_member() -> None:
+        first.append(json.loads((victim / "job.json").read_text())["job_id"])
         os.kill(_member_pid(victim), signal.SIGKILL)  # as the kernel's OOM killer would
-        log, _ = head.communicate(timeout=600)
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGKILL)
-    assert head.returncode == 0, log[-3000:]
+
+    log = interrupted(wd, env, kill_one_member)
     records = jobs_of(wd)
     neighbour = records["tiny/pre_ln/beta1/adamw/lr0.01/seed0"]
-    assert neighbour["job_id"] == first  # finished in the first job, never resubmitted
+    assert neighbour["job_id"] == first[0]  # finished in the first job, never resubmitted
     retried = records["tiny/op/beta0.2/adamw/lr0.01/seed0"]
-    assert retried["job_id"] != first and len(submitted()) == 2  # the pack, then the member alone
+    assert retried["job_id"] != first[0] and len(submitted()) == 2  # the pack, then the member alone
     assert "resumed" in Path(retried["stdout"]).read_text()
     assert "killed by signal 9" in log  # the first attempt's failure, as Snakemake showed it
     assert set(pd.read_parquet(wd / "results" / "runs.parquet").status) == {"completed"}
@@ -124,20 +137,17 @@ def test_requeued_and_cancelled_array_tasks_resume(tmp_path):
     prefix = f"ofe{uuid.uuid4().hex[:6]}-"
     wd = grid_dir(tmp_path / "work", prefix, steps=3000, seeds=[0], pack=1)
     env, submitted = counting_sbatch(tmp_path)
-    head = subprocess.Popen(snakemake_cmd(wd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        wait_for_checkpoints(wd, 2)
-        before = jobs_of(wd)
+    before: dict[str, dict] = {}
+
+    def requeue_one_cancel_the_other() -> None:
+        before.update(jobs_of(wd))
         requeued, cancelled = sorted(before)
         assert {r["job_id"].split("_")[0] for r in before.values()} == {before[requeued]["job_id"].split("_")[0]}
         subprocess.run(["scontrol", "requeue", before[requeued]["job_id"]], check=True)
         subprocess.run(["scancel", before[cancelled]["job_id"]], check=True)
-        log, _ = head.communicate(timeout=600)
-    finally:
-        if head.poll() is None:
-            os.killpg(head.pid, signal.SIGKILL)
-    assert head.returncode == 0, log[-3000:]
+
+    interrupted(wd, env, requeue_one_cancel_the_other)
+    requeued, cancelled = sorted(before)
     after = jobs_of(wd)
     assert after[requeued]["job_id"] == before[requeued]["job_id"]  # requeued in place
     assert after[cancelled]["job_id"] != before[cancelled]["job_id"] and len(submitted()) == 2
