@@ -82,7 +82,7 @@ def hand_over(work: Any, out: Path, params: dict[str, Any], launcher: dict[str, 
         if exec_wait and shutil.which("flock"):
             # this process becomes `flock`, which blocks on the lock, then runs this same command again
             argv = [sys.executable, "-m", "ofe", *sys.argv[1:]]
-            lock_fd = os.environ.get("OFE_RUN_LOCK_FD")
+            lock_fd = os.environ.get("OFE_RUN_LOCK_FD", "").partition(":")[0]
             if lock_fd:  # the run folder's lock (`ofe.cluster.launch.run_lock`) stays held across the exec
                 os.set_inheritable(int(lock_fd), True)
             sys.stdout.flush()

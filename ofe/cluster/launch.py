@@ -145,7 +145,7 @@ def run_lock(out: Path) -> Iterator[None]:
         f.flush()
         # the descriptor is handed on when the waiter becomes a `flock` process (`ofe.cluster.handover`),
         # so the folder stays locked while it waits and the command it runs again adopts the lock
-        os.environ[LOCK_FD_ENV] = str(f.fileno())
+        os.environ[LOCK_FD_ENV] = f"{f.fileno()}:{os.getpid()}"
         try:
             yield
         finally:
@@ -156,8 +156,8 @@ def run_lock(out: Path) -> Iterator[None]:
 def _inherited_lock(path: Path) -> bool:
     """Whether this process inherited an open descriptor of `path` through exec (the waiter's `flock`):
     it shares the lock its first process took, so locking again would refuse the rule its own folder."""
-    fd = os.environ.get(LOCK_FD_ENV)
-    if not fd:
+    fd, _, owner = os.environ.get(LOCK_FD_ENV, "").partition(":")
+    if not fd or owner == str(os.getpid()):  # the process that took the lock is refused, as any other
         return False
     try:
         held, there = os.fstat(int(fd)), path.stat()

@@ -193,7 +193,7 @@ def test_the_run_folders_lock_passes_to_the_waiters_next_process_only(tmp_path) 
     any other process is refused while the first holds it."""
     with run_lock(tmp_path):
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        fd = int(os.environ[LOCK_FD_ENV])
+        fd = int(os.environ[LOCK_FD_ENV].partition(":")[0])
         os.set_inheritable(fd, True)
         heir = subprocess.run([sys.executable, "-c", LOCKER, str(tmp_path)], env=env, pass_fds=(fd,),
                               capture_output=True, text=True, timeout=60)
