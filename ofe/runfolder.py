@@ -33,6 +33,7 @@ QUANT, QUANT_PARTIAL = "quant.parquet", "quant.partial.json"  # int8 rows; those
 INSPECT = "inspect.json"  # a finished inspection's summary (`ofe inspect`; written last)
 CONFIG = "config.json"  # the run's config, as the job reads it
 JOB, ERROR, LOCK = "job.json", "error.txt", ".launch.lock"  # the submitted job; its failure; the head's lock
+MEMBER_RESULT = "job-result.json"  # how this run's part of a packed job ended (`ofe.cluster.pack`)
 STALE = "stale"  # the folder files of another config are moved aside into
 
 FINISHED = ("completed", "diverged")  # the statuses training writes into summary.json

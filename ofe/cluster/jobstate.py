@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ofe.io import atomic_write_json
+from ofe.runfolder import MEMBER_RESULT
 
 # States in which a job may still produce a result. PREEMPTED is followed by a requeue.
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
@@ -224,10 +225,11 @@ def live_job(record: Path, cache: StatusCache, tries: int = 6) -> dict[str, Any]
 
 
 def _member_ended(folder: Path, job_id: str) -> bool:
-    from ofe.cluster.spool import MEMBER_RESULT, read_json
-
-    result = read_json(folder / MEMBER_RESULT)
-    return result is not None and result.get("job_id") == job_id
+    try:
+        result = json.loads((folder / MEMBER_RESULT).read_text())
+    except (OSError, ValueError):
+        return False
+    return result.get("job_id") == job_id
 
 
 def _slurm_state(cache: StatusCache, job_id: str, since: float, tries: int) -> str:

@@ -30,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ofe.io import atomic_write_json
+from ofe.runfolder import MEMBER_RESULT  # noqa: F401  (the packed member's result, read by the dispatcher)
 
 REQUESTS, HOLD, ENDED = "requests", "hold", "ended"
 DISPATCH_LOCK, DISPATCH_LOG, DISPATCH_STATE = "dispatch.lock", "dispatch.log", "dispatch.json"
-# a member of a packed job writes how it ended here, in its own run folder (`ofe.cluster.pack`)
-MEMBER_RESULT = "job-result.json"
 
 
 def run_key(out: Path | str) -> str:
