@@ -159,3 +159,17 @@ def test_osp_kurtosis_gaussian_floor():
     # clipping at 0 keeps the sampling noise of Gaussian tokens: about sqrt(24 / d) / sqrt(2 pi) for large d
     x = torch.randn(8000, 2048, generator=torch.Generator().manual_seed(5))
     assert metrics.kurtosis_osp(x) == pytest.approx(0.04, abs=0.004)
+
+
+def test_osp_kurtosis_and_the_papers_kurt_part_ways_on_a_one_token_spike():
+    # docs/science.md section 1: an outlier channel raises both; one huge entry in one token dominates its
+    # channel's RMS (Kurt) but moves the per-token mean (OSP) by 1/4096 of that token's value
+    g = torch.Generator().manual_seed(6)
+    channel = torch.randn(4096, 128, generator=g)
+    channel[:, 3] *= 30
+    spike = torch.randn(4096, 128, generator=g)
+    spike[0, 3] = 1000.0
+    assert metrics.kurtosis(channel) == pytest.approx(99, abs=1.5)
+    assert metrics.kurtosis_osp(channel) == pytest.approx(63, abs=2)
+    assert metrics.kurtosis(spike) == pytest.approx(56, abs=1)
+    assert metrics.kurtosis_osp(spike) == pytest.approx(0.17, abs=0.02)  # the Gaussian floor, 0.14, and 125/4096
