@@ -1,12 +1,14 @@
 """Outlier-feature metrics: pure fp32 functions of an activation tensor (docs/science.md section 1).
 
-Every function takes X of shape (..., d): all leading dimensions are tokens, the last is the width.
-Nothing here knows about models, hooks or files.
+The stream metrics take X of shape (..., d): all leading dimensions are tokens, the last is the width
+(`massive_activations` alone needs the sequences apart: (B, T, d)). The attention metrics take the
+attention weights (..., T, T) or queries and keys. Nothing here knows about models, hooks or files.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -138,6 +140,80 @@ def attention_entropy_from_probs(probs: Tensor) -> float:
     return -torch.special.xlogy(p, p).sum(dim=-1).mean().item()
 
 
+def kurtosis_osp(x: Tensor) -> float:
+    """Outlier-Safe Pre-Training's excess kurtosis (Park et al. 2025, docs/science.md section 1): per
+    token, the raw fourth moment over the width divided by the fourth power of the token's (centred,
+    unbiased) standard deviation, minus 3; negative values clipped to 0; then the mean over tokens.
+    The clipping leaves a floor from sampling noise: i.i.d. Gaussian tokens score 0.14 at d = 128 and
+    0.04 at d = 2048 (simulated; tending to sqrt(24 / d) / sqrt(2 pi))."""
+    xt = _tokens_by_width(x)
+    per_token = xt.pow(4).mean(dim=1) / xt.std(dim=1).pow(4) - 3
+    return per_token.clamp(min=0).mean().item()
+
+
+# ---- massive activations (Sun et al. 2024) -------------------------------------------------------
+
+MASSIVE_TOP_K = 3  # Sun et al. plot the three largest magnitudes of each layer against the median
+
+
+def massive_activations(x: Tensor) -> dict[str, float]:
+    """The largest |X| entries against the median |X|, as Sun et al.'s public code computes them
+    (docs/science.md section 1): per sequence, the top 1..3 of |X| and its median over all (token, width)
+    entries of that sequence (torch's median: the lower middle value), each averaged over sequences;
+    `massive_ratio` is the averaged top-1 over the averaged median. X is (B, T, d), or (T, d) for one
+    sequence."""
+    a = x.detach().float().abs()
+    a = a.reshape(-1, a.shape[-2] * a.shape[-1])  # (sequences, T d)
+    top = a.topk(MASSIVE_TOP_K, dim=1).values.mean(dim=0)
+    median = a.median(dim=1).values.mean()
+    out = {f"massive_top{i + 1}": top[i].item() for i in range(MASSIVE_TOP_K)}
+    out["massive_median"] = median.item()
+    out["massive_ratio"] = (top[0] / median).item()
+    return out
+
+
+# ---- attention sinks and sparsity (Gu et al. 2024), from the attention weights -------------------
+
+SINK_EPSILON = 0.3  # Gu et al.'s threshold on a head's mean attention to the first token
+
+
+class AttentionSummary(NamedTuple):
+    """What the attention metrics need of one layer's (B, H, T, T) weights: small enough to keep for
+    every layer while the forward pass goes on (a probe hook reduces the weights to it)."""
+
+    first_token: Tensor  # (B, H): each head's mean weight on key 0 over all T queries (Gu et al.'s alpha_0)
+    zeros: Tensor  # 0-d: exactly-zero weights among the causal entries (key <= query)
+    causal: int  # the number of causal entries, B H T (T + 1) / 2
+
+
+def summarise_attention(probs: Tensor) -> AttentionSummary:
+    """Reduce attention weights (..., T, T) (query, key; the weights that multiply v) to an
+    `AttentionSummary`. Gu et al. score key k by sum_q A[q, k] / (T - k), the mean over the T - k queries
+    that can see it; for the first key that is the mean over every query, the first one (whose only
+    weight is on itself) included, as in their code."""
+    p = probs.detach()
+    t = p.shape[-1]
+    if p.shape[-2] != t:
+        raise ValueError(f"expected square attention weights (..., T, T), got {tuple(p.shape)}")
+    causal = torch.ones(t, t, dtype=torch.bool, device=p.device).tril()
+    first = p[..., :, 0].float().mean(dim=-1)
+    zeros = ((p == 0) & causal).sum()
+    return AttentionSummary(first, zeros, int(causal.sum().item()) * (p.numel() // (t * t)))
+
+
+def attention_metrics(summary: AttentionSummary, epsilon: float = SINK_EPSILON) -> dict[str, float]:
+    """`sink_rate`: the share of (sequence, head) pairs whose mean weight on the first token exceeds
+    epsilon (Gu et al.'s metric at k = 0, a fraction here where they print percent);
+    `first_token_attention`: that mean weight averaged over sequences and heads; `attention_sparsity`:
+    the share of exactly-zero weights among the causal entries (softpick's rectified weights)."""
+    first = summary.first_token.float()
+    return {
+        "sink_rate": (first > epsilon).float().mean().item(),
+        "first_token_attention": first.mean().item(),
+        "attention_sparsity": summary.zeros.item() / summary.causal,
+    }
+
+
 # The metrics the probe logs at every residual-stream site, by name (the name is the Parquet value).
 STREAM_METRICS = {
     "kurtosis": kurtosis,
@@ -148,4 +224,8 @@ STREAM_METRICS = {
     "token_correlation_rms": token_correlation_rms,
     "feature_correlation_rms": feature_correlation_rms,
     "rms": rms,
+    "kurtosis_osp": kurtosis_osp,
 }
+# Massive activations are measured on the stream entering each block and on the last block's output:
+# together, every block's output, which is where Sun et al. hook (their layers 1..L).
+MASSIVE_SITES = ("block_input", "unembed_input_pre_norm")

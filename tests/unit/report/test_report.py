@@ -24,7 +24,9 @@ from tests.helpers.report_html import chart_specs, page_section, spec_values, ta
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 N_LAYERS = 2
-LAYER_SITE_METRICS = ("kurtosis", "rms_sq_variance_centred", "max_median_ratio", "token_correlation", "rms")
+# kurtosis_osp and massive_ratio have no figure yet: the report must keep working beside metrics it does not draw
+LAYER_SITE_METRICS = ("kurtosis", "rms_sq_variance_centred", "max_median_ratio", "token_correlation", "rms",
+                      "kurtosis_osp", "massive_ratio")
 
 # (run_id, block, lr, studies, status, error): one completed, one diverged, one missing (never produced metrics).
 RUNS = [
@@ -101,6 +103,7 @@ def _metrics_frame(runs: pd.DataFrame) -> pd.DataFrame:
             rows.append((run, step, layer, site, metric, value))
         for step, layer in itertools.product((0, 10, 20), range(N_LAYERS)):
             rows.append((run, step, layer, "attention", "attention_entropy", 2.0))
+            rows.append((run, step, layer, "attention", "sink_rate", 0.5))
         for step in range(21):
             rows.append((run, step, -1, "train", "loss", math.nan if diverged and step == 20 else 5.0 - 0.1 * step))
         for step in (10, 20):

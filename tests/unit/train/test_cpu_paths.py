@@ -51,12 +51,13 @@ def test_bf16_autocast_on_cpu_trains_and_metrics_stay_fp32(data_dir, tmp_path):
     # the probe's activations are bf16 where autocast made them, its metrics fp32 functions of them
     x = trainer.data.probe_batch(cfg.train.probe_batch_size)
     with trainer._autocast():
-        streams, qk = collect(trainer.model, x)
+        acts = collect(trainer.model, x)
+    streams, qk = acts.streams, acts.qk
     assert qk[(0, "q")].dtype is torch.bfloat16  # autocast was on in the probe's forward pass
-    eager, _ = collect(trainer.model, x)  # the same weights in fp32: bf16 matmuls differ, slightly
+    eager = collect(trainer.model, x).streams  # the same weights in fp32: bf16 matmuls differ, slightly
     gap = ((streams[(1, "block_input")] - eager[(1, "block_input")]).norm() / eager[(1, "block_input")].norm()).item()
     assert 1e-5 < gap < 5e-2, gap
-    rows = {(layer, site, m): v for layer, site, m, v in compute(trainer.model, (streams, qk))}
+    rows = {(layer, site, m): v for layer, site, m, v in compute(trainer.model, acts)}
     for (layer, site), t in streams.items():
         s2 = t.double().reshape(-1, t.shape[-1]).pow(2).mean(0)  # float64 reference of Kurt
         np.testing.assert_allclose(rows[(layer, site, "kurtosis")], (s2.pow(2).mean() / s2.mean() ** 2).item(),
@@ -107,10 +108,11 @@ def test_fsdp_and_ddp_compute_bf16_alike_with_an_fp32_stream(data_dir, tmp_path)
             tr.state.step += 1
         x = tr.data.probe_batch(4)
         with tr._autocast():
-            streams, qk = collect(tr.model, x)
+            acts = collect(tr.model, x)
+        streams, qk = acts.streams, acts.qk
         assert {t.dtype for t in streams.values()} == {torch.float32}  # residual stream and norms in fp32
         assert qk[(0, "q")].dtype is torch.bfloat16  # the matmuls ran in bf16
-        rows = {(layer, site, m): v for layer, site, m, v in compute(tr.model, (streams, qk))}
+        rows = {(layer, site, m): v for layer, site, m, v in compute(tr.model, acts)}
         if p == "fsdp":
             assert _fsdp_policies(tr.model) and all(pol.param_dtype is None for pol in _fsdp_policies(tr.model))
             from ofe.core.model import GPT
