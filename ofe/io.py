@@ -66,11 +66,13 @@ QUANTISED_TENSORS = {
         "ranges) at the input and output of every linear layer (Q, K and V after their bias), the attention "
         "scores and probabilities, every norm's output, both residual sums of every block (the stream "
         "entering block 0 is the embeddings sum), the stream entering the unembedding; the tied LM head "
-        "stays in full precision"
+        "stays in full precision, and so do the embedding projections of model.embed_proj (OSP merges them "
+        "into the embedding and the head)"
     ),
     "dynamic_per_token": (
         "weights of every linear layer (symmetric, per output channel); the input of every linear layer "
-        "(symmetric, one dynamic range per token); nothing else"
+        "(symmetric, one dynamic range per token); nothing else (the embedding projections of "
+        "model.embed_proj stay in full precision)"
     ),
 }
 

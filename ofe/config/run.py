@@ -20,7 +20,8 @@ from typing import Any, Iterable, Literal
 
 from ofe.config.fields import SECTIONS, ConfigError, check_fields, field_checkers
 
-NormKind = Literal["layernorm", "rmsnorm", "srms", "none"]  # srms: RMSNorm without a gain
+# srms: RMSNorm without a gain; single_scale: RMSNorm with one scalar gain (OSP's SSNorm, ofe.core.osp)
+NormKind = Literal["layernorm", "rmsnorm", "srms", "single_scale", "none"]
 PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
 # Bit widths ofe.core.quant is tested at; the schema's quant.bits enum lists the same (a test compares them),
 # so a config file and `--quant-json` on the command line accept exactly one set.
@@ -55,6 +56,10 @@ class ModelConfig:
     """Make beta a trainable scalar per branch (initialised at `beta`)."""
     final_norm: NormKind = "layernorm"
     """Norm before the unembedding ('none': the paper's OP)."""
+    embed_proj: bool = False
+    """Outlier-Safe Pre-Training's embedding projection (EmbProj, arXiv 2506.19697): a d x d linear layer,
+    orthogonally initialised, with a zero-initialised bias, after the embeddings (on the token + position
+    sum) and another before the tied head (ofe.core.osp.EmbedProj)."""
     first_norm: Literal["none", "embed_stream", "block0_attn_input"] = "none"
     """An extra LayerNorm at the model's input. 'block0_attn_input': on block 0's attention-branch input
     only, so the residual stream keeps the raw embedding sum (the public code's norm-free blocks:
@@ -310,7 +315,8 @@ def check_parallel(cfg: RunConfig) -> None:
 # device_type and dtype are not config fields but what `run_identity` adds: the resolved device type
 # and compute dtype, neutral at CPU fp32, the only way runs trained before they were hashed.
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"micro_batch_size": None, "parallel": "ddp",
-                                                     "device_type": "cpu", "dtype": "float32"}}
+                                                     "device_type": "cpu", "dtype": "float32"},
+                                           "model": {"embed_proj": False}}
 
 
 def config_hash(run_config: dict[str, Any]) -> str:

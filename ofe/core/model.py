@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ofe.config import ModelConfig, NormKind
+from ofe.core.osp import EmbedProj, SingleScaleRMSNorm
 
 QK_NORM_EPS = 1e-5  # the public code's layer_norm_epsilon (HF GPT-2's default), used by its QK-norm
 
@@ -35,6 +36,8 @@ def make_norm(kind: NormKind, dim: int) -> nn.Module | None:
         return nn.RMSNorm(dim)
     if kind == "srms":
         return nn.RMSNorm(dim, elementwise_affine=False)
+    if kind == "single_scale":
+        return SingleScaleRMSNorm()  # OSP's SSNorm: one scalar gain, whatever the width
     return None
 
 
@@ -172,7 +175,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Token + learned position embeddings -> [embed_stream norm] -> blocks -> [final norm] -> tied head."""
+    """Token + learned position embeddings -> [embedding projection] -> [embed_stream norm] -> blocks ->
+    [final norm] -> [head projection] -> tied head."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -181,15 +185,19 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.context, cfg.d_model)
         # first_norm 'embed_stream' normalises the stream itself; 'block0_attn_input' lives in blocks[0]
         self.embed_norm = nn.LayerNorm(cfg.d_model) if cfg.first_norm == "embed_stream" else None
+        # OSP's EmbProj (model.embed_proj): orthogonal d x d maps after the embedding and before the head
+        self.embed_proj_in = EmbedProj(cfg.d_model) if cfg.embed_proj else None
         self.blocks = nn.ModuleList(Block(cfg, first=i == 0) for i in range(cfg.n_layer))
         self.final_norm = make_norm(cfg.final_norm, cfg.d_model)
+        self.embed_proj_out = EmbedProj(cfg.d_model) if cfg.embed_proj else None
         self.unembed_pre_norm, self.unembed_input = nn.Identity(), nn.Identity()  # probe taps
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """Every matrix from N(0, std^2); biases stay at zero and norm gains at one (torch's defaults)."""
+        """Every matrix from N(0, std^2); biases stay at zero and norm gains at one (torch's defaults).
+        The embedding projections keep the orthogonal weights they were built with (OSP's init)."""
         for name, p in self.named_parameters():
-            if name.endswith(".weight") and p.dim() == 2:
+            if name.endswith(".weight") and p.dim() == 2 and not name.startswith("embed_proj"):
                 std = self.cfg.embed_init_std if name.startswith(("wte", "wpe")) else self.cfg.init_std
                 if self.cfg.scale_residual_init and name.endswith("proj.weight"):
                     std /= math.sqrt(2 * self.cfg.n_layer)  # GPT-2: the residual sum grows with depth
@@ -199,11 +207,13 @@ class GPT(nn.Module):
         """idx, targets: (B, T) token ids -> logits (B, T, V) and the mean cross-entropy (or None)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device)
-        x = _apply(self.embed_norm, self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        # OSP projects the token embedding; ours has learned positions too, both tables trained by AdamW
+        # under muon, so the projection takes their sum (docs/model.md, "OSP's recipe")
+        x = _apply(self.embed_norm, _apply(self.embed_proj_in, self.wte(idx) + self.wpe(pos)))  # (B, T, C)
         for block in self.blocks:
             x = block(x)
         x = self.unembed_input(_apply(self.final_norm, self.unembed_pre_norm(x)))
-        logits = x @ self.wte.weight.T  # tied embeddings: (B, T, V)
+        logits = _apply(self.embed_proj_out, x) @ self.wte.weight.T  # tied embeddings: (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))

@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from ofe.config import QuantConfig
 from ofe.core.hooks import first_tensor, layer_input
 from ofe.core.model import GPT, Attention
+from ofe.core.osp import SingleScaleRMSNorm
 
 Protocol = Literal["static_per_tensor", "dynamic_per_token"]
 
@@ -157,7 +158,7 @@ def _static_sites(model: GPT) -> dict[str, Site]:
             sites[f"{name}:in"] = Site(m, "input")
             if not name.endswith("attn.qkv"):  # its output is quantised after the Q/K bias, below
                 sites[f"{name}:out"] = Site(m, "output")
-        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)) and not name.endswith(("q_norm", "k_norm")):
+        elif isinstance(m, (nn.LayerNorm, nn.RMSNorm, SingleScaleRMSNorm)) and not name.endswith(("q_norm", "k_norm")):
             sites[f"{name}:out"] = Site(m, "output")
         elif isinstance(m, Attention):
             sites[f"{name}.qkv_out:out"] = Site(m.qkv_out, "output")

@@ -104,12 +104,21 @@ class Estimate:
 # ---- the model's tensors ------------------------------------------------------------------------
 
 def _norm_params(kind: str, name: str, d: int) -> list[tuple[str, Shape]]:
-    """ofe.core.model.make_norm's parameters: LayerNorm weight + bias, RMSNorm weight, SRMS none."""
+    """ofe.core.model.make_norm's parameters: LayerNorm weight + bias, RMSNorm weight, SRMS none,
+    single-scale RMSNorm one scalar (a 1-element vector)."""
     if kind == "layernorm":
         return [(f"{name}.weight", (d,)), (f"{name}.bias", (d,))]
     if kind == "rmsnorm":
         return [(f"{name}.weight", (d,))]
+    if kind == "single_scale":
+        return [(f"{name}.weight", (1,))]
     return []
+
+
+def _embed_proj_params(m: ModelConfig, name: str) -> list[tuple[str, Shape]]:
+    """An OSP embedding projection (ofe.core.osp.EmbedProj): a d x d weight and a d bias, if on."""
+    d = m.d_model
+    return [(f"{name}.weight", (d, d)), (f"{name}.bias", (d,))] if m.embed_proj else []
 
 
 def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
@@ -118,6 +127,7 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
     out: list[tuple[str, Shape]] = [("wte.weight", (m.vocab_size, d)), ("wpe.weight", (m.context, d))]
     if m.first_norm == "embed_stream":
         out += _norm_params("layernorm", "embed_norm", d)
+    out += _embed_proj_params(m, "embed_proj_in")
     for i in range(m.n_layer):
         b = f"blocks.{i}"
         first_ln = i == 0 and m.first_norm == "block0_attn_input"
@@ -133,7 +143,7 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
         if m.beta_trainable:
             out.append((f"{b}.beta", (2,)))
     out += _norm_params(m.final_norm, "final_norm", d)
-    return out
+    return out + _embed_proj_params(m, "embed_proj_out")
 
 
 def buffer_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
@@ -186,16 +196,16 @@ def _dtypes(train: TrainConfig, cuda: bool) -> tuple[int, int]:
     return (FP32, BF16) if bf16 else (FP32, FP32)
 
 
-NORM_STATS = {"layernorm": 2 * FP32, "rmsnorm": FP32, "srms": FP32, "none": 0}  # per token, fp32
+NORM_STATS = {"layernorm": 2 * FP32, "rmsnorm": FP32, "srms": FP32, "single_scale": FP32, "none": 0}  # per token
 
 
 def norm_activation_bytes(kind: str, d: int, s: int) -> int:
     """Per token, what a norm on the residual stream saves: its input, s d, and its statistics (LayerNorm
-    mean and rstd, RMSNorm rstd, fp32); torch's RMSNorm with a gain also keeps the normalised input,
-    4d in fp32, for the gain's gradient."""
+    mean and rstd, RMSNorm rstd, fp32); torch's RMSNorm with a gain, and the single-scale one, also keep
+    the normalised input, 4d in fp32, for the gain's gradient."""
     if kind == "none":
         return 0
-    return s * d + NORM_STATS[kind] + (FP32 * d if kind == "rmsnorm" else 0)
+    return s * d + NORM_STATS[kind] + (FP32 * d if kind in ("rmsnorm", "single_scale") else 0)
 
 
 def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
@@ -244,9 +254,10 @@ def head_activation_bytes(m: ModelConfig, s: int, c: int) -> int:
     """Bytes per token outside the blocks that forward keeps: the token ids and targets (int64, 16);
     an embed_stream LayerNorm and the final norm (`norm_activation_bytes`); the head's input c d; the
     logits c V (the training step holds them until its next forward returns); the fp32
-    log-probabilities cross-entropy saves, 4V."""
+    log-probabilities cross-entropy saves, 4V; with the embedding projections (embed_proj) the input of
+    each, c d apiece (the embeddings sum and the final norm's output, or their bf16 copies)."""
     d, V = m.d_model, m.vocab_size
-    out = 2 * INT64 + c * d + c * V + FP32 * V
+    out = 2 * INT64 + c * d + c * V + FP32 * V + (2 * c * d if m.embed_proj else 0)
     if m.first_norm == "embed_stream":
         out += norm_activation_bytes("layernorm", d, s)
     return out + norm_activation_bytes(m.final_norm, d, s)

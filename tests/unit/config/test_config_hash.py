@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from ofe.config import HASH_NEUTRAL, DataConfig, RunConfig, TrainConfig, config_hash, run_identity
+from ofe.config import HASH_NEUTRAL, DataConfig, ModelConfig, RunConfig, TrainConfig, config_hash, run_identity
 
 
 def _hash_of(d: dict) -> str:
@@ -25,12 +25,19 @@ def test_a_config_written_before_the_new_fields_keeps_its_hash() -> None:
     assert cfg.config_hash() == _hash_of(old)
 
 
+def _without(d: dict, section: str, keys: set[str]) -> dict:
+    return d | {section: {k: v for k, v in d[section].items() if k not in keys}}
+
+
 def test_a_non_neutral_value_of_a_new_field_is_part_of_the_identity() -> None:
     base = RunConfig()
     accumulated = RunConfig(train=TrainConfig(micro_batch_size=4))
     assert accumulated.config_hash() != base.config_hash()
-    assert accumulated.config_hash() == _hash_of(accumulated.to_dict() | {
-        "train": {k: v for k, v in accumulated.to_dict()["train"].items() if k != "parallel"}})
+    d = _without(accumulated.to_dict(), "model", {"embed_proj"})  # still neutral: left out
+    assert accumulated.config_hash() == _hash_of(_without(d, "train", {"parallel"}))
+    projected = RunConfig(model=ModelConfig(embed_proj=True))  # OSP's embedding projection
+    assert projected.config_hash() != base.config_hash()
+    assert projected.config_hash() == _hash_of(_without(projected.to_dict(), "train", {"micro_batch_size", "parallel"}))
 
 
 def test_every_other_field_changes_the_hash() -> None:
@@ -67,5 +74,5 @@ def test_the_resolved_device_type_and_dtype_are_part_of_the_identity() -> None:
     # what the identity hashes: the config with the two added to its train section
     cuda = {**cfg, "train": {**cfg["train"], "device_type": "cuda", "dtype": "bfloat16"}}
     assert run_identity(cfg, "cuda", "bfloat16") == _hash_of(
-        cuda | {"train": {k: v for k, v in cuda["train"].items() if k not in ("micro_batch_size", "parallel")}})
+        _without(_without(cuda, "train", {"micro_batch_size", "parallel"}), "model", {"embed_proj"}))
     assert run_identity(cfg, "cuda", "bfloat16") != config_hash(cfg)
