@@ -93,9 +93,28 @@ def op_final_norm(n_layer: int = REFERENCE_DEPTH) -> Overrides:
     return out
 
 
+def pre_ssnorm(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """Pre-RMS with Outlier-Safe Pre-Training's single-scale RMSNorm (SSNorm, arXiv 2506.19697): one
+    scalar gain per norm, block and final norms alike (ofe.core.osp.SingleScaleRMSNorm). Q/K bias, as
+    every block here; OSP's Llama has none, and learned positions where it has RoPE."""
+    return {"model": {"norm": "single_scale", "norm_position": "pre", "final_norm": "single_scale"}}
+
+
+def osp(n_layer: int = REFERENCE_DEPTH) -> Overrides:
+    """OSP's architecture: `pre_ssnorm` plus the embedding projection (EmbProj: orthogonally initialised
+    d x d maps after the embeddings and before the tied head, ofe.core.osp.EmbedProj). OSP's recipe
+    trains it with Muon (optimizer: muon), which is an axis of its own: configs/osp.yaml."""
+    out = pre_ssnorm(n_layer)
+    out["model"]["embed_proj"] = True
+    return out
+
+
 BLOCKS: dict[str, Callable[..., Overrides]] = {
-    f.__name__: f for f in (pre_ln, post_ln, pre_rms, pre_srms, no_norm, op, op_final_norm)
+    f.__name__: f for f in (pre_ln, post_ln, pre_rms, pre_srms, no_norm, op, op_final_norm, pre_ssnorm, osp)
 }
+# Blocks of the extensions beyond the paper that only their own, opt-in study configs use (configs/osp.yaml),
+# so the default grid (config.yaml) keeps its time budget; it runs every other block.
+OPT_IN_BLOCKS = frozenset({"pre_ssnorm", "osp"})
 
 
 # ---- scales -------------------------------------------------------------------------------------
