@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ofe.config import config_hash
 from ofe.plan import plan_from_config
 from ofe.plan.grid import load_config
 from tests.helpers import REPO
@@ -92,6 +93,25 @@ def test_cpu_study_compares_pre_ln_adamw_with_op_soap_over_length_width_and_seed
     assert seeds(("pre_ln", "adamw"), 128, 3000) == seeds(("op", "soap"), 128, 3000) == {0, 1, 2}
     assert seeds(("op", "soap"), 128, 1000) == {0, 1, 2}
     assert all(run["config"]["optim"]["lr"] == 1e-2 for run in plan["runs"])  # one LR: the default grid's
+
+
+def test_osp_study_crosses_its_blocks_with_adamw_and_muon_at_the_default_grids_settings() -> None:
+    """configs/osp.yaml: OSP's ladder (Pre-LN + AdamW, + Muon, + single-scale RMSNorm, + the embedding
+    projection) inside a 4 x 2 grid, two seeds, at the default grid's CPU settings."""
+    plan = _plan(REPO / "configs" / "osp.yaml")
+    blocks = ("pre_ln", "pre_rms", "pre_ssnorm", "osp")
+    assert _pairs(plan) == {(b, o): {0, 1} for b in blocks for o in ("adamw", "muon")}
+    default = {r["run_id"]: config_hash(r["config"]) for r in _plan(REPO / "config.yaml")["runs"]}
+    for run in plan["runs"]:
+        model, grid = run["config"]["model"], run["grid"]
+        assert (model["n_layer"], model["d_model"]) == (4, 128) and run["config"]["train"]["steps"] == 300
+        assert run["config"]["optim"]["name"] == grid["optimizer"]
+        single = grid["block"] in ("pre_ssnorm", "osp")
+        assert (model["norm"] == model["final_norm"] == "single_scale") == single
+        assert model["embed_proj"] == (grid["block"] == "osp")
+        if run["run_id"] in default:  # the baselines are the default grid's own runs, config for config
+            assert config_hash(run["config"]) == default[run["run_id"]]
+    assert {"tiny/pre_ln/beta1/adamw/lr0.01/seed0", "tiny/pre_ln/beta1/muon/lr0.01/seed0"} <= set(default)
 
 
 @pytest.mark.usefixtures("hub_online")
