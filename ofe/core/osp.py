@@ -30,9 +30,9 @@ class SingleScaleRMSNorm(nn.Module):
     As Flax's RMSNorm: eps inside the square root, the mean of squares over the last axis in at least
     fp32, the scale initialised to ones. A per-channel gain can grow a few channels into outlier features
     (OSP's argument); one scalar scales every channel alike. g is stored as a 1-element vector rather
-    than Flax's 0-D scalar: broadcasting gives the same function, and every optimiser here (Adafactor's
-    and SOAP's shape tests, Muon's split) and FSDP's dim-0 sharding then see an ordinary vector. Being
-    1-D it is never weight-decayed (`ofe.core.optim.param_groups`) and takes AdamW under `muon`.
+    than Flax's 0-D scalar: broadcasting gives the same function, and FSDP2 (`train.parallel: fsdp`)
+    refuses 0-D parameters ("fully_shard doesn't support scalar parameters"). Being 1-D it is never
+    weight-decayed (`ofe.core.optim.param_groups`) and takes AdamW under `muon`, as every norm gain.
     """
 
     def __init__(self, eps: float = SSNORM_EPS) -> None:

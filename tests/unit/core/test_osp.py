@@ -251,3 +251,13 @@ def test_a_trained_osp_run_is_quantised_under_both_protocols(data_dir, tmp_path)
     df = quantise_run(tmp_path, QuantConfig(bits=(8,), calib_batches=1, eval_batches=1))
     assert set(df.protocol) == {"static_per_tensor", "dynamic_per_token"}
     assert df.ppl_q.map(math.isfinite).all() and (df.ppl_q > 1).all()
+
+
+def test_the_osp_recipe_trains_sharded(data_dir, tmp_path):
+    """FSDP2 refuses 0-D parameters, hence the single-scale gain's one-element vector: the osp block trains
+    under train.parallel fsdp (one process, a one-member group, as tests/unit/train/test_dcp.py)."""
+    from ofe.train.trainer import train
+    from tests.helpers.runs import tiny_run
+
+    cfg = tiny_run(data_dir, model=presets.osp()["model"], train={"parallel": "fsdp", "steps": 8})
+    assert train(cfg, tmp_path)["status"] == "completed"
