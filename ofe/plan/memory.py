@@ -27,7 +27,7 @@ in seven parts (every figure is per process, i.e. per GPU on a GPU node):
   (`activation_bytes`; per block `block_activation_bytes`, e.g. Pre-LN with SDPA: (2s + 10c) d + 4H +
   16 bytes per token, s and c the stream and compute element sizes, 4 and 4 in fp32, 4 and 2 under
   bf16 autocast, on every path). Attention runs in SDPA, which stores no T x T scores; only the
-  explicit path (`model.logit_cap`) does.
+  explicit path (`explicit_attention`: `model.logit_cap`, or a non-softmax `model.attention`) does.
 - step temporaries: on CUDA, torch's foreach AdamW holds one fp32 temporary per parameter it updates.
   The step runs after backward has freed the activations, so the peak holds the larger of the two.
 - evaluation: validation's and the probe's no-grad forward passes (`evaluation_bytes`): validation
@@ -127,6 +127,9 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
         if m.qk_bias:
             out.append((f"{b}.attn.qk_bias", (2 * d,)))
         out.append((f"{b}.attn.proj.weight", (d, d)))
+        if (w := gate_width(m)):  # ofe.core.attention's gate: a linear layer with the queries' bias
+            out += [(f"{b}.attn.gate.weight", (w, d))] + ([(f"{b}.attn.gate.bias", (w,))] if m.qk_bias else [])
+        out += [(f"{b}.attn.sinks", (m.n_head,))] if m.attention == "learned_sink" else []
         if m.qk_norm != "none":  # RefRMSNorm and nn.RMSNorm both carry one gain over the head dimension
             out += [(f"{b}.attn.q_norm.weight", (hd,)), (f"{b}.attn.k_norm.weight", (hd,))]
         out += [(f"{b}.mlp.fc.weight", (f, d)), (f"{b}.mlp.proj.weight", (d, f))]
@@ -137,8 +140,17 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
 
 
 def buffer_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
-    """The model's buffers: each block's fixed residual gains (absent when they are trainable)."""
-    return [] if m.beta_trainable else [(f"blocks.{i}.beta", (2,)) for i in range(m.n_layer)]
+    """The buffers: each block's fixed residual gains (absent when trainable), softmax1's sink logits."""
+    out = [] if m.beta_trainable else [(f"blocks.{i}.beta", (2,)) for i in range(m.n_layer)]
+    return out + [(f"blocks.{i}.attn.sinks", (m.n_head,)) for i in range(m.n_layer) if m.attention == "softmax1"]
+
+
+def gate_width(m: ModelConfig) -> int:  # the attention gate's outputs: one per head or per channel, or 0
+    return {"gated_headwise": m.n_head, "gated_elementwise": m.d_model}.get(m.attention, 0)
+
+
+def explicit_attention(m: ModelConfig) -> bool:  # the T x T path: a logit cap, or weights SDPA cannot compute
+    return m.logit_cap is not None or m.attention not in ("softmax", "gated_headwise", "gated_elementwise")
 
 
 def numel(shape: Shape) -> int:
@@ -212,11 +224,13 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
         its denominator 8H; 'rms_torch' the normalised input 4d, the output c d, rstd 4H; both an fp32
         copy of the input 4d when c is 2
       trainable beta: each branch output is kept too, 2 c d
-      explicit attention (logit_cap set): no log-sum-exp, the same d count (q, k, v and the output are
-        copies laid out for bmm), and per query the T scores of each head: the tanh output c, the
-        softmax output s (fp32 under autocast on CUDA), and its c copy for probs @ v when c != s;
-        plus the causal mask, T^2 bytes per forward (`activation_bytes`). The only quadratic term: SDPA
-        keeps none. Approximate: within 5% of the counted bytes in fp32 (tests/unit/plan/test_memory.py).
+      explicit attention (`explicit_attention`): no log-sum-exp, the same d count (q, k, v and the output
+        copied for bmm), per query the T scores of each head: the tanh output c (logit cap), the softmax
+        output s (fp32 under CUDA autocast; fp32, T + 1 wide, for the sinks) and its c copy for probs @ v
+        if c != s; or clipped softmax's two fp32 tensors (softmax, clip input), softpick's four (masked
+        logits, exp, exp - 1, relu; 3 fp32 per row), each with c weights for probs @ v; the causal mask,
+        T^2 bytes per forward (`activation_bytes`). SDPA keeps no quadratic term. Within 5% in fp32.
+      the gate: sigmoid output c w (`gate_width`), gated product c d; under autocast a 2nd c copy of x
     """
     d, H, r, T = m.d_model, m.n_head, m.mlp_ratio, m.context
     if m.norm != "none":
@@ -226,10 +240,13 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
     else:
         out = 0
     out += c * d * (6 + r)
-    if m.logit_cap is not None:
-        out += T * H * (c + s + (c if c != s else 0))
-    else:
-        out += FP32 * H
+    per_row = {"softmax1": 1, "learned_sink": 1, "softpick": 3}.get(m.attention, 0) if explicit_attention(m) else 1
+    out += FP32 * H * per_row  # SDPA's log-sum-exp; or the sinks' column, softpick's max, exp(-max) and sum
+    if explicit_attention(m):
+        kept = {"clipped_softmax": 2 * FP32, "softpick": 4 * FP32}.get(m.attention)
+        w = FP32 if m.attention in ("softmax1", "learned_sink") else s
+        out += T * H * ((c if m.logit_cap is not None else 0) + (kept + c if kept else w + (c if c != w else 0)))
+    out += c * (gate_width(m) + d) + (c * d if c != FP32 else 0) if gate_width(m) else 0
     copy = FP32 * d if c != FP32 else 0
     if m.qk_norm == "rms":
         out += 2 * (FP32 * d + c * d + copy + 2 * FP32 * H)
@@ -269,7 +286,7 @@ def activation_bytes(m: ModelConfig, tokens: int, s: int = FP32, c: int = FP32, 
     per_token = block_activation_bytes(m, True, s, c) + (m.n_layer - 1) * block_activation_bytes(m, False, s, c)
     per_token += head_activation_bytes(m, s, c) + backward_peak_bytes(m, c)
     per_token += c * m.vocab_size if micro_batches > 1 else 0
-    masks = m.n_layer * m.context**2 if m.logit_cap is not None else 0
+    masks = m.n_layer * m.context**2 if explicit_attention(m) else 0
     return tokens * per_token + masks
 
 
@@ -283,11 +300,11 @@ def _qk_bytes(m: ModelConfig, c: int) -> int:
 def forward_transient_bytes(m: ModelConfig, s: int, c: int) -> int:
     """Per token, what a no-grad forward holds inside a block besides the block's input: the stream
     after attention s d, the norm's fp32 output 4d and the MLP's hidden pre-activation and ReLU output
-    2 r c d; the explicit attention (logit_cap) instead, where larger, about four fp32 T x T score
-    tensors per head, 16 H T."""
+    2 r c d; the explicit attention (`explicit_attention`) instead, where larger, about four fp32 T x T
+    score tensors per head, 16 H T."""
     d = m.d_model
     mlp = s * d + (FP32 * d if m.norm != "none" else 0) + 2 * m.mlp_ratio * c * d
-    return max(mlp, 4 * FP32 * m.n_head * m.context) if m.logit_cap is not None else mlp
+    return max(mlp, 4 * FP32 * m.n_head * m.context) if explicit_attention(m) else mlp
 
 
 def validation_bytes(m: ModelConfig, train: TrainConfig, processes: int, s: int, c: int) -> int:
