@@ -123,10 +123,12 @@ def ref_qwen_gated_attention(x, q_proj, k_proj, v_proj, o_proj, num_heads, head_
     value_states = F.linear(x, *v_proj)
     query_states = query_states.view(bsz, q_len, num_heads, -1)
     if headwise:
-        query_states, gate_score = torch.split(query_states, [head_dim * num_key_value_groups, num_key_value_groups], dim=-1)
+        query_states, gate_score = torch.split(
+            query_states, [head_dim * num_key_value_groups, num_key_value_groups], dim=-1)
         gate_score = gate_score.reshape(bsz, q_len, -1, 1)
     else:
-        query_states, gate_score = torch.split(query_states, [head_dim * num_key_value_groups, head_dim * num_key_value_groups], dim=-1)
+        query_states, gate_score = torch.split(
+            query_states, [head_dim * num_key_value_groups, head_dim * num_key_value_groups], dim=-1)
         gate_score = gate_score.reshape(bsz, q_len, -1, head_dim)
     query_states = query_states.reshape(bsz, q_len, -1, head_dim).transpose(1, 2)
     key_states = key_states.view(bsz, q_len, -1, head_dim).transpose(1, 2)
