@@ -153,7 +153,7 @@ class Attention(nn.Module):
             self.gate_out = nn.Identity()  # tap: the sigmoid gate, (B, T, H, 1) or (B, T, H, hd)
         if self.kind == "learned_sink":
             # gpt-oss's per-head sink logit. Zero-initialised, not HF's N(0, 0.02^2): it starts at exactly
-            # softmax1 (0.02 away at most otherwise) and leaves the other weights' random draws unchanged.
+            # softmax1 (a logit of order 0.02 otherwise), and no draw for it shifts the other weights' draws.
             self.sinks = nn.Parameter(torch.zeros(cfg.n_head))  # 1-D: AdamW, never decayed, under every optimiser
         elif self.kind == "softmax1":
             self.register_buffer("sinks", torch.zeros(cfg.n_head))  # the same mechanism, the logit fixed at 0

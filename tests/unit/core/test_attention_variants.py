@@ -86,6 +86,20 @@ def test_a_variant_runs_through_the_trainer_and_the_int8_evaluation(kind, data_d
     assert df.ppl_q.notna().all() and (df.ppl_q < 1e4).all()
 
 
+def test_only_the_gate_changes_the_initial_weights_a_seed_draws():
+    """Variants without a matrix of their own start from the softmax model's weights at the same seed, so
+    a seed compares the weight functions alone; the gate's matrix is drawn among the others."""
+    def weights(kind: str) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        return GPT(ModelConfig(**SMALL, attention=kind)).state_dict()
+
+    base = weights("softmax")
+    for kind in ("clipped_softmax", "softmax1", "learned_sink", "softpick"):
+        state = weights(kind)
+        assert all(torch.equal(state[k], v) for k, v in base.items()), kind
+    assert not torch.equal(weights("gated_headwise")["blocks.0.mlp.fc.weight"], base["blocks.0.mlp.fc.weight"])
+
+
 def test_the_gate_goes_to_muon_and_the_sink_logits_to_adamw():
     for kind, name in [("gated_elementwise", "blocks.0.attn.gate.weight"), ("learned_sink", "blocks.0.attn.sinks")]:
         model = GPT(ModelConfig(**SMALL, attention=kind))
