@@ -155,8 +155,6 @@ class Attention(nn.Module):
             # gpt-oss's per-head sink logit. Zero-initialised, not HF's N(0, 0.02^2): it starts at exactly
             # softmax1 (a logit of order 0.02 otherwise), and no draw for it shifts the other weights' draws.
             self.sinks = nn.Parameter(torch.zeros(cfg.n_head))  # 1-D: AdamW, never decayed, under every optimiser
-        elif self.kind == "softmax1":
-            self.register_buffer("sinks", torch.zeros(cfg.n_head))  # the same mechanism, the logit fixed at 0
         self.clip_zeta, self.clip_gamma = cfg.clip_zeta, clip_gamma(cfg)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -197,5 +195,7 @@ class Attention(nn.Module):
         if self.kind == "clipped_softmax":
             return clipped_softmax(logits.float(), mask, self.clip_zeta, self.clip_gamma)
         if self.kind in ("softmax1", "learned_sink"):
-            return sink_softmax(logits.float(), mask, self.sinks)
+            # softmax1 is the same mechanism with the logit fixed at 0: a constant, so no state of its own
+            sinks = self.sinks if self.kind == "learned_sink" else logits.new_zeros(self.n_head)
+            return sink_softmax(logits.float(), mask, sinks)
         return softpick(logits.float(), mask)

@@ -140,9 +140,8 @@ def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
 
 
 def buffer_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
-    """The buffers: each block's fixed residual gains (absent when trainable), softmax1's sink logits."""
-    out = [] if m.beta_trainable else [(f"blocks.{i}.beta", (2,)) for i in range(m.n_layer)]
-    return out + [(f"blocks.{i}.attn.sinks", (m.n_head,)) for i in range(m.n_layer) if m.attention == "softmax1"]
+    """The model's buffers: each block's fixed residual gains (absent when they are trainable)."""
+    return [] if m.beta_trainable else [(f"blocks.{i}.beta", (2,)) for i in range(m.n_layer)]
 
 
 def gate_width(m: ModelConfig) -> int:  # the attention gate's outputs: one per head or per channel, or 0
@@ -225,12 +224,10 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
         copy of the input 4d when c is 2
       trainable beta: each branch output is kept too, 2 c d
       explicit attention (`explicit_attention`): no log-sum-exp, the same d count (q, k, v and the output
-        copied for bmm), per query the T scores of each head: the tanh output c (logit cap), the softmax
-        output s (fp32 under CUDA autocast; fp32, T + 1 wide, for the sinks) and its c copy for probs @ v
-        if c != s; or clipped softmax's two fp32 tensors (softmax, clip input), softpick's four (masked
-        logits, exp, exp - 1, relu; 3 fp32 per row), each with c weights for probs @ v; the causal mask,
-        T^2 bytes per forward (`activation_bytes`). SDPA keeps no quadratic term. Within 5% in fp32.
-      the gate: sigmoid output c w (`gate_width`), gated product c d; under autocast a 2nd c copy of x
+        copied for bmm), per query and head T scores: the tanh output c (logit cap), the softmax output s
+        (fp32, T + 1 wide, for the sinks) and its c copy for probs @ v if c != s, or the clipped softmax's 2
+        or softpick's 4 fp32 tensors (3 fp32 per row) and c weights; the causal mask, T^2 per forward. SDPA
+        keeps none. Within 5% in fp32. The gate (w = `gate_width`): sigmoid c w, product c d, x recast c d
     """
     d, H, r, T = m.d_model, m.n_head, m.mlp_ratio, m.context
     if m.norm != "none":
@@ -246,7 +243,7 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
         kept = {"clipped_softmax": 2 * FP32, "softpick": 4 * FP32}.get(m.attention)
         w = FP32 if m.attention in ("softmax1", "learned_sink") else s
         out += T * H * ((c if m.logit_cap is not None else 0) + (kept + c if kept else w + (c if c != w else 0)))
-    out += c * (gate_width(m) + d) + (c * d if c != FP32 else 0) if gate_width(m) else 0
+    out += c * (gate_width(m) + d) + (c * d if c != FP32 else 0) if gate_width(m) else 0  # autocast: x cast again
     copy = FP32 * d if c != FP32 else 0
     if m.qk_norm == "rms":
         out += 2 * (FP32 * d + c * d + copy + 2 * FP32 * H)
