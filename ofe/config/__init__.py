@@ -6,14 +6,14 @@ The public names of both modules are re-exported, so `from ofe.config import Run
 
 from ofe.config.fields import (LIMITS, SECTIONS, VALIDATORS, ConfigError, check_field, field_kind,
                                number_from_text)
-from ofe.config.run import (FSDP_REFUSED, HASH_NEUTRAL, PROTOCOLS, SUPPORTED_BITS, DataConfig, ModelConfig,
-                            NormKind, OptimConfig, QuantConfig, RunConfig, TrainConfig, build_section,
-                            check_micro_batch, check_parallel, config_hash, micro_batch_choices, run_identity,
-                            section_fields)
+from ofe.config.run import (FSDP_REFUSED, HASH_NEUTRAL, PROTOCOLS, SUPPORTED_BITS, AttentionKind, DataConfig,
+                            ModelConfig, NormKind, OptimConfig, QuantConfig, RunConfig, TrainConfig,
+                            build_section, check_micro_batch, check_parallel, config_hash, micro_batch_choices,
+                            run_identity, section_fields)
 
 __all__ = [
     "LIMITS", "SECTIONS", "VALIDATORS", "ConfigError", "check_field", "field_kind", "number_from_text",
-    "FSDP_REFUSED", "HASH_NEUTRAL", "PROTOCOLS", "SUPPORTED_BITS", "DataConfig", "ModelConfig", "NormKind",
-    "OptimConfig", "QuantConfig", "RunConfig", "TrainConfig", "build_section", "check_micro_batch",
+    "FSDP_REFUSED", "HASH_NEUTRAL", "PROTOCOLS", "SUPPORTED_BITS", "AttentionKind", "DataConfig", "ModelConfig",
+    "NormKind", "OptimConfig", "QuantConfig", "RunConfig", "TrainConfig", "build_section", "check_micro_batch",
     "check_parallel", "config_hash", "micro_batch_choices", "run_identity", "section_fields",
 ]

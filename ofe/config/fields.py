@@ -29,6 +29,7 @@ LIMITS: dict[str, str] = {
     **{f"model.{k}": "(0, inf)" for k in ("vocab_size", "context", "n_layer", "n_head", "d_model",
                                           "mlp_ratio", "logit_cap", "init_std", "embed_init_std")},
     "model.beta": "[0, inf)",  # 0 switches the branches off: a valid model; config files ask > 0 (grid.py)
+    "model.clip_zeta": "[1, inf)", "model.clip_gamma": "(-inf, 0]",  # the clipped softmax stretches outwards
     "optim.lr": "(0, inf)", "optim.betas": "[0, 1)", "optim.eps": "(0, inf)",
     "optim.weight_decay": "[0, inf)", "optim.warmup_frac": "[0, 1)", "optim.min_lr_frac": "[0, 1]",
     "optim.clip": "(0, inf)", "optim.precondition_frequency": "(0, inf)",

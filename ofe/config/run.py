@@ -22,6 +22,11 @@ from ofe.config.fields import SECTIONS, ConfigError, check_fields, field_checker
 
 # srms: RMSNorm without a gain; single_scale: RMSNorm with one scalar gain (OSP's SSNorm, ofe.core.osp)
 NormKind = Literal["layernorm", "rmsnorm", "srms", "single_scale", "none"]
+# How attention turns its logits into weights (`ModelConfig.attention`; ofe.core.attention). The gate's two
+# forms are two values rather than a second field: one axis then sweeps every variant, and no field is read
+# by some values only (a gate kind on a softmax model would change its hash and nothing else).
+AttentionKind = Literal["softmax", "clipped_softmax", "gated_headwise", "gated_elementwise", "softmax1",
+                        "learned_sink", "softpick"]
 PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
 # Bit widths ofe.core.quant is tested at; the schema's quant.bits enum lists the same (a test compares them),
 # so a config file and `--quant-json` on the command line accept exactly one set.
@@ -50,6 +55,20 @@ class ModelConfig:
     whose attention always has them; the value and output projections have none."""
     logit_cap: float | None = None
     """tanh soft-cap of attention logits (30 in He et al. 2024, section 2), the alternative to QK-norm."""
+    attention: AttentionKind = "softmax"
+    """How attention weights are formed (docs/science.md section 2, "Attention variants"). 'softmax':
+    torch's fused SDPA kernel. 'clipped_softmax': clip((zeta - gamma) softmax + gamma, 0, 1) (Bondarenko
+    et al. 2023). 'gated_headwise' / 'gated_elementwise': softmax attention times a sigmoid gate computed
+    from the attention input, one scalar per head or one per channel, before the output projection
+    (Qiu et al. 2025, position G1). 'softmax1': exp(x_i) / (1 + sum_j exp(x_j)) (E. Miller 2023).
+    'learned_sink': a trainable per-head logit in the softmax's denominator (gpt-oss). 'softpick':
+    relu(exp(x_i) - 1) / sum_j |exp(x_j) - 1| (Zuhri et al. 2025)."""
+    clip_zeta: float = 1.0
+    """clipped_softmax's upper stretch zeta (>= 1); 1, the authors' causal-LM setting, stretches only
+    downwards. Read by clipped_softmax only."""
+    clip_gamma: float | None = None
+    """clipped_softmax's lower stretch gamma (<= 0); null: -12 / context, the authors' causal-LM setting
+    (gamma = -alpha / T, alpha = 12, T the training sequence length). Read by clipped_softmax only."""
     beta: float = 1.0
     """Residual branch gain: x + beta * f(x). OP uses 0.2 at 12 layers, O(1/sqrt(depth))."""
     beta_trainable: bool = False
@@ -316,7 +335,8 @@ def check_parallel(cfg: RunConfig) -> None:
 # and compute dtype, neutral at CPU fp32, the only way runs trained before they were hashed.
 HASH_NEUTRAL: dict[str, dict[str, Any]] = {"train": {"micro_batch_size": None, "parallel": "ddp",
                                                      "device_type": "cpu", "dtype": "float32"},
-                                           "model": {"embed_proj": False}}
+                                           "model": {"embed_proj": False, "attention": "softmax", "clip_zeta": 1.0,
+                                                     "clip_gamma": None}}
 
 
 def config_hash(run_config: dict[str, Any]) -> str:

@@ -1,17 +1,17 @@
 """A GPT-style causal decoder where every block variant of He et al. 2024 is a config field.
 
-Reading order: make_norm -> RefRMSNorm -> Attention -> MLP -> Block -> GPT. As in the paper's public
-code (a HF GPT-2 whose blocks it replaces): learned positions, tied embeddings, a ReLU MLP (4d) without
-biases, trainable zero-initialised biases on the query and key projections only (`qk_bias`), QK-RMSNorm
-as gain * x / (rms(x) + 1e-5) (`qk_norm='rms'`), and every matrix, embeddings included, drawn from
-N(0, 0.02^2) with no depth scaling (GPT-2's is `scale_residual_init`, off by default). Its norm-free
-blocks keep one LayerNorm, on block 0's attention input (`first_norm`). `tests/unit/core/test_reference.py`
-checks the OP forward pass against a transcription of that code.
+Reading order: make_norm -> MLP -> Block -> GPT; the attention, its variants (`model.attention`) and the
+QK-norm are in `ofe.core.attention`. As in the paper's public code (a HF GPT-2 whose blocks it replaces):
+learned positions, tied embeddings, a ReLU MLP (4d) without biases, trainable zero-initialised biases on
+the query and key projections only (`qk_bias`), QK-RMSNorm as gain * x / (rms(x) + 1e-5)
+(`qk_norm='rms'`), and every matrix, embeddings included, drawn from N(0, 0.02^2) with no depth scaling
+(GPT-2's is `scale_residual_init`, off by default). Its norm-free blocks keep one LayerNorm, on block 0's
+attention input (`first_norm`). `tests/unit/core/test_reference.py` checks the OP forward pass against a
+transcription of that code.
 
 The probe taps the `nn.Identity` sites (`Block.input`, `Block.mid`, `GPT.unembed_pre_norm`,
-`GPT.unembed_input`, `Attention.q_site`, `Attention.k_site`, and on the explicit attention path
-`Attention.scores`, `Attention.probs`) with forward hooks; the model itself knows nothing of metrics,
-quantisation or training.
+`GPT.unembed_input`, and `ofe.core.attention.Attention`'s) with forward hooks; the model itself knows
+nothing of metrics, quantisation or training.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ofe.config import ModelConfig, NormKind
+from ofe.core.attention import Attention
 from ofe.core.osp import EmbedProj, SingleScaleRMSNorm
-
-QK_NORM_EPS = 1e-5  # the public code's layer_norm_epsilon (HF GPT-2's default), used by its QK-norm
 
 
 def make_norm(kind: NormKind, dim: int) -> nn.Module | None:
@@ -43,88 +42,6 @@ def make_norm(kind: NormKind, dim: int) -> nn.Module | None:
 
 def _apply(norm: nn.Module | None, x: Tensor) -> Tensor:
     return x if norm is None else norm(x)
-
-
-class RefRMSNorm(nn.Module):
-    """The public code's RMSNorm: weight * x / (rms(x) + eps), eps added outside the square root.
-
-    torch's nn.RMSNorm puts eps inside (x * rsqrt(mean(x^2) + eps)); the two differ where rms(x) is
-    small, which is where QK-norm matters at initialisation (queries of a 0.02-init projection).
-    """
-
-    def __init__(self, dim: int, eps: float = QK_NORM_EPS) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))  # 'weight', as nn.RMSNorm: 1-D, so never decayed
-
-    def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()  # the mean of squares in fp32: under bf16 autocast it would lose the small rms
-        rms = xf.pow(2).mean(-1, keepdim=True).sqrt()
-        return (self.weight * (xf / (rms + self.eps))).to(x.dtype)
-
-
-def make_qk_norm(kind: str, head_dim: int) -> nn.Module | None:
-    """The QK-norm of `ModelConfig.qk_norm`: 'rms' (the public code's), 'rms_torch' or 'none'."""
-    if kind == "rms":
-        return RefRMSNorm(head_dim)
-    if kind == "rms_torch":
-        return nn.RMSNorm(head_dim)
-    return None
-
-
-class Attention(nn.Module):
-    """Causal multi-head self-attention; optional Q/K bias, QK-RMSNorm and tanh logit cap.
-
-    Two paths compute the same function: torch's fused SDPA kernel (the default), and an explicit one
-    (`explicit = True`, or whenever `logit_cap` is set, since SDPA cannot cap logits) that shows the
-    pre-softmax logits at `scores` and the attention probabilities at `probs`, for quantisation.
-    """
-
-    explicit: bool = False
-
-    def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.n_head, self.head_dim = cfg.n_head, cfg.d_model // cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        # The public code's QK projection is a Conv1D with a trainable bias and its V projection has
-        # none, so the bias is a parameter of its own over [q | k] rather than qkv's bias over [q | k | v].
-        self.qk_bias = nn.Parameter(torch.zeros(2 * cfg.d_model)) if cfg.qk_bias else None
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.q_norm = make_qk_norm(cfg.qk_norm, self.head_dim)
-        self.k_norm = make_qk_norm(cfg.qk_norm, self.head_dim)
-        self.logit_cap = cfg.logit_cap
-        self.explicit = False  # a plain attribute: quantisation switches it on in its copy of the model
-        self.q_site, self.k_site = nn.Identity(), nn.Identity()  # probe taps (attention entropy)
-        self.scores, self.probs = nn.Identity(), nn.Identity()  # quantisation taps (explicit path only)
-        self.qkv_out = nn.Identity()  # quantisation tap: the projection's output, bias included
-
-    def forward(self, x: Tensor) -> Tensor:
-        B, T, C = x.shape
-        qkv = self.qkv(x)
-        if self.qk_bias is not None:
-            qkv = qkv + F.pad(self.qk_bias, (0, C))  # no bias on v
-        q, k, v = self.qkv_out(qkv).split(C, dim=2)
-        # (B, T, C) -> (B, H, T, hd)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
-        q, k = self.q_site(_apply(self.q_norm, q)), self.k_site(_apply(self.k_norm, k))
-        if self.explicit or self.logit_cap is not None:
-            y = self._explicit_attention(q, k, v)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # fused kernel
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.proj(y)
-
-    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(mask(scores(cap(q k^T / sqrt(hd))))) v, every intermediate a tensor a hook can see."""
-        T = q.shape[-2]
-        logits = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)  # (B, H, T, T)
-        if self.logit_cap is not None:
-            logits = self.logit_cap * torch.tanh(logits / self.logit_cap)
-        # the tap comes before the mask, so a quantiser never sees (or ranges over) the -inf entries
-        logits = self.scores(logits)
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        probs = self.probs(logits.masked_fill(~mask, float("-inf")).softmax(dim=-1))
-        return probs @ v
 
 
 class MLP(nn.Module):

@@ -27,8 +27,9 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ofe.config import QuantConfig
+from ofe.core.attention import Attention
 from ofe.core.hooks import first_tensor, layer_input
-from ofe.core.model import GPT, Attention
+from ofe.core.model import GPT
 from ofe.core.osp import SingleScaleRMSNorm
 
 Protocol = Literal["static_per_tensor", "dynamic_per_token"]

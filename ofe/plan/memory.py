@@ -27,7 +27,7 @@ in seven parts (every figure is per process, i.e. per GPU on a GPU node):
   (`activation_bytes`; per block `block_activation_bytes`, e.g. Pre-LN with SDPA: (2s + 10c) d + 4H +
   16 bytes per token, s and c the stream and compute element sizes, 4 and 4 in fp32, 4 and 2 under
   bf16 autocast, on every path). Attention runs in SDPA, which stores no T x T scores; only the
-  explicit path (`model.logit_cap`) does.
+  explicit path (`explicit_attention`: `model.logit_cap`, or a non-softmax `model.attention`) does.
 - step temporaries: on CUDA, torch's foreach AdamW holds one fp32 temporary per parameter it updates.
   The step runs after backward has freed the activations, so the peak holds the larger of the two.
 - evaluation: validation's and the probe's no-grad forward passes (`evaluation_bytes`): validation
@@ -53,18 +53,19 @@ activations, so the true peak is lower by up to min(grads, activations).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from ofe.config import ModelConfig, OptimConfig, TrainConfig
+# the model's tensors and the optimisers' state per tensor; re-exported: the plan's callers use them from here
+from ofe.plan.memshapes import (FP32, Shape, buffer_shapes, explicit_attention, gate_width, is_muon_param,  # noqa: F401
+                                numel, optimizer_state_bytes, param_shapes, shard)
 
-FP32, BF16, INT64 = 4, 2, 8
+BF16, INT64 = 2, 8
 GIB = 2**30
 GPU_RESERVE_FIXED = 1 * GIB  # CUDA context + cuBLAS/NCCL workspaces (an allowance; not measured here)
 GPU_RESERVE_FRACTION = 0.10  # the caching allocator's fragmentation (an allowance)
 CPU_RESERVE = GIB // 2  # python, torch and the data loader's process memory (an allowance)
 
-Shape = tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -99,89 +100,6 @@ class Estimate:
     def transient(self) -> int:
         """The largest of the three parts that never coexist."""
         return max(self.activations, self.step_temporaries, self.evaluation)
-
-
-# ---- the model's tensors ------------------------------------------------------------------------
-
-def _norm_params(kind: str, name: str, d: int) -> list[tuple[str, Shape]]:
-    """ofe.core.model.make_norm's parameters: LayerNorm weight + bias, RMSNorm weight, SRMS none,
-    single-scale RMSNorm one scalar (a 1-element vector)."""
-    if kind == "layernorm":
-        return [(f"{name}.weight", (d,)), (f"{name}.bias", (d,))]
-    if kind == "rmsnorm":
-        return [(f"{name}.weight", (d,))]
-    if kind == "single_scale":
-        return [(f"{name}.weight", (1,))]
-    return []
-
-
-def _embed_proj_params(m: ModelConfig, name: str) -> list[tuple[str, Shape]]:
-    """An OSP embedding projection (ofe.core.osp.EmbedProj): a d x d weight and a d bias, if on."""
-    d = m.d_model
-    return [(f"{name}.weight", (d, d)), (f"{name}.bias", (d,))] if m.embed_proj else []
-
-
-def param_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
-    """Every parameter of `ofe.core.model.GPT(m)` by name and shape (the tied head is wte itself)."""
-    d, hd, f = m.d_model, m.d_model // m.n_head, m.mlp_ratio * m.d_model
-    out: list[tuple[str, Shape]] = [("wte.weight", (m.vocab_size, d)), ("wpe.weight", (m.context, d))]
-    if m.first_norm == "embed_stream":
-        out += _norm_params("layernorm", "embed_norm", d)
-    out += _embed_proj_params(m, "embed_proj_in")
-    for i in range(m.n_layer):
-        b = f"blocks.{i}"
-        first_ln = i == 0 and m.first_norm == "block0_attn_input"
-        out += _norm_params("layernorm" if first_ln else m.norm, f"{b}.norm1", d)
-        out += _norm_params(m.norm, f"{b}.norm2", d)
-        out.append((f"{b}.attn.qkv.weight", (3 * d, d)))
-        if m.qk_bias:
-            out.append((f"{b}.attn.qk_bias", (2 * d,)))
-        out.append((f"{b}.attn.proj.weight", (d, d)))
-        if m.qk_norm != "none":  # RefRMSNorm and nn.RMSNorm both carry one gain over the head dimension
-            out += [(f"{b}.attn.q_norm.weight", (hd,)), (f"{b}.attn.k_norm.weight", (hd,))]
-        out += [(f"{b}.mlp.fc.weight", (f, d)), (f"{b}.mlp.proj.weight", (d, f))]
-        if m.beta_trainable:
-            out.append((f"{b}.beta", (2,)))
-    out += _norm_params(m.final_norm, "final_norm", d)
-    return out + _embed_proj_params(m, "embed_proj_out")
-
-
-def buffer_shapes(m: ModelConfig) -> list[tuple[str, Shape]]:
-    """The model's buffers: each block's fixed residual gains (absent when they are trainable)."""
-    return [] if m.beta_trainable else [(f"blocks.{i}.beta", (2,)) for i in range(m.n_layer)]
-
-
-def numel(shape: Shape) -> int:
-    return math.prod(shape)
-
-
-def shard(shape: Shape, processes: int) -> Shape:
-    """One process's part of a tensor FSDP2 shards over `processes`: ceil(rows / N) rows."""
-    return (math.ceil(shape[0] / processes), *shape[1:]) if processes > 1 else shape
-
-
-def is_muon_param(name: str, shape: Shape) -> bool:
-    """ofe.core.optim.muon_param_groups' split: 2-D weights outside the embeddings go to Muon."""
-    return len(shape) == 2 and not name.startswith(("wte.", "wpe."))
-
-
-def optimizer_state_bytes(name: str, pname: str, shape: Shape, max_precond_dim: int,
-                          full_shape: Shape | None = None) -> int:
-    """Bytes of optimiser state for one parameter tensor (`shape`: the part this process holds;
-    `full_shape`: the whole tensor, which decides what is rotated). Formulas in the module docstring."""
-    n, full = numel(shape), full_shape or shape
-    rotated = sum(FP32 * k * k for k in full if k <= max_precond_dim) if len(full) == 2 else 0
-    if name == "adamw" or (name == "muon" and not is_muon_param(pname, full)):
-        return 2 * FP32 * n + FP32
-    if name == "muon":
-        return FP32 * n
-    if name == "soap":
-        return 2 * FP32 * n + 2 * rotated  # statistics GG and eigenbases Q
-    if name in ("adafactor", "rotated_adafactor"):
-        second = FP32 * (shape[0] + shape[1]) if len(shape) == 2 else FP32 * n
-        rot = 2 * rotated if name == "rotated_adafactor" else 0
-        return FP32 + FP32 * n + second + rot
-    raise ValueError(f"optimizer: {name!r} has no memory formula")
 
 
 # ---- activations ---------------------------------------------------------------------------------
@@ -222,11 +140,11 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
         its denominator 8H; 'rms_torch' the normalised input 4d, the output c d, rstd 4H; both an fp32
         copy of the input 4d when c is 2
       trainable beta: each branch output is kept too, 2 c d
-      explicit attention (logit_cap set): no log-sum-exp, the same d count (q, k, v and the output are
-        copies laid out for bmm), and per query the T scores of each head: the tanh output c, the
-        softmax output s (fp32 under autocast on CUDA), and its c copy for probs @ v when c != s;
-        plus the causal mask, T^2 bytes per forward (`activation_bytes`). The only quadratic term: SDPA
-        keeps none. Approximate: within 5% of the counted bytes in fp32 (tests/unit/plan/test_memory.py).
+      explicit attention (`explicit_attention`): no log-sum-exp, the same d count (q, k, v and the output
+        copied for bmm), per query and head T scores: the tanh output c (logit cap), the softmax output s
+        (fp32, T + 1 wide, for the sinks) and its c copy for probs @ v if c != s, or the clipped softmax's 2
+        or softpick's 4 fp32 tensors (3 fp32 per row) and c weights; the causal mask, T^2 per forward. SDPA
+        keeps none. Within 5% in fp32. The gate (w = `gate_width`): sigmoid c w, product c d, x recast c d
     """
     d, H, r, T = m.d_model, m.n_head, m.mlp_ratio, m.context
     if m.norm != "none":
@@ -236,10 +154,13 @@ def block_activation_bytes(m: ModelConfig, first: bool, s: int, c: int) -> int:
     else:
         out = 0
     out += c * d * (6 + r)
-    if m.logit_cap is not None:
-        out += T * H * (c + s + (c if c != s else 0))
-    else:
-        out += FP32 * H
+    per_row = {"softmax1": 1, "learned_sink": 1, "softpick": 3}.get(m.attention, 0) if explicit_attention(m) else 1
+    out += FP32 * H * per_row  # SDPA's log-sum-exp; or the sinks' column, softpick's max, exp(-max) and sum
+    if explicit_attention(m):
+        kept = {"clipped_softmax": 2 * FP32, "softpick": 4 * FP32}.get(m.attention)
+        w = FP32 if m.attention in ("softmax1", "learned_sink") else s
+        out += T * H * ((c if m.logit_cap is not None else 0) + (kept + c if kept else w + (c if c != w else 0)))
+    out += c * (gate_width(m) + d) + (c * d if c != FP32 else 0) if gate_width(m) else 0  # autocast: x cast again
     copy = FP32 * d if c != FP32 else 0
     if m.qk_norm == "rms":
         out += 2 * (FP32 * d + c * d + copy + 2 * FP32 * H)
@@ -280,7 +201,7 @@ def activation_bytes(m: ModelConfig, tokens: int, s: int = FP32, c: int = FP32, 
     per_token = block_activation_bytes(m, True, s, c) + (m.n_layer - 1) * block_activation_bytes(m, False, s, c)
     per_token += head_activation_bytes(m, s, c) + backward_peak_bytes(m, c)
     per_token += c * m.vocab_size if micro_batches > 1 else 0
-    masks = m.n_layer * m.context**2 if m.logit_cap is not None else 0
+    masks = m.n_layer * m.context**2 if explicit_attention(m) else 0
     return tokens * per_token + masks
 
 
@@ -294,11 +215,11 @@ def _qk_bytes(m: ModelConfig, c: int) -> int:
 def forward_transient_bytes(m: ModelConfig, s: int, c: int) -> int:
     """Per token, what a no-grad forward holds inside a block besides the block's input: the stream
     after attention s d, the norm's fp32 output 4d and the MLP's hidden pre-activation and ReLU output
-    2 r c d; the explicit attention (logit_cap) instead, where larger, about four fp32 T x T score
-    tensors per head, 16 H T."""
+    2 r c d; the explicit attention (`explicit_attention`) instead, where larger, about four fp32 T x T
+    score tensors per head, 16 H T."""
     d = m.d_model
     mlp = s * d + (FP32 * d if m.norm != "none" else 0) + 2 * m.mlp_ratio * c * d
-    return max(mlp, 4 * FP32 * m.n_head * m.context) if m.logit_cap is not None else mlp
+    return max(mlp, 4 * FP32 * m.n_head * m.context) if explicit_attention(m) else mlp
 
 
 def validation_bytes(m: ModelConfig, train: TrainConfig, processes: int, s: int, c: int) -> int:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from ofe.config import ConfigError, ModelConfig
-from ofe.core.model import GPT, Attention, Block, RefRMSNorm
+from ofe.core.attention import Attention, RefRMSNorm
+from ofe.core.model import GPT, Block
 from ofe.plan import presets
 
 SMALL = dict(n_layer=2, d_model=32, n_head=2, context=16)

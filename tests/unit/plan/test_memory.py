@@ -25,7 +25,9 @@ from ofe.plan import memory, presets
 
 BLOCK_VARIANTS = [({}, b) for b in presets.BLOCKS] + [
     ({"beta_trainable": True}, "op"), ({"first_norm": "embed_stream"}, "pre_ln"), ({"qk_bias": False}, "pre_ln"),
-    ({"qk_norm": "rms_torch"}, "pre_ln"), ({"logit_cap": 30.0}, "pre_ln")]
+    ({"qk_norm": "rms_torch"}, "pre_ln"), ({"logit_cap": 30.0}, "pre_ln")] + [
+    ({"attention": a}, "pre_ln") for a in ("clipped_softmax", "gated_headwise", "gated_elementwise", "softmax1",
+                                           "learned_sink", "softpick")] + [({"attention": "gated_elementwise"}, "op")]
 
 
 def model_config(block: str = "pre_ln", **over) -> ModelConfig:
