@@ -11,7 +11,9 @@ so a checkpoint of a public model and an `ofe` run can be read by the same code:
                    Pythia's 1024 x 2048), else -1.
 - quant.parquet    QUANT_SCHEMA: fp perplexity and each protocol x bit width (`ofe.pretrained.quant` for a
                    pretrained model, `ofe.core.quant` itself for an `ofe` run).
-- inspect.json     written last: its presence means OUT is complete.
+- inspect.json     written last: its presence means OUT is complete. Besides the summary figures,
+                   `notes`: what could not be measured (attention weights a model did not return), which
+                   also go into both tables' metadata.
 Both Parquet files carry the model (name, revision, resolved commit), the data and the provenance.
 
 Data: the stdlib corpus of `ofe.core.data` by default (an `ofe` run: its own data section), a DataConfig
@@ -170,6 +172,8 @@ class Target:
     quantise: Callable[..., tuple[torch.nn.Module, dict[str, Any]]]
     quantised_tensors: dict[str, str]
     default_data: DataConfig | None = None
+    # a note when the probe logged no attention metrics at some layers, from the layers it logged them at
+    attention_note: Callable[[set[int]], str | None] = lambda _layers: None
 
 
 def hf_target(name: str, revision: str | None, cache_dir: Path | None, max_memory_gb: float | None) -> Target:
@@ -184,7 +188,8 @@ def hf_target(name: str, revision: str | None, cache_dir: Path | None, max_memor
             "model_config": model.config.to_dict()}
     return Target("hf", model, hf_encoder(tokenizer), hf.vocab_size(model), hf.context_limit(model),
                   revision_step(revision), per_step, meta, lambda x: hf.probe(model, x), hf.perplexity,
-                  hf_quant.quantised_copy, {**HF_QUANTISED_TENSORS, "not_quantised": HF_NOT_QUANTISED})
+                  hf_quant.quantised_copy, {**HF_QUANTISED_TENSORS, "not_quantised": HF_NOT_QUANTISED},
+                  attention_note=lambda layers: hf.missing_attention_note(model, layers))
 
 
 def run_target(run_dir: Path) -> Target:
@@ -297,6 +302,9 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
         for layer, site, metric, value in target.probe(w[:, :-1]):
             sums.setdefault((layer, site, metric), []).append(value)
     rows = [(step, tokens, layer, site, metric, float(np.mean(v))) for (layer, site, metric), v in sums.items()]
+    notes = [n for n in [target.attention_note({layer for layer, site, _ in sums if site == "attention"})] if n]
+    for note in notes:
+        print(f"[ofe] inspect {target.meta['model']}: note: {note}", flush=True)
 
     ppl_fp = target.perplexity(target.model, batches.evals)
     rows.append((step, tokens, -1, "val", "loss", math.log(ppl_fp)))
@@ -312,7 +320,7 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
                   f"{ppl_q:.3f}", flush=True)
 
     meta = {"inspect": {**target.meta, "step": step, "tokens": tokens, "context": context,
-                        "batch_size": settings.batch_size, "batches": settings.batches},
+                        "batch_size": settings.batch_size, "batches": settings.batches, "notes": notes},
             "data": batches.description, "quant": asdict(quant), "quantised_tensors": target.quantised_tensors,
             "quant_runs": qinfo, "provenance": {**provenance(), **_hf_versions()}}
     if target.kind == "run":
@@ -326,6 +334,7 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
                "revision": revision, "resolved_commit": target.meta.get("resolved_commit"), "step": step,
                "tokens": tokens, "ppl_fp": ppl_fp, "max_kurtosis": float(kurt.max()) if len(kurt) else None,
                "quant": [dict(zip(QUANT_COLUMNS, r)) for r in qrows],
+               "notes": notes,
                "wall_s": round(time.perf_counter() - t0, 3), "provenance": meta["provenance"]}
     atomic_write_json(out / INSPECT, summary)  # last: marks OUT complete
     return summary

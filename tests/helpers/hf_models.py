@@ -113,3 +113,26 @@ def fake_hub_cache(root: Path, model_dir: Path, repo: str, refs: dict[str, str])
         (folder / "refs").mkdir(parents=True, exist_ok=True)
         (folder / "refs" / ref).write_text(sha)
     return root
+
+
+def sharpen_attention(model, family: str, factor: float = 60.0):
+    """Queries and keys scaled by `factor` (logits by factor^2): a random tiny model's attention is
+    nearly uniform (every head's first-token mass near the same value), this makes it peaked, so heads
+    differ in their first-token mass (some above Gu et al.'s 0.3, some below) and some weights underflow
+    to exactly 0: every attention metric is away from its trivial value."""
+    d = D
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+                p.mul_(factor)
+            elif name.endswith("c_attn.weight"):  # GPT-2's Conv1D: (d, 3d), columns q | k | v
+                p[:, : 2 * d].mul_(factor)
+            elif name.endswith("c_attn.bias"):
+                p[: 2 * d].mul_(factor)
+            elif name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+                # GPT-NeoX interleaves per head: rows [h * 3 hd, (h + 1) * 3 hd) are q, k, v of head h
+                hd = d // HEADS
+                for h in range(HEADS):
+                    p[h * 3 * hd: h * 3 * hd + 2 * hd].mul_(factor)
+    return model
+

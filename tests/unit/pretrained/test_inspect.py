@@ -28,6 +28,8 @@ SMALL = dict(settings=Settings(batches=2, batch_size=2, context=32),
              quant=QuantConfig(calib_batches=2, eval_batches=2))
 NO_QUANT = dict(settings=Settings(batches=2, batch_size=2, context=32), quant=QuantConfig(protocols=()))
 PER_SITE = set(metrics.STREAM_METRICS)
+MASSIVE = {"massive_top1", "massive_top2", "massive_top3", "massive_median", "massive_ratio"}
+ATTENTION = {"attention_entropy", "sink_rate", "first_token_attention", "attention_sparsity"}
 
 pytest.importorskip("transformers")
 
@@ -62,7 +64,8 @@ def test_inspect_writes_training_metrics_and_both_protocols(family, saved, text,
                      | {(L, "unembed_input_pre_norm"), (L, "unembed_input"), (-1, "val")})
     for layer, site in sites - {(-1, "val")}:
         got = set(df[(df.layer == layer) & (df.site == site)].metric)
-        assert got == ({"attention_entropy"} if site == "attention" else PER_SITE), (layer, site)
+        want = ATTENTION if site == "attention" else PER_SITE | (MASSIVE if site in metrics.MASSIVE_SITES else set())
+        assert got == want, (layer, site)
     assert df.value.map(math.isfinite).all() and (df.step == 0).all() and (df.tokens == 0).all()
     ent = df[df.metric == "attention_entropy"].value
     assert (ent > 0).all() and (ent < math.log(32)).all()  # a causal row over at most 32 keys
@@ -83,7 +86,8 @@ def test_inspect_writes_training_metrics_and_both_protocols(family, saved, text,
     assert meta["provenance"]["git"]["revision"] and meta["data"]["text_file"] == str(text.resolve())
     static = next(r for r in meta["quant_runs"] if r["protocol"] == "static_per_tensor")
     assert static["attention_not_quantised"] is None  # scores and probabilities quantised too
-    assert json.loads((tmp_path / "inspect.json").read_text())["ppl_fp"] == summary["ppl_fp"]
+    written = json.loads((tmp_path / "inspect.json").read_text())
+    assert written["ppl_fp"] == summary["ppl_fp"] and written["notes"] == [] and meta["inspect"]["notes"] == []
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
