@@ -1,5 +1,5 @@
 """Super-weight detection (Yu et al. 2024, "The Super Weight in Large Language Models", arXiv 2411.07191;
-docs/science.md section 1): one forward pass with hooks on every MLP's down projection, each recording
+docs/inspect.md, "Super weights"): one forward pass with hooks on every MLP's down projection, each recording
 the largest-magnitude entry of its input and of its output; a layer where both spike above the threshold
 has its super weight at (the output's channel, the input's channel) of that down projection's weight.
 

@@ -88,6 +88,7 @@ def test_inspect_writes_training_metrics_and_both_protocols(family, saved, text,
     assert static["attention_not_quantised"] is None  # scores and probabilities quantised too
     written = json.loads((tmp_path / "inspect.json").read_text())
     assert written["ppl_fp"] == summary["ppl_fp"] and written["notes"] == [] and meta["inspect"]["notes"] == []
+    assert written["super_weight"] is None and len(written["super_weight_scan"]["layers"]) == L  # none planted
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
@@ -195,6 +196,9 @@ def test_inspect_an_ofe_run_folder(data_dir, text, tmp_path):
         return set(zip(frame.layer, frame.site, frame.metric)) - {k for k in zip(frame.layer, frame.site, frame.metric)
                                                                   if k[0] == -1}
     assert keys(df) == keys(trained)  # the same sites and metrics as training's probe
+    scan = res["super_weight_scan"]  # ofe's own MLP is scanned too: none planted, none found
+    assert scan["module"] == "mlp.proj" and len(scan["layers"]) == config["model"]["n_layer"]
+    assert res["super_weight"] is None and scan["note"] is None
     assert (df.step == 12).all() and (df.tokens == 12 * 4 * 32).all()  # batch 4 x context 32 per step
     q = pd.read_parquet(tmp_path / "out" / "quant.parquet").set_index(["protocol", "bits"])
     assert len(q) == 4 and q.ppl_fp.iloc[0] < 256  # bytes: a trained model beats uniform

@@ -1,14 +1,19 @@
 """The super-weight detector (`ofe.pretrained.superweight`, Yu et al. 2024): the rule on planted peaks, the
 weight read in each storage convention, a super weight planted in a tiny model of every family found at
-exactly its layer and coordinates."""
+exactly its layer and coordinates, and its way into inspect.json and the checkpoint table."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 from torch import nn
 
+from ofe.aggregate.checkpoints import read_checkpoint
+from ofe.config import QuantConfig
 from ofe.pretrained import hf, superweight
+from ofe.pretrained.inspection import Settings, inspect
 from ofe.pretrained.superweight import Peak, SuperWeight, find_super_weights, peak, weight_entry
 from tests.helpers import hf_models
 
@@ -86,3 +91,23 @@ def test_a_family_without_the_down_projection_gets_a_note_not_a_crash():
     assert report["found"] == [] and report["layers"] == [] and not called
     assert "no down projection `mlp.down_proj`" in report["note"] and "'some_moe'" in report["note"]
 
+
+def test_inspect_reports_the_super_weight_and_the_checkpoint_table_carries_it(tmp_path):
+    tok = hf_models.tokenizer()
+    model = hf_models.plant_super_weight(hf_models.build("llama"), "llama", 1, ROW, COL, weight=-4.0)
+    folder = hf_models.save(model, tmp_path / "m", tok)
+    text = hf_models.text_file(tmp_path)
+    out = tmp_path / "out"
+    summary = inspect(out, model=str(folder), text_file=text, settings=Settings(batches=1, batch_size=2, context=16),
+                      quant=QuantConfig(protocols=()))
+    written = json.loads((out / "inspect.json").read_text())
+    assert written["super_weight"] == summary["super_weight"]
+    sw = written["super_weight"]
+    assert (sw["layer"], sw["row"], sw["col"], sw["weight"]) == (1, ROW, COL, -4.0)
+    scan = written["super_weight_scan"]
+    assert scan["prompt"] == superweight.PROMPT and scan["threshold"] == 50.0 and len(scan["layers"]) == 2
+    assert written["notes"] == []
+    got = read_checkpoint(out, {"model": str(folder), "revision": None, "step": None})
+    assert got["status"] == "completed"
+    assert (got["super_weight_layer"], got["super_weight_row"], got["super_weight_col"],
+            got["super_weight_value"]) == (1, ROW, COL, -4.0)
