@@ -353,8 +353,10 @@ def _inspect(args: argparse.Namespace) -> int:
     except InspectError as e:
         print(f"ofe inspect: {e}", file=sys.stderr)
         return 1
+    sw = summary.get("super_weight")
+    found = f"layer {sw['layer']} ({sw['row']}, {sw['col']})" if sw else "none"
     print(f"[ofe] inspect {summary['model']}: step {summary['step']}, max kurtosis {summary['max_kurtosis']:.3g}, "
-          f"ppl {summary['ppl_fp']:.3f} -> {args.out}")
+          f"super weight {found}, ppl {summary['ppl_fp']:.3f} -> {args.out}")
     return 0
 
 

@@ -2,6 +2,8 @@
 checkpoint studies read, beside runs.parquet:
 
 - checkpoints.parquet         one row per planned checkpoint: model, revision, step, status, summary figures
+                              (its earliest super weight among them: layer, row, col and value, null where
+                              none was found or the inspection predates the scan)
 - checkpoint_metrics.parquet  every completed checkpoint's per-layer metric rows
 - checkpoint_quant.parquet    every completed checkpoint's int8 rows, with its kurtosis summary
 
@@ -30,9 +32,13 @@ from ofe.plan.studies import measure_settings
 ID_FIELDS = [("ckpt_id", pa.string()), ("model", pa.string()), ("label", pa.string()),
              ("revision", pa.string()), ("order", pa.int64()), ("step", pa.int64())]
 KURTOSIS = [("max_kurtosis", pa.float64()), ("mean_kurtosis", pa.float64())]
+# inspect.json's `super_weight` (`ofe.pretrained.superweight.headline`), flattened into columns
+SUPER_WEIGHT = {"super_weight_layer": ("layer", pa.int64()), "super_weight_row": ("row", pa.int64()),
+                "super_weight_col": ("col", pa.int64()), "super_weight_value": ("weight", pa.float64())}
 SUMMARY = [("status", pa.string()), ("error", pa.string()), ("architecture", pa.string()),
            ("n_params", pa.int64()), ("n_layers", pa.int64()), ("resolved_commit", pa.string()),
-           ("ppl_fp", pa.float64()), ("val_loss", pa.float64()), *KURTOSIS, ("wall_s", pa.float64())]
+           ("ppl_fp", pa.float64()), ("val_loss", pa.float64()), *KURTOSIS, ("wall_s", pa.float64()),
+           *((name, kind) for name, (_, kind) in SUPER_WEIGHT.items())]
 
 
 def schemas() -> dict[str, pa.Schema]:
@@ -104,12 +110,13 @@ def read_checkpoint(folder: Path, ckpt: dict[str, Any], plan: dict[str, Any] | N
     tokens = summary.get("tokens") if ckpt["step"] is not None else None
     if tokens is None or not isinstance(tokens, int) or tokens < 0:
         metrics["tokens"], tokens = None, None
+    sw = summary.get("super_weight") if isinstance(summary.get("super_weight"), dict) else {}
     return {"status": "completed", "error": None, "architecture": info.get("architecture"),
             "n_params": info.get("n_params"), "n_layers": info.get("n_layers"),
             "resolved_commit": summary.get("resolved_commit"), "ppl_fp": summary.get("ppl_fp"),
             "val_loss": math.log(summary["ppl_fp"]) if summary.get("ppl_fp") else None,
             "max_kurtosis": peak, "mean_kurtosis": mean, "wall_s": summary.get("wall_s"),
-            "tokens": tokens,
+            "tokens": tokens, **{name: sw.get(key) for name, (key, _) in SUPER_WEIGHT.items()},
             "metrics": metrics, "quant": quant}
 
 

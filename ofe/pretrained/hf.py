@@ -230,10 +230,48 @@ def forward(model: nn.Module, idx: Tensor, **kw: Any) -> Any:
     return model(input_ids=idx, attention_mask=torch.ones_like(idx), use_cache=False, **kw)
 
 
+ATTENTION_METRICS = ("attention_entropy", "sink_rate", "first_token_attention", "attention_sparsity")
+
+
+@contextlib.contextmanager
+def eager_attention(model: nn.Module) -> Iterator[None]:
+    """The model on transformers' eager attention while probing, and back on its own afterwards: only the
+    eager path forms the attention weights (SDPA and flash kernels return none for `output_attentions`).
+    `load_causal_lm` loads eager already; this covers a model loaded otherwise. A model that cannot switch
+    stays as it is, and returns no weights: `probe` then logs no attention metrics, and `ofe inspect`
+    says so (`missing_attention_note`)."""
+    before = getattr(model.config, "_attn_implementation", None)
+    switched = False
+    if before != "eager" and hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation("eager")
+            switched = model.config._attn_implementation == "eager"
+        except (ValueError, ImportError, NotImplementedError):  # transformers refuses the switch
+            pass
+    try:
+        yield
+    finally:
+        if switched:
+            model.set_attn_implementation(before)
+
+
+def missing_attention_note(model: nn.Module, layers: set[int]) -> str | None:
+    """What `ofe inspect` records when the probe logged no attention metrics at some decoder layers."""
+    missing = sorted(set(range(len(decoder_layers(model)))) - layers)
+    if not missing:
+        return None
+    impl = getattr(model.config, "_attn_implementation", None)
+    return (f"no attention metrics ({', '.join(ATTENTION_METRICS)}) at layers {missing}: the model returned no "
+            f"attention weights there (attention implementation {impl!r}; transformers returns them only from "
+            "its eager attention); every other metric is complete")
+
+
 @torch.no_grad()
 def probe(model: nn.Module, idx: Tensor, max_corr_tokens: int = 256) -> list[Row]:
-    """One forward pass on `idx` (B, T); every metric of `ofe.core.metrics.STREAM_METRICS` at every residual
-    site, and attention entropy from the eager attention probabilities. Hooks only store tensors."""
+    """One forward pass on `idx` (B, T); the training probe's metrics (`ofe.core.probe.compute`) under the
+    same names: every metric of `ofe.core.metrics.STREAM_METRICS` at every residual site, massive
+    activations at `metrics.MASSIVE_SITES`, and attention entropy, sink rate, first-token attention and
+    sparsity from the eager attention weights the model returns. Hooks only store tensors."""
     layers, norm = decoder_layers(model), final_norm(model)
     L = len(layers)
     store: dict[tuple[int, str], Tensor] = {}
@@ -256,7 +294,8 @@ def probe(model: nn.Module, idx: Tensor, max_corr_tokens: int = 256) -> list[Row
             store[(L, "unembed_input_pre_norm")] = store[(L, "unembed_input")] = first_tensor(out).detach()
         handles.append(layers[-1].register_forward_hook(last))
     try:
-        out = forward(model, idx, output_attentions=True)
+        with eager_attention(model):
+            out = forward(model, idx, output_attentions=True)
     finally:
         for h in handles:
             h.remove()
@@ -266,9 +305,15 @@ def probe(model: nn.Module, idx: Tensor, max_corr_tokens: int = 256) -> list[Row
         for metric, fn in metrics.STREAM_METRICS.items():
             value = fn(x, max_corr_tokens) if metric == "token_correlation" else fn(x)
             rows.append((layer, site, metric, value))
+        if site in metrics.MASSIVE_SITES:
+            rows.extend((layer, site, metric, value) for metric, value in metrics.massive_activations(x).items())
+    # transformers returns every layer's (B, H, T, T) weights at once (no hook can reduce them earlier);
+    # an empty tuple, or None per layer, where the attention cannot form them
     for i, probs in enumerate(getattr(out, "attentions", None) or ()):
         if probs is not None:
             rows.append((i, "attention", "attention_entropy", metrics.attention_entropy_from_probs(probs)))
+            summary = metrics.summarise_attention(probs)
+            rows.extend((i, "attention", metric, value) for metric, value in metrics.attention_metrics(summary).items())
     return rows
 
 

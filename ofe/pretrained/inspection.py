@@ -11,7 +11,11 @@ so a checkpoint of a public model and an `ofe` run can be read by the same code:
                    Pythia's 1024 x 2048), else -1.
 - quant.parquet    QUANT_SCHEMA: fp perplexity and each protocol x bit width (`ofe.pretrained.quant` for a
                    pretrained model, `ofe.core.quant` itself for an `ofe` run).
-- inspect.json     written last: its presence means OUT is complete.
+- inspect.json     written last: its presence means OUT is complete. Besides the summary figures, the
+                   super-weight scan (`ofe.pretrained.superweight`: every layer's down-projection peaks,
+                   each super weight found, the earliest as `super_weight`) and `notes`: what could not
+                   be measured (attention weights a model did not return, a family without a known down
+                   projection), which also go into both tables' metadata.
 Both Parquet files carry the model (name, revision, resolved commit), the data and the provenance.
 
 Data: the stdlib corpus of `ofe.core.data` by default (an `ofe` run: its own data section), a DataConfig
@@ -41,6 +45,7 @@ from ofe.config import ConfigError, DataConfig, QuantConfig
 from ofe.io import (HF_NOT_QUANTISED, HF_QUANTISED_TENSORS, METRIC_SCHEMA, QUANT_COLUMNS, QUANT_SCHEMA,
                     QUANTISED_TENSORS, atomic_write_json, library_versions, provenance, write_parquet)
 from ofe.plan import studies
+from ofe.pretrained import superweight
 from ofe.pretrained.hf import HF_LIBRARIES, InspectError
 from ofe.runfolder import INSPECT, METRICS, QUANT, SUMMARY, final_checkpoint, load_final_model, read_summary
 
@@ -170,6 +175,10 @@ class Target:
     quantise: Callable[..., tuple[torch.nn.Module, dict[str, Any]]]
     quantised_tensors: dict[str, str]
     default_data: DataConfig | None = None
+    # one forward pass on the super-weight prompt, hooked (`ofe.pretrained.superweight.scan`'s report)
+    superweight: Callable[[], dict[str, Any]] | None = None
+    # a note when the probe logged no attention metrics at some layers, from the layers it logged them at
+    attention_note: Callable[[set[int]], str | None] = lambda _layers: None
 
 
 def hf_target(name: str, revision: str | None, cache_dir: Path | None, max_memory_gb: float | None) -> Target:
@@ -182,9 +191,17 @@ def hf_target(name: str, revision: str | None, cache_dir: Path | None, max_memor
             "resolved_commit": src.commit, "architecture": type(model).__name__, "n_params": n_params,
             "n_layers": len(hf.decoder_layers(model)), "final_norm": hf.final_norm(model) is not None,
             "model_config": model.config.to_dict()}
+    # the authors' prompt as their code tokenises it: the model's tokenizer with its default special tokens
+    prompt = tokenizer(superweight.PROMPT, return_tensors="pt")["input_ids"]
+
+    def scan() -> dict[str, Any]:
+        return superweight.scan(hf.decoder_layers(model), model.config.model_type,
+                                lambda: hf.forward(model, prompt))
+
     return Target("hf", model, hf_encoder(tokenizer), hf.vocab_size(model), hf.context_limit(model),
                   revision_step(revision), per_step, meta, lambda x: hf.probe(model, x), hf.perplexity,
-                  hf_quant.quantised_copy, {**HF_QUANTISED_TENSORS, "not_quantised": HF_NOT_QUANTISED})
+                  hf_quant.quantised_copy, {**HF_QUANTISED_TENSORS, "not_quantised": HF_NOT_QUANTISED},
+                  superweight=scan, attention_note=lambda layers: hf.missing_attention_note(model, layers))
 
 
 def run_target(run_dir: Path) -> Target:
@@ -224,12 +241,17 @@ def run_target(run_dir: Path) -> Target:
         return (quant.quantised_copy(m, protocol, bits, qcfg, [w[:, :-1] for w in calib]),
                 {"protocol": protocol, "bits": bits})
 
+    def scan() -> dict[str, Any]:
+        # the prompt alone (without the EOS `encode` ends a document with), cut to the model's positions
+        prompt = torch.from_numpy(encode(superweight.PROMPT)[:-1])[None]
+        return superweight.scan(model.blocks, "ofe", lambda: model(prompt[:, :cfg.model.context]))
+
     meta = {"kind": "run", "model": str(run_dir.resolve()), "run_dir": str(run_dir.resolve()),
             "config": summary["config"], "config_hash": summary.get("config_hash"),
             "n_params": model.num_params(), "run_status": summary["status"]}
     return Target("run", model, encode, cfg.model.vocab_size, cfg.model.context, summary["steps_done"],
                   cfg.train.batch_size * cfg.model.context, meta, lambda x: probe.probe(model, x), ppl,
-                  quantise, QUANTISED_TENSORS, default_data=cfg.data)
+                  quantise, QUANTISED_TENSORS, default_data=cfg.data, superweight=scan)
 
 
 def _run_tokenizer(name: str) -> Any:
@@ -297,6 +319,12 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
         for layer, site, metric, value in target.probe(w[:, :-1]):
             sums.setdefault((layer, site, metric), []).append(value)
     rows = [(step, tokens, layer, site, metric, float(np.mean(v))) for (layer, site, metric), v in sums.items()]
+    notes = [n for n in [target.attention_note({layer for layer, site, _ in sums if site == "attention"})] if n]
+    sw_scan = target.superweight() if target.superweight else None
+    if sw_scan and sw_scan["note"]:
+        notes.append(sw_scan["note"])
+    for note in notes:
+        print(f"[ofe] inspect {target.meta['model']}: note: {note}", flush=True)
 
     ppl_fp = target.perplexity(target.model, batches.evals)
     rows.append((step, tokens, -1, "val", "loss", math.log(ppl_fp)))
@@ -312,7 +340,7 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
                   f"{ppl_q:.3f}", flush=True)
 
     meta = {"inspect": {**target.meta, "step": step, "tokens": tokens, "context": context,
-                        "batch_size": settings.batch_size, "batches": settings.batches},
+                        "batch_size": settings.batch_size, "batches": settings.batches, "notes": notes},
             "data": batches.description, "quant": asdict(quant), "quantised_tensors": target.quantised_tensors,
             "quant_runs": qinfo, "provenance": {**provenance(), **_hf_versions()}}
     if target.kind == "run":
@@ -326,6 +354,9 @@ def inspect(out: Path | str, *, model: str | None = None, revision: str | None =
                "revision": revision, "resolved_commit": target.meta.get("resolved_commit"), "step": step,
                "tokens": tokens, "ppl_fp": ppl_fp, "max_kurtosis": float(kurt.max()) if len(kurt) else None,
                "quant": [dict(zip(QUANT_COLUMNS, r)) for r in qrows],
+               # the earliest super weight (None: none found), and the whole scan: every layer's peaks
+               "super_weight": superweight.headline(sw_scan) if sw_scan else None, "super_weight_scan": sw_scan,
+               "notes": notes,
                "wall_s": round(time.perf_counter() - t0, 3), "provenance": meta["provenance"]}
     atomic_write_json(out / INSPECT, summary)  # last: marks OUT complete
     return summary

@@ -154,7 +154,7 @@ def checkpoint_table(ckpts: pd.DataFrame) -> dict:
     """One row per checkpoint, in config order: what it is, whether it was inspected, its size, fp
     perplexity and kurtosis, the last line of its error; the row's tooltip is its ckpt_id."""
     header = ["model", "revision", "step", "tokens", "status", "params", "layers", "ppl fp", "max Kurt",
-              "mean Kurt", "error"]
+              "mean Kurt", "super weight", "error"]
     rows = []
     for ckpt in ckpts.to_dict("records"):
         status = str(ckpt.get("status"))
@@ -170,6 +170,7 @@ def checkpoint_table(ckpts: pd.DataFrame) -> dict:
             cell(fmt_number(ckpt.get("ppl_fp"), ".2f") or "-", "num"),
             cell(fmt_number(ckpt.get("max_kurtosis"), ".3g") or "-", "num"),
             cell(fmt_number(ckpt.get("mean_kurtosis"), ".3g") or "-", "num"),
+            _super_weight_cell(ckpt),
             cell(last_line(ckpt.get("error")), "error"),
         ]
         rows.append({"title": str(ckpt["ckpt_id"]), "cells": cells})
@@ -238,6 +239,14 @@ def _display_labels(ckpts: pd.DataFrame) -> dict[str, str]:
     pairs = ckpts[["model", "label"]].drop_duplicates("model")
     shared = pairs["label"].duplicated(keep=False)
     return dict(zip(pairs["model"], pairs["model"].where(shared, pairs["label"]).astype(str)))
+
+
+def _super_weight_cell(ckpt: dict) -> dict:
+    """The earliest super weight as "layer L (row, col)", its value in the tooltip; "-" where none was found."""
+    layer, row, col = (_integer(ckpt.get(f"super_weight_{k}")) for k in ("layer", "row", "col"))
+    if "-" in (layer, row, col):
+        return cell("-")
+    return cell(f"layer {layer} ({row}, {col})", title=f"weight {fmt_number(ckpt.get('super_weight_value'), '.4g')}")
 
 
 def _text(value: object) -> str:

@@ -113,3 +113,63 @@ def fake_hub_cache(root: Path, model_dir: Path, repo: str, refs: dict[str, str])
         (folder / "refs").mkdir(parents=True, exist_ok=True)
         (folder / "refs" / ref).write_text(sha)
     return root
+
+
+def sharpen_attention(model, family: str, factor: float = 60.0):
+    """Queries and keys scaled by `factor` (logits by factor^2): a random tiny model's attention is
+    nearly uniform (every head's first-token mass near the same value), this makes it peaked, so heads
+    differ in their first-token mass (some above Gu et al.'s 0.3, some below) and some weights underflow
+    to exactly 0: every attention metric is away from its trivial value."""
+    d = D
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")):
+                p.mul_(factor)
+            elif name.endswith("c_attn.weight"):  # GPT-2's Conv1D: (d, 3d), columns q | k | v
+                p[:, : 2 * d].mul_(factor)
+            elif name.endswith("c_attn.bias"):
+                p[: 2 * d].mul_(factor)
+            elif name.endswith("query_key_value.weight") or name.endswith("query_key_value.bias"):
+                # GPT-NeoX interleaves per head: rows [h * 3 hd, (h + 1) * 3 hd) are q, k, v of head h
+                hd = d // HEADS
+                for h in range(HEADS):
+                    p[h * 3 * hd: h * 3 * hd + 2 * hd].mul_(factor)
+    return model
+
+
+def plant_super_weight(model, family: str, layer: int, row: int, col: int, weight: float = 5.0,
+                       spike: float = 100.0):
+    """A super weight, written directly into the down projection of decoder layer `layer`: entry
+    (row, col) (output row, input column) set to `weight`, and the down projection's input channel `col`
+    made to spike. Families with an MLP bias (GPT-NeoX, OPT, GPT-2): the up projection's row `col` zeroed
+    and its bias set to `spike`, so that input channel is act(spike) = spike for every token (GELU and
+    ReLU pass 100 through). Llama (no biases): the gate and up rows `col` both read channel 0 of the normed
+    stream, s (entries of order 1), times g = `spike` / 5, so that input channel is silu(g s) g s, about
+    (g s)^2: thousands at the token where s is largest. Every other input channel stays below 1 and every
+    other entry of column `col` below about 0.1 (the 0.02 init), so the output spikes at `row`."""
+    base = model.base_model
+    with torch.no_grad():
+        if family == "gpt_neox":
+            mlp = base.layers[layer].mlp
+            mlp.dense_h_to_4h.weight[col] = 0
+            mlp.dense_h_to_4h.bias[col] = spike
+            mlp.dense_4h_to_h.weight[row, col] = weight
+        elif family == "opt":
+            blk = base.decoder.layers[layer]
+            blk.fc1.weight[col] = 0
+            blk.fc1.bias[col] = spike
+            blk.fc2.weight[row, col] = weight
+        elif family == "gpt2":  # Conv1D weights are stored (in, out)
+            mlp = base.h[layer].mlp
+            mlp.c_fc.weight[:, col] = 0
+            mlp.c_fc.bias[col] = spike
+            mlp.c_proj.weight[col, row] = weight
+        elif family == "llama":
+            mlp = base.layers[layer].mlp
+            for lin in (mlp.gate_proj, mlp.up_proj):
+                lin.weight[col] = 0
+                lin.weight[col, 0] = spike / 5
+            mlp.down_proj.weight[row, col] = weight
+        else:
+            raise ValueError(family)
+    return model

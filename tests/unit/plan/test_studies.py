@@ -175,6 +175,7 @@ def test_aggregation_isolates_each_checkpoints_state(models, tmp_path, monkeypat
     done = ck.loc["ofe-test--tiny-neox/step1000"]
     assert done.step == 1000 and done.architecture == "GPTNeoXForCausalLM" and done.n_layers == hf_models.LAYERS
     assert done.val_loss == pytest.approx(math.log(done.ppl_fp))
+    assert pd.isna(done.super_weight_layer) and pd.isna(done.super_weight_value)  # a random model has none
     assert set(frames["checkpoint_metrics"].ckpt_id) == set(frames["checkpoint_quant"].ckpt_id) == {
         "ofe-test--tiny-neox/step1000"}
     m = frames["checkpoint_metrics"]

@@ -28,6 +28,8 @@ SMALL = dict(settings=Settings(batches=2, batch_size=2, context=32),
              quant=QuantConfig(calib_batches=2, eval_batches=2))
 NO_QUANT = dict(settings=Settings(batches=2, batch_size=2, context=32), quant=QuantConfig(protocols=()))
 PER_SITE = set(metrics.STREAM_METRICS)
+MASSIVE = {"massive_top1", "massive_top2", "massive_top3", "massive_median", "massive_ratio"}
+ATTENTION = {"attention_entropy", "sink_rate", "first_token_attention", "attention_sparsity"}
 
 pytest.importorskip("transformers")
 
@@ -62,7 +64,8 @@ def test_inspect_writes_training_metrics_and_both_protocols(family, saved, text,
                      | {(L, "unembed_input_pre_norm"), (L, "unembed_input"), (-1, "val")})
     for layer, site in sites - {(-1, "val")}:
         got = set(df[(df.layer == layer) & (df.site == site)].metric)
-        assert got == ({"attention_entropy"} if site == "attention" else PER_SITE), (layer, site)
+        want = ATTENTION if site == "attention" else PER_SITE | (MASSIVE if site in metrics.MASSIVE_SITES else set())
+        assert got == want, (layer, site)
     assert df.value.map(math.isfinite).all() and (df.step == 0).all() and (df.tokens == 0).all()
     ent = df[df.metric == "attention_entropy"].value
     assert (ent > 0).all() and (ent < math.log(32)).all()  # a causal row over at most 32 keys
@@ -83,7 +86,9 @@ def test_inspect_writes_training_metrics_and_both_protocols(family, saved, text,
     assert meta["provenance"]["git"]["revision"] and meta["data"]["text_file"] == str(text.resolve())
     static = next(r for r in meta["quant_runs"] if r["protocol"] == "static_per_tensor")
     assert static["attention_not_quantised"] is None  # scores and probabilities quantised too
-    assert json.loads((tmp_path / "inspect.json").read_text())["ppl_fp"] == summary["ppl_fp"]
+    written = json.loads((tmp_path / "inspect.json").read_text())
+    assert written["ppl_fp"] == summary["ppl_fp"] and written["notes"] == [] and meta["inspect"]["notes"] == []
+    assert written["super_weight"] is None and len(written["super_weight_scan"]["layers"]) == L  # none planted
 
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
@@ -191,6 +196,9 @@ def test_inspect_an_ofe_run_folder(data_dir, text, tmp_path):
         return set(zip(frame.layer, frame.site, frame.metric)) - {k for k in zip(frame.layer, frame.site, frame.metric)
                                                                   if k[0] == -1}
     assert keys(df) == keys(trained)  # the same sites and metrics as training's probe
+    scan = res["super_weight_scan"]  # ofe's own MLP is scanned too: none planted, none found
+    assert scan["module"] == "mlp.proj" and len(scan["layers"]) == config["model"]["n_layer"]
+    assert res["super_weight"] is None and scan["note"] is None
     assert (df.step == 12).all() and (df.tokens == 12 * 4 * 32).all()  # batch 4 x context 32 per step
     q = pd.read_parquet(tmp_path / "out" / "quant.parquet").set_index(["protocol", "bits"])
     assert len(q) == 4 and q.ppl_fp.iloc[0] < 256  # bytes: a trained model beats uniform

@@ -47,6 +47,7 @@ COMPLETED = [i for i, c in enumerate(CKPTS) if c[5] == "completed"]
 # and perplexities: ppl fp and ppl_q per (protocol, bits).
 KURT = {(i, layer): float(RNG.uniform(1.5, 80.0)) for i in COMPLETED for layer in range(CKPTS[i][4])}
 PPL_FP = {i: float(RNG.uniform(15.0, 40.0)) for i in COMPLETED}
+SUPER_WEIGHT = {3: (1, 517, 1302, -2.375)}  # (layer, row, col, value) of the one checkpoint that has one
 PPL_Q = {(i, p, b): PPL_FP[i] * (1 + float(RNG.uniform(-0.002, 0.5 if b == 4 else 0.05)))
          for i in COMPLETED for p, b in PAIRS}
 STUDY_META = {
@@ -70,7 +71,9 @@ SCHEMAS = {
         ("ckpt_id", pa.string()), ("studies", pa.list_(pa.string())), *ID_SCHEMA[1:], ("status", pa.string()),
         ("error", pa.string()), ("architecture", pa.string()), ("n_params", pa.int64()), ("n_layers", pa.int64()),
         ("resolved_commit", pa.string()), ("ppl_fp", pa.float64()), ("val_loss", pa.float64()),
-        ("max_kurtosis", pa.float64()), ("mean_kurtosis", pa.float64()), ("wall_s", pa.float64())]),
+        ("max_kurtosis", pa.float64()), ("mean_kurtosis", pa.float64()), ("wall_s", pa.float64()),
+        ("super_weight_layer", pa.int64()), ("super_weight_row", pa.int64()), ("super_weight_col", pa.int64()),
+        ("super_weight_value", pa.float64())]),
     "checkpoint_metrics": pa.schema([*ID_SCHEMA, ("layer", pa.int64()), ("site", pa.string()),
                                      ("metric", pa.string()), ("value", pa.float64())]),
     "checkpoint_quant": pa.schema([*ID_SCHEMA[:6], ("protocol", pa.string()), ("bits", pa.int64()),
@@ -109,7 +112,9 @@ def _checkpoint_tables() -> dict[str, pd.DataFrame]:
                       "n_params": 14_067_712 * n_layers if done else None, "n_layers": n_layers if done else None,
                       "resolved_commit": "f" * 40 if done else None, "ppl_fp": PPL_FP.get(i),
                       "val_loss": math.log(PPL_FP[i]) if done else None, "max_kurtosis": peak,
-                      "mean_kurtosis": mean, "wall_s": 30.0 if done else None})
+                      "mean_kurtosis": mean, "wall_s": 30.0 if done else None,
+                      **dict(zip(("super_weight_layer", "super_weight_row", "super_weight_col", "super_weight_value"),
+                                 SUPER_WEIGHT.get(i, (None,) * 4)))})
         if not done:
             continue
         for layer in range(n_layers):
@@ -252,14 +257,16 @@ def test_unknown_steps_give_an_ordinal_checkpoint_axis(page: str) -> None:
 def test_failed_and_corrupt_checkpoints_show_their_error(page: str) -> None:
     header, rows = table_rows(page_section(page, "study-pythia").split("<h3>Checkpoints</h3>")[1])
     assert header == ["model", "revision", "step", "tokens", "status", "params", "layers", "ppl fp", "max Kurt",
-                      "mean Kurt", "error"]
+                      "mean Kurt", "super weight", "error"]
     failed = rows[CKPT_IDS[2]]
     assert failed[4] == "failed" and failed[-1] == "OSError: revision step8000 not found"
     assert failed[5:10] == ["-"] * 5
     done = rows[CKPT_IDS[3]]
     peak, mean = _kurt_summary(3)
     assert done[2:5] == ["143000", f"{143000 * TOKENS_PER_STEP / 1e9:.3g}B", "completed"]
-    assert done[8:] == [f"{peak:.3g}", f"{mean:.3g}", ""]
+    assert done[8:] == [f"{peak:.3g}", f"{mean:.3g}", "layer 1 (517, 1302)", ""]
+    assert rows[CKPT_IDS[1]][10] == "-"  # completed, with no super weight found
+    assert 'title="weight -2.375"' in page_section(page, "study-pythia")  # its value in the tooltip
     _, local = table_rows(page_section(page, "study-local").split("<h3>Checkpoints</h3>")[1])
     assert local[CKPT_IDS[8]][4] == "corrupt" and "Parquet magic bytes" in local[CKPT_IDS[8]][-1]
     assert local[CKPT_IDS[6]][1:3] == ["-", "-"]  # no revision, no step
