@@ -3,6 +3,8 @@ paper's 130M recipe, and naming a config file on the command line replaces confi
 
 from __future__ import annotations
 
+import typing
+
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,22 @@ def test_osp_study_crosses_its_blocks_with_adamw_and_muon_at_the_default_grids_s
         if run["run_id"] in default:  # the baselines are the default grid's own runs, config for config
             assert config_hash(run["config"]) == default[run["run_id"]]
     assert {"tiny/pre_ln/beta1/adamw/lr0.01/seed0", "tiny/pre_ln/beta1/muon/lr0.01/seed0"} <= set(default)
+
+
+def test_attention_study_crosses_every_variant_with_pre_ln_and_op() -> None:
+    """configs/attention.yaml: the seven attention variants x {Pre-LN, OP} x two seeds at the default grid's
+    CPU settings; its softmax runs are the default grid's own, config for config."""
+    from ofe.config.run import AttentionKind
+
+    plan = _plan(REPO / "configs" / "attention.yaml")
+    variants = set(typing.get_args(AttentionKind))
+    got = {(r["grid"]["block"], r["config"]["model"]["attention"], r["grid"]["seed"]) for r in plan["runs"]}
+    assert got == {(b, v, s) for b in ("pre_ln", "op") for v in variants for s in (0, 1)}
+    default = {r["run_id"]: config_hash(r["config"]) for r in _plan(REPO / "config.yaml")["runs"]}
+    softmax = [r for r in plan["runs"] if r["config"]["model"]["attention"] == "softmax"]
+    assert softmax and all(config_hash(r["config"]) == default[r["run_id"]] for r in softmax
+                           if r["run_id"] in default)
+    assert any(r["run_id"] in default for r in softmax)
 
 
 @pytest.mark.usefixtures("hub_online")
