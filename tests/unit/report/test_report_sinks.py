@@ -1,12 +1,13 @@
 """The attention-sink and massive-activation figures (issue 23) against values computed here with numpy
-from planted numbers: per layer at the end of training and over training, seeds as bands; and the
-figures appear in a section only where its tables carry the metrics (results from before them render as
-before)."""
+from planted numbers: per layer at the end of training and over training, seeds as bands, the checkpoint
+studies' sink rate against step; and the figures appear in a section only where its tables carry the
+metrics (results from before them render as before)."""
 
 from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,8 +17,12 @@ import vl_convert
 from ofe.io import write_parquet
 from ofe.report import plots
 from ofe.report.page import build_report
+from ofe.report.plots import ckpt as plots_ckpt
 from ofe.report.sections import FIGURES, study_figures
 from tests.helpers.report_html import chart_specs, page_section, spec_values
+from tests.unit.report.test_report_ckpt import (
+    CKPT_IDS, CKPTS, COMPLETED, SCHEMAS, STUDY_META, _checkpoint_tables, _write,
+)
 from tests.unit.report.test_report_seeds import _check_band, _colour_legend_answers_clicks, _marks
 
 SEEDS = 3
@@ -209,3 +214,76 @@ def test_a_study_from_before_the_metrics_renders_as_before(page: str) -> None:
     section = page_section(page, "study-old")
     assert list(chart_specs(section)) == [f"fig-old-{slug}" for slug, _ in FIGURES]
     assert "sink" not in section.lower() and "massive" not in section.lower()
+
+
+# ---- checkpoint studies: sink rate against step ---------------------------------------------------
+
+def _sink_planted() -> dict[tuple[int, int], float]:
+    """A sink rate per (completed checkpoint, decoder layer)."""
+    rng = np.random.default_rng(5)
+    return {(i, layer): float(rng.uniform(0.0, 1.0)) for i in COMPLETED for layer in range(CKPTS[i][4])}
+
+
+def _ckpt_metrics(planted: dict[tuple[int, int], float], with_sinks: set[int]) -> pd.DataFrame:
+    """The checkpoint report tests' metrics table, plus the planted sink rates of the checkpoints in
+    `with_sinks` (with decoys at another site and under another name)."""
+    base = _checkpoint_tables()["checkpoint_metrics"]
+    ids = base.drop_duplicates("ckpt_id").set_index("ckpt_id")
+    rows = []
+    for (i, layer), value in planted.items():
+        if i in with_sinks:
+            own = ids.loc[CKPT_IDS[i]].to_dict()
+            rows += [{**own, "ckpt_id": CKPT_IDS[i], "layer": layer, "site": "attention", "metric": "sink_rate",
+                      "value": value},
+                     {**own, "ckpt_id": CKPT_IDS[i], "layer": layer, "site": "attention",
+                      "metric": "first_token_attention", "value": 0.99}]
+    return pd.concat([base, pd.DataFrame(rows)], ignore_index=True)
+
+
+def test_checkpoint_sink_rate_is_the_mean_over_layers_against_step_per_model() -> None:
+    planted = _sink_planted()
+    pythia = {i for i in COMPLETED if "pythia" in CKPTS[i][7]}
+    metrics = _ckpt_metrics(planted, pythia)
+    spec = plots_ckpt.sink_rate_over_checkpoints(metrics[metrics["ckpt_id"].isin([CKPT_IDS[i] for i in pythia])])
+    spec = spec.to_dict()
+    got = {(r["label"], r["step"]): (r["value"], r["layers"]) for r in spec_values(spec)}
+    want = {(CKPTS[i][1], CKPTS[i][3]): (np.mean([planted[(i, layer)] for layer in range(CKPTS[i][4])]), CKPTS[i][4])
+            for i in pythia}
+    assert got.keys() == want.keys()
+    assert all(got[k][0] == pytest.approx(want[k][0]) and got[k][1] == want[k][1] for k in want)
+    encoding = spec["encoding"]
+    assert encoding["x"]["field"] == "step" and encoding["x"]["scale"]["type"] == "symlog"
+    assert encoding["color"]["field"] == "label" and encoding["color"]["sort"] == ["pythia-14m", "pythia-31m"]
+    assert encoding["y"]["scale"] == {"domain": [0, 1]}
+    subtitle = " ".join(spec["title"]["subtitle"])
+    assert "ε = 0.3" in subtitle and "mean over the decoder layers" in subtitle
+    assert "<svg" in vl_convert.vegalite_to_svg(spec)
+    # a checkpoint with a non-finite layer is left out, not averaged over its other layers
+    broken = metrics.copy()
+    broken.loc[(broken["ckpt_id"] == CKPT_IDS[3]) & (broken["metric"] == "sink_rate")
+               & (broken["layer"] == 0), "value"] = math.nan
+    assert CKPT_IDS[3] not in {r["ckpt_id"] for r in plots_ckpt.sink_rate_points(broken).to_dict("records")}
+    assert plots_ckpt.sink_rate_points(_ckpt_metrics(planted, set())).empty
+    empty = plots_ckpt.sink_rate_over_checkpoints(pd.DataFrame()).to_dict()
+    assert spec_values(empty) == [{"text": "no data"}]
+
+
+def test_a_checkpoint_study_shows_the_sink_figure_only_with_the_metric(tmp_path: Path) -> None:
+    """The "pythia" study's checkpoints carry sink rates, the "local" study's do not (inspected before)."""
+    results = tmp_path / "results"
+    _write(results, ["pythia", "local"], with_run=False)
+    planted = _sink_planted()
+    pythia = {i for i in COMPLETED if "pythia" in CKPTS[i][7]}
+    meta = {"studies": [STUDY_META["pythia"], STUDY_META["local"]], "grid_columns": [], "provenance": {}}
+    write_parquet(_ckpt_metrics(planted, pythia), results / "checkpoint_metrics.parquet",
+                  SCHEMAS["checkpoint_metrics"], meta)
+    page = build_report(results, tmp_path / "index.html", png=False).read_text()
+    specs = chart_specs(page_section(page, "study-pythia"))
+    assert list(specs) == ["fig-pythia-kurtosis-over-checkpoints", "fig-pythia-layer-kurtosis-by-checkpoint",
+                           "fig-pythia-sink-rate-over-checkpoints", "fig-pythia-int8-over-checkpoints"]
+    got = {(r["label"], r["step"]): r["value"] for r in spec_values(specs["fig-pythia-sink-rate-over-checkpoints"])}
+    assert got == pytest.approx({(CKPTS[i][1], CKPTS[i][3]): np.mean([planted[(i, layer)]
+                                 for layer in range(CKPTS[i][4])]) for i in pythia})
+    assert "Gu et al. 2024" in page_section(page, "study-pythia")
+    local = page_section(page, "study-local")
+    assert "sink-rate" not in local and "sink rate" not in local.lower()
