@@ -3,9 +3,10 @@ training, or local folders) inspected one by one, instead of a grid of training 
 
 A checkpoint study's section: its checkpoints (model, revision, step, tokens, status, size, fp
 perplexity, kurtosis, the error of one that failed), kurtosis per layer against the training step (the
-paper's Figure 1 view, the headline), the per-layer kurtosis profile of each checkpoint, and where
-quantisation results exist, int8 degradation against the step and a table of the change in perplexity
-per protocol and bit width.
+paper's Figure 1 view, the headline), the per-layer kurtosis profile of each checkpoint, where the
+metrics carry it the attention-sink rate against the step (Gu et al.'s view; inspections from before
+the metric have no such figure), and where quantisation results exist, int8 degradation against the
+step and a table of the change in perplexity per protocol and bit width.
 
 It reads the three tables the aggregation writes beside runs.parquet (`checkpoints.parquet`,
 `checkpoint_metrics.parquet`, `checkpoint_quant.parquet`); results folders from before checkpoint
@@ -40,6 +41,10 @@ CAPTIONS = {
     "layer-kurtosis-by-checkpoint": (
         "Kurt per layer at each checkpoint, one panel per model, colour = {colour}: the last checkpoint is "
         "the final per-layer profile; y log scale; " + KURT_SHORT + "."
+    ),
+    "sink-rate-over-checkpoints": (
+        "Attention-sink rate averaged over layers against {x}, one line per model: the share of (sequence, "
+        "layer, head) triples whose mean attention weight on the first token exceeds 0.3 (Gu et al. 2024)."
     ),
     "int8-over-checkpoints": (
         "Relative perplexity degradation after quantisation (ppl_q / ppl_fp - 1, in %) against {x}, one "
@@ -113,6 +118,8 @@ def checkpoint_section(
         ("kurtosis-over-checkpoints", plots_ckpt.kurtosis_over_checkpoints(own.metrics, by_step)),
         ("layer-kurtosis-by-checkpoint", plots_ckpt.layer_profile_by_checkpoint(own.metrics, by_step)),
     ]
+    if not own.metrics.empty and bool((own.metrics["metric"] == "sink_rate").any()):
+        charts.append(("sink-rate-over-checkpoints", plots_ckpt.sink_rate_over_checkpoints(own.metrics, by_step)))
     if not own.quant.empty:
         charts.append(("int8-over-checkpoints", plots_ckpt.int8_over_checkpoints(own.quant, by_step)))
     figures = [Figure(f"{slug}-{kind}", chart, CAPTIONS[kind].format(**axis), headline=(n == 0))

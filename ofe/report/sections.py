@@ -4,9 +4,11 @@ the grid, provenance) and one section per study, whose figures come first.
 A study's section: a headline figure that answers the study's question first (for a study that sweeps a
 numeric axis, peak and final mean kurtosis against it, seeds averaged; otherwise per-layer kurtosis over
 training, one panel per configuration, as in the paper's figures 2 and 4), then kurtosis over training,
-kurtosis beside signal propagation per layer, max-median ratio, loss curves (a configuration with
-several seeds: the mean over them with a min-max band), a table by configuration (mean ± std over seeds)
-where some configuration has several seeds, and the study's int8 tables when quantisation results exist.
+kurtosis beside signal propagation per layer, max-median ratio, where the study's metrics carry them the
+attention-sink rate beside the massive ratio per layer and over training (`METRIC_FIGURES`: results
+from before these metrics render as they did), loss curves (a configuration with several seeds: the mean
+over them with a min-max band), a table by configuration (mean ± std over seeds) where some configuration
+has several seeds, and the study's int8 tables when quantisation results exist.
 """
 
 from __future__ import annotations
@@ -38,8 +40,22 @@ FIGURES: tuple[tuple[str, Callable[[pd.DataFrame], alt.TopLevelMixin]], ...] = (
     ("final-layer-mmr", plots.final_layer_mmr),
     ("loss-curves", plots.loss_curves),
 )
-# Figures laid out side by side, in one row that wraps on a narrow window.
-SIDE_BY_SIDE = ("final-layer-kurtosis", "final-layer-token-correlation")
+# Figures of metrics that runs log from issue 23 on: (slug, chart function, the metric a study's table
+# must carry for the figure to show), placed before the loss curves.
+METRIC_FIGURES: tuple[tuple[str, Callable[[pd.DataFrame], alt.TopLevelMixin], str], ...] = (
+    ("final-layer-sink-rate", partial(plots.final_layer_sink_rate, width=PAIR_WIDTH), "sink_rate"),
+    ("final-layer-massive-ratio", partial(plots.final_layer_massive_ratio, width=PAIR_WIDTH), "massive_ratio"),
+    ("sink-rate-over-steps", partial(plots.sink_rate_over_steps, width=PAIR_WIDTH), "sink_rate"),
+    ("massive-ratio-over-steps", partial(plots.massive_ratio_over_steps, width=PAIR_WIDTH), "massive_ratio"),
+)
+METRIC_FIGURES_BEFORE = "loss-curves"
+# Figures laid out side by side, each pair in one row that wraps on a narrow window (a pair one of whose
+# figures a study lacks: a row of one).
+SIDE_BY_SIDE = (
+    ("final-layer-kurtosis", "final-layer-token-correlation"),
+    ("final-layer-sink-rate", "final-layer-massive-ratio"),
+    ("sink-rate-over-steps", "massive-ratio-over-steps"),
+)
 
 # What each figure plots and which metric definition it uses, for its caption (the full definitions are
 # in the chart's subtitle).
@@ -55,6 +71,22 @@ CAPTIONS = {
     "final-layer-mmr": (
         "Max-median ratio per layer at each run's last logged step, log scale: mean over tokens of "
         "max_j |x_j| / median_j |x_j|."
+    ),
+    "final-layer-sink-rate": (
+        "Attention-sink rate per layer at each run's last logged step: the share of heads whose mean attention "
+        "weight on the first token exceeds 0.3 (Gu et al. 2024), over the probe batch's sequences."
+    ),
+    "final-layer-massive-ratio": (
+        "Massive activations per layer at each run's last logged step, log scale: top-1 |h| of the residual "
+        "stream over its median |h| (Sun et al. 2024); layer L is the last block's output, before any final norm."
+    ),
+    "sink-rate-over-steps": (
+        "Attention-sink rate averaged over layers against step, colour = configuration: Gu et al.'s sink rate "
+        "of the whole model, the share of (sequence, layer, head) triples above 0.3."
+    ),
+    "massive-ratio-over-steps": (
+        "Massive ratio (top-1 |h| / median |h|) at the layer where it is largest against step, log scale, "
+        "colour = configuration: a massive activation sits in a few layers, which a mean would dilute."
     ),
     "loss-curves": (
         "Training loss (logged batches) and validation loss against step, log scale, colour = configuration."
@@ -109,19 +141,21 @@ def study_section(
         # Points stay beside the band: their shape marks a diverged run, which a band cannot.
         chart = plots.sweep_lines(swept, axis, log_x, band=True, points=True)
         kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", chart, caption + seeds_caption)))
-    for figure_slug, chart in FIGURES:
+    for figure_slug, chart in study_figures(subset):
         caption = CAPTIONS[figure_slug] + seeds_caption
         kinds.append((figure_slug, Figure(f"{slug}-{figure_slug}", chart(subset), caption)))
     kinds[0] = (kinds[0][0], dataclasses.replace(kinds[0][1], headline=True))
     figures = [figure for _, figure in kinds]
 
     contexts = {f.stem: figure_context(f, f"{index}.{n}", links(f.stem)) for n, f in enumerate(figures, start=1)}
-    items = []
+    items, placed = [], set()
     for kind, figure in kinds:
-        if kind == SIDE_BY_SIDE[0]:  # the pair's first figure opens the row, with its partner
-            items.append({"row": [contexts[f.stem] for k, f in kinds if k in SIDE_BY_SIDE]})
-        elif kind not in SIDE_BY_SIDE:
+        pair = next((p for p in SIDE_BY_SIDE if kind in p), None)
+        if pair is None:
             items.append({"row": None, "figure": contexts[figure.stem]})
+        elif pair not in placed:  # the pair's first figure opens the row, with its partner
+            placed.add(pair)
+            items.append({"row": [contexts[f.stem] for k, f in kinds if k in pair]})
 
     several_seeds = bool(len(members)) and int(config_labels.value_counts().max()) > 1
     int8, int8_by_config = _int8_tables(members, axes, labels, quant, several_seeds)
@@ -142,6 +176,15 @@ def study_section(
         "int8_by_config": int8_by_config,
     }
     return context, figures
+
+
+def study_figures(metrics: pd.DataFrame) -> list[tuple[str, Callable[[pd.DataFrame], alt.TopLevelMixin]]]:
+    """(slug, chart function) of a study's figures in page order: `FIGURES`, with the `METRIC_FIGURES`
+    whose metric `metrics` (the study's rows) carries before the loss curves."""
+    carried = set(metrics["metric"].unique()) if "metric" in metrics.columns else set()
+    extra = [(slug, chart) for slug, chart, metric in METRIC_FIGURES if metric in carried]
+    at = [slug for slug, _ in FIGURES].index(METRIC_FIGURES_BEFORE)
+    return [*FIGURES[:at], *extra, *FIGURES[at:]]
 
 
 def _int8_tables(

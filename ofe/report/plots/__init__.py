@@ -19,7 +19,8 @@ Conventions shared by all charts:
 
 Where the families live: `plots.common` (definitions, data selection, tooltips, titles), `plots.seeds`
 (seed means and bands), `plots.layers` (per-layer kurtosis, signal propagation, max-median ratio),
-`plots.loss`, `plots.sweep`, `plots.int8`.
+`plots.sinks` (attention-sink rate and massive activations, per layer and over training), `plots.loss`,
+`plots.sweep`, `plots.int8`, `plots.ckpt` (checkpoint studies).
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from ofe.report.plots.common import FACET_COLUMNS, LAYER_SITES, REPLICATE_AXES, 
 from ofe.report.plots.layers import (final_layer_kurtosis, final_layer_mmr, final_layer_token_correlation,
                                      kurtosis_over_steps)
 from ofe.report.plots.loss import loss_curves
+from ofe.report.plots.sinks import (final_layer_massive_ratio, final_layer_sink_rate, massive_ratio_over_steps,
+                                    sink_rate_over_steps)
 from ofe.report.plots.sweep import log_axis, sweep_lines, sweep_points
 
 __all__ = [
-    "FACET_COLUMNS", "LAYER_SITES", "REPLICATE_AXES", "chart_title", "final_layer_kurtosis", "final_layer_mmr",
-    "final_layer_token_correlation", "kurtosis_over_steps", "log_axis", "loss_curves", "no_data", "sweep_lines",
-    "sweep_points",
+    "FACET_COLUMNS", "LAYER_SITES", "REPLICATE_AXES", "chart_title", "final_layer_kurtosis", "final_layer_massive_ratio",
+    "final_layer_mmr", "final_layer_sink_rate", "final_layer_token_correlation", "kurtosis_over_steps", "log_axis",
+    "loss_curves", "massive_ratio_over_steps", "no_data", "sink_rate_over_steps", "sweep_lines", "sweep_points",
 ]

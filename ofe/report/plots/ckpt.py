@@ -1,6 +1,7 @@
 """The figures of a checkpoint study (pretrained checkpoints inspected one by one, not a training grid):
 kurtosis per layer against the checkpoint's training step (the paper's Figure 1 view), the per-layer
-kurtosis profile of each checkpoint, and int8 degradation against the step.
+kurtosis profile of each checkpoint, the attention-sink rate against the step (Gu et al.'s view of
+Pythia over training; where the tables carry it), and int8 degradation against the step.
 
 Pure functions of the aggregated checkpoint tables (`checkpoint_metrics.parquet`,
 `checkpoint_quant.parquet`: one row per checkpoint and layer/site/metric, or per protocol and bit width),
@@ -24,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 from ofe.report.plots.common import (
-    FACET_COLUMNS, FADED, KURTOSIS_DEF, chart_title, column_tooltips, no_data, vl_field,
+    ATTENTION_SITES, FACET_COLUMNS, FADED, KURTOSIS_DEF, SINK_DEF, WIDE_HEIGHT, WIDE_WIDTH, chart_title,
+    column_tooltips, no_data, vl_field,
 )
 from ofe.report.plots.int8 import DEGRADATION_DEF, PROTOCOL_NAMES, SYMLOG_CONSTANT
 
@@ -43,6 +45,11 @@ STEP_LABEL = (
 # checkpoint_quant.parquet has no tokens column: shown where present.
 INT8_TOOLTIPS = ("model", "revision", "step", "tokens", "protocol", "bits", "ppl_fp", "ppl_q", "degradation")
 TOOLTIP_TITLES = {"value": "kurtosis", "label": "model label"}
+SINK_TOOLTIPS = ("model", "revision", "step", "tokens", "layers", "value")
+SINK_MEAN_NOTE = (
+    "y: mean over the decoder layers, Gu et al.'s sink rate of the whole model (the share over sequences, "
+    "layers and heads: every layer has as many heads)"
+)
 
 
 def steps_known(checkpoints: pd.DataFrame) -> bool:
@@ -113,6 +120,54 @@ def _kurtosis_lines(df: pd.DataFrame, legend_field: str, **encoding: Any) -> alt
         .add_params(pick)
         .properties(width=CKPT_PANEL_WIDTH, height=CKPT_PANEL_HEIGHT)
     )
+
+
+def sink_rate_over_checkpoints(metrics: pd.DataFrame, by_step: bool | None = None) -> alt.Chart:
+    """The attention-sink rate averaged over layers against the checkpoint's step (same x rule as
+    `kurtosis_over_checkpoints`), one line per model label (colour) on one 0-100% axis, so that models
+    compare at equal steps."""
+    df = sink_rate_points(metrics)
+    by_step = steps_known(df) if by_step is None else by_step
+    notes = [SINK_DEF, SINK_MEAN_NOTE, STEP_NOTE if by_step else ORDINAL_NOTE,
+             "one line per model, colour = model; click a legend entry to highlight it"]
+    title = chart_title("Attention-sink rate over training checkpoints", notes)
+    if df.empty:
+        return no_data(title)
+    pick = alt.selection_point(fields=["label"], bind="legend")
+    labels = list(dict.fromkeys(df.sort_values("order", kind="stable")["label"]))
+    return (
+        alt.Chart(df)
+        .mark_line(point=True, strokeWidth=1.5)
+        .encode(
+            x=_x(df, by_step),
+            y=alt.Y("value:Q", title="sink rate, mean over layers", scale=alt.Scale(domain=[0, 1]),
+                    axis=alt.Axis(format="%")),
+            color=alt.Color("label:N", title="model", sort=labels, legend=alt.Legend(labelLimit=300)),
+            order=_path_order(by_step),
+            opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
+            tooltip=column_tooltips(df, [c for c in SINK_TOOLTIPS if c in df.columns],
+                                    {"value": "sink rate", "layers": "layers"}),
+        )
+        .add_params(pick)
+        .properties(title=title, width=WIDE_WIDTH, height=WIDE_HEIGHT)
+    )
+
+
+def sink_rate_points(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per checkpoint with a sink rate at every layer, all finite: its checkpoint columns,
+    `value` = the mean over layers and `layers` = how many."""
+    needed = {"metric", "site", "value", "layer", "ckpt_id", "revision", "label"}
+    if metrics is None or metrics.empty or not needed <= set(metrics.columns):
+        return pd.DataFrame()
+    df = metrics[(metrics["metric"] == "sink_rate") & metrics["site"].isin(ATTENTION_SITES)]
+    finite = pd.Series(np.isfinite(df["value"].to_numpy(dtype=float)), index=df.index)
+    df = df[finite.groupby(df["ckpt_id"]).transform("all")]
+    if df.empty:
+        return pd.DataFrame()
+    per_ckpt = df.groupby("ckpt_id", sort=False).agg(value=("value", "mean"), layers=("layer", "nunique"))
+    keep = [c for c in CHECKPOINT_COLUMNS if c in df.columns and c != "checkpoint"]
+    first = with_checkpoint_names(df.drop_duplicates("ckpt_id")[keep])
+    return first.join(per_ckpt, on="ckpt_id").reset_index(drop=True)
 
 
 def int8_over_checkpoints(quant: pd.DataFrame, by_step: bool | None = None) -> alt.Chart | alt.FacetChart:

@@ -17,6 +17,11 @@ import pandas as pd
 # 0..L-1) and the tensor actually fed to the unembedding, after any final norm (layer L).
 LAYER_SITES = ("block_input", "unembed_input")
 
+# Where the probe logs the massive activations (`ofe.core.metrics.MASSIVE_SITES`: the stream entering
+# each block, and the last block's output before any final norm at layer L) and the attention metrics.
+MASSIVE_SITES = ("block_input", "unembed_input_pre_norm")
+ATTENTION_SITES = ("attention",)
+
 # Columns that describe a measurement rather than a run's configuration.
 MEASURE_COLUMNS = frozenset({"run_id", "label", "step", "tokens", "layer", "site", "metric", "value"})
 REPLICATE_AXES = ("seed",)  # averaged over, never an x axis or a colour
@@ -39,6 +44,18 @@ TOKEN_CORRELATION_DEF = (
     "mean off-diagonal entry of the token Gram matrix of width-centred, RMS-normalised activations "
     "(near 1 = rank collapse)"
 )
+SINK_DEF = (
+    "sink rate = share of heads (over the probe's sequences) whose mean attention weight on the first token, "
+    "over all queries, exceeds ε = 0.3 (Gu et al. 2024)"
+)
+MASSIVE_DEF = (
+    "massive ratio = top-1 |h| of the residual stream over its median |h|, each over a sequence's tokens and "
+    "channels, averaged over sequences (Sun et al. 2024)"
+)
+MASSIVE_LAYER_NOTE = (
+    "layer l < L: residual stream entering block l; layer L: the last block's output, before any final norm"
+)
+ATTENTION_LAYER_NOTE = "layer l: the attention of block l"
 LEGEND_NOTE = "one line per run, colour = configuration; click a legend entry to highlight it"
 MEAN_KURTOSIS_DEF = "Kurt averaged over layers at the run's last logged step"
 LAYER_NOTE = "layer l < L: residual stream entering block l; layer L: input to the unembedding (after any final norm)"

@@ -11,12 +11,12 @@ import pandas as pd
 
 from ofe.report.plots.common import (
     FACET_COLUMNS, FADED, KURTOSIS_DEF, LAYER_NOTE, LAYER_SITES, LEGEND_NOTE, MMR_DEF, PANEL_HEIGHT, PANEL_WIDTH,
-    TOKEN_CORRELATION_DEF, WIDE_HEIGHT, WIDE_WIDTH, chart_title, label_color, no_data, positive, select_metric,
+    TOKEN_CORRELATION_DEF, WIDE_HEIGHT, WIDE_WIDTH, chart_title, no_data, positive, select_metric,
     thin_steps, tooltips, vl_field,
 )
 from ofe.report.plots.seeds import (
-    BAND_LEGEND, SEEDS_LEGEND_NOTE, band_note, band_opacity, configuration_keys, has_replicates, seed_summary,
-    summary_tooltips,
+    BAND_LEGEND, SEEDS_LEGEND_NOTE, band_note, band_opacity, configuration_keys, configuration_lines, has_replicates,
+    seed_summary, summary_tooltips, value_y,
 )
 
 
@@ -75,7 +75,7 @@ def kurtosis_over_steps(metrics: pd.DataFrame, facet: str = "label") -> alt.Face
 
 def final_layer_kurtosis(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart | alt.LayerChart:
     """Kurtosis against layer at each run's last logged (finite) step; colour = label, log y."""
-    return _final_per_layer(
+    return final_per_layer(
         metrics, "kurtosis", "Kurt", "Kurtosis per layer at the end of training", [KURTOSIS_DEF, LAYER_NOTE],
         log=True, width=width,
     )
@@ -83,7 +83,7 @@ def final_layer_kurtosis(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.
 
 def final_layer_mmr(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart | alt.LayerChart:
     """Max-median ratio against layer at each run's last logged (finite) step; colour = label, log y."""
-    return _final_per_layer(
+    return final_per_layer(
         metrics, "max_median_ratio", "MMR", "Max-median ratio per layer at the end of training", [MMR_DEF, LAYER_NOTE],
         log=True, width=width,
     )
@@ -91,19 +91,20 @@ def final_layer_mmr(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart
 
 def final_layer_token_correlation(metrics: pd.DataFrame, width: int = WIDE_WIDTH) -> alt.Chart | alt.LayerChart:
     """Signal propagation (average token correlation) against layer at each run's last logged step."""
-    return _final_per_layer(
+    return final_per_layer(
         metrics, "token_correlation", "token correlation", "Signal propagation per layer at the end of training",
         [TOKEN_CORRELATION_DEF, LAYER_NOTE], log=False, width=width,
     )
 
 
-def _final_per_layer(
+def final_per_layer(
     metrics: pd.DataFrame, metric: str, y_title: str, title_text: str, notes: list[str], log: bool,
-    width: int = WIDE_WIDTH,
+    width: int = WIDE_WIDTH, sites: tuple[str, ...] = LAYER_SITES, share: bool = False,
 ) -> alt.Chart | alt.LayerChart:
-    """`metric` at LAYER_SITES against layer, at each run's last step where every layer's value is
-    plottable; the mean over seeds with a min-max band where a configuration has several."""
-    df = select_metric(metrics, metric, LAYER_SITES, finite_only=False)
+    """`metric` at `sites` against layer, at each run's last step where every layer's value is
+    plottable; the mean over seeds with a min-max band where a configuration has several. `share`: the
+    metric is a fraction, drawn on a fixed 0-100% axis."""
+    df = select_metric(metrics, metric, sites, finite_only=False)
     if not df.empty:
         # A diverging run can leave some layers non-finite at its last step; a curve missing those
         # layers would mislead, so fall back to the last step that is complete.
@@ -116,45 +117,7 @@ def _final_per_layer(
     title = chart_title(title_text, notes, width)
     if df.empty:
         return no_data(title)
-    pick = alt.selection_point(fields=["label"], bind="legend")
     x = alt.X("layer:O", title="layer", axis=alt.Axis(labelAngle=0))
-    scale = alt.Scale(type="log") if log else alt.Scale(zero=False)
-    if not seeds:
-        return (
-            alt.Chart(df)
-            .mark_line(point=True, strokeWidth=1.5)
-            .encode(
-                x=x,
-                y=alt.Y("value:Q", title=y_title, scale=scale),
-                color=label_color(),
-                detail=alt.Detail("run_id:N"),
-                opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-                tooltip=tooltips(df, ["site", "layer", "step", "tokens", "value"]),
-            )
-            .add_params(pick)
-            .properties(title=title, width=width, height=WIDE_HEIGHT)
-        )
-    over = ["site", "layer"]
-    summary = seed_summary(df, over)
-    band = alt.Chart().mark_area().encode(
-        x=x,
-        y=alt.Y("min:Q", title=y_title, scale=scale, stack=None),  # each band at its own values, unstacked
-        y2="max:Q",
-        color=label_color(BAND_LEGEND),
-        detail=alt.Detail("config:N"),
-        opacity=band_opacity(pick),
-    )
-    line = (
-        alt.Chart()
-        .mark_line(point=True, strokeWidth=1.5)
-        .encode(
-            x=x,
-            y=alt.Y("value:Q", title=y_title, scale=scale),
-            color=label_color(BAND_LEGEND),
-            detail=alt.Detail("config:N"),
-            opacity=alt.condition(pick, alt.value(1.0), alt.value(FADED)),
-            tooltip=summary_tooltips(summary, over),
-        )
-        .add_params(pick)
-    )
-    return alt.layer(band, line, data=summary).properties(title=title, width=width, height=WIDE_HEIGHT)
+    return configuration_lines(df, x, ["site", "layer"], value_y(y_title, log, share), point=True,
+                               measures=["site", "layer", "step", "tokens", "value"]
+                               ).properties(title=title, width=width, height=WIDE_HEIGHT)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import altair as alt
 import pandas as pd
 
-from ofe.report.plots.common import FADED, MEASURE_COLUMNS, REPLICATE_AXES, column_tooltips
+from ofe.report.plots.common import FADED, MEASURE_COLUMNS, REPLICATE_AXES, column_tooltips, label_color, tooltips
 
 BAND_OPACITY = 0.2  # a band under its mean line: visible, without hiding the other configurations
 # Columns a seed summary adds: the mean (as `value`, the y of the line), the band's ends, the seed count
@@ -87,3 +87,49 @@ def summary_tooltips(summary: pd.DataFrame, over: list[str]) -> list[alt.Tooltip
 def band_opacity(pick: alt.Parameter) -> dict:
     """A band's opacity: BAND_OPACITY, fainter when another legend entry is picked."""
     return alt.condition(pick, alt.value(BAND_OPACITY), alt.value(BAND_OPACITY * FADED))
+
+
+def value_y(title: str, log: bool = False, share: bool = False) -> dict:
+    """The y encoding's title, scale and axis of `value` (and of a band's `min`): a log scale, a share
+    (a fraction on a fixed 0-100% axis) or a linear scale not forced to include 0."""
+    scale = alt.Scale(type="log") if log else alt.Scale(domain=[0, 1]) if share else alt.Scale(zero=False)
+    return {"title": title, "scale": scale, "axis": alt.Axis(format="%") if share else alt.Undefined}
+
+
+def configuration_lines(
+    df: pd.DataFrame, x: alt.X, over: list[str], y: dict, point: bool, measures: list[str]
+) -> alt.Chart | alt.LayerChart:
+    """`value` against `x`, colour = configuration (`label`), clicking a legend entry highlighting it:
+    one line per run, or where some configuration has several seeds, one line per configuration through
+    the mean over its seeds with a min-max band. `over`: the columns a line runs along (its points:
+    where the seed mean is taken); `y`: the y encoding's title, scale and axis (`value_y`); `measures`:
+    the measurement columns of a run's tooltip. The caller adds the title and size."""
+    pick = alt.selection_point(fields=["label"], bind="legend")
+    opacity = alt.condition(pick, alt.value(1.0), alt.value(FADED))
+    if not has_replicates(df):
+        return alt.Chart(df).mark_line(point=point, strokeWidth=1.5).encode(
+            x=x,
+            y=alt.Y("value:Q", **y),
+            color=label_color(),
+            detail=alt.Detail("run_id:N"),
+            opacity=opacity,
+            tooltip=tooltips(df, measures),
+        ).add_params(pick)
+    summary = seed_summary(df, over)
+    band = alt.Chart().mark_area().encode(
+        x=x,
+        y=alt.Y("min:Q", stack=None, **y),  # stack=None: each band at its own values, unstacked
+        y2="max:Q",
+        color=label_color(BAND_LEGEND),
+        detail=alt.Detail("config:N"),
+        opacity=band_opacity(pick),
+    )
+    line = alt.Chart().mark_line(point=point, strokeWidth=1.5).encode(
+        x=x,
+        y=alt.Y("value:Q", **y),
+        color=label_color(BAND_LEGEND),
+        detail=alt.Detail("config:N"),
+        opacity=opacity,
+        tooltip=summary_tooltips(summary, over),
+    ).add_params(pick)
+    return alt.layer(band, line, data=summary)

@@ -19,12 +19,13 @@ from ofe.io import METRIC_SCHEMA, write_parquet
 from ofe.report import plots
 from ofe.report.page import build_report, studies
 from ofe.report.plots import int8 as plots_int8
-from ofe.report.sections import FIGURES
+from ofe.report.sections import FIGURES, METRIC_FIGURES
 from tests.helpers.report_html import chart_specs, page_section, spec_values, table_rows
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 N_LAYERS = 2
-# kurtosis_osp and massive_ratio have no figure yet: the report must keep working beside metrics it does not draw
+# kurtosis_osp has no figure: the report must keep working beside metrics it does not draw; massive_ratio
+# (here at every site: its figures take block_input and unembed_input_pre_norm) and sink_rate bring theirs
 LAYER_SITE_METRICS = ("kurtosis", "rms_sq_variance_centred", "max_median_ratio", "token_correlation", "rms",
                       "kurtosis_osp", "massive_ratio")
 
@@ -205,7 +206,7 @@ def test_report_has_one_rendered_spec_per_figure(page: str) -> None:
     div_ids = re.findall(r'<div class="chart" id="([^"]+)">', page)
     # + the lr study's sweep over lr (numeric, two values) + one int8 scatter per protocol + the static
     # protocol's degradation against validation loss
-    assert len(div_ids) == len(STUDIES) * len(FIGURES) + 1 + 2 + 1
+    assert len(div_ids) == len(STUDIES) * (len(FIGURES) + len(METRIC_FIGURES)) + 1 + 2 + 1
     specs = chart_specs(page)
     assert sorted(specs) == sorted(div_ids)
     for spec in specs.values():
@@ -339,7 +340,7 @@ def test_report_renders_with_an_empty_quant_table(synthetic, quant, tmp_path) ->
     _write_results(tmp_path, runs, metrics, quant.iloc[:0])
     page = build_report(tmp_path, tmp_path / "index.html", png=False).read_text()
     assert 'id="int8"' not in page and "<h3>int8" not in page
-    assert len(chart_specs(page)) == len(STUDIES) * len(FIGURES) + 1
+    assert len(chart_specs(page)) == len(STUDIES) * (len(FIGURES) + len(METRIC_FIGURES)) + 1
 
 
 def test_studies_listed_as_a_list_keep_their_order() -> None:
@@ -377,12 +378,18 @@ def test_each_study_opens_with_its_headline_figure(page: str) -> None:
     # numeric sweep: kurtosis against lr first, then the rest
     assert _figure_ids(lr) == [
         "fig-lr-sweep-lr", "fig-lr-kurtosis-over-steps", "fig-lr-final-layer-kurtosis",
-        "fig-lr-final-layer-token-correlation", "fig-lr-final-layer-mmr", "fig-lr-loss-curves",
+        "fig-lr-final-layer-token-correlation", "fig-lr-final-layer-mmr", "fig-lr-final-layer-sink-rate",
+        "fig-lr-final-layer-massive-ratio", "fig-lr-sink-rate-over-steps", "fig-lr-massive-ratio-over-steps",
+        "fig-lr-loss-curves",
     ]
     assert "Figure 2.1 (headline)." in lr
     # kurtosis and signal propagation sit side by side in one row
-    row = re.search(r'<div class="row">(.*?)</div>\n(?=<figure|<h3|</section)', blocks, re.S).group(1)
-    assert _figure_ids(row) == ["fig-blocks-final-layer-kurtosis", "fig-blocks-final-layer-token-correlation"]
+    rows = re.findall(r'<div class="row">(.*?)</div>\n(?=<figure|<div class="row">|<h3|</section)', blocks, re.S)
+    assert [_figure_ids(row) for row in rows] == [
+        ["fig-blocks-final-layer-kurtosis", "fig-blocks-final-layer-token-correlation"],
+        ["fig-blocks-final-layer-sink-rate", "fig-blocks-final-layer-massive-ratio"],  # sink rate beside massive ratio
+        ["fig-blocks-sink-rate-over-steps", "fig-blocks-massive-ratio-over-steps"],
+    ]
 
 
 def test_sweep_chart_of_the_report(page: str) -> None:
