@@ -20,3 +20,12 @@ def layer_input(args: tuple, kwargs: dict) -> Tensor | None:
 def first_tensor(output: Any) -> Tensor:
     """A module's output hidden state (older transformers' decoder layers return a tuple whose first item it is)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def dotted_attr(obj: Any, dotted: str) -> Any:
+    """obj.a.b.c for "a.b.c", or None where a part is missing (where a model family keeps a module)."""
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj

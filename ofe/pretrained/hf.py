@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe.core import metrics
-from ofe.core.hooks import first_tensor, layer_input
+from ofe.core.hooks import dotted_attr, first_tensor, layer_input
 from ofe.plan.studies import looks_like_path
 
 INSTALL_HINT = "pip install -e '.[hf]'"
@@ -181,19 +181,11 @@ def load_causal_lm(src: Source, max_memory_gb: float | None = None) -> tuple[nn.
     return model.eval(), tokenizer, n_params
 
 
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def decoder_layers(model: nn.Module, name: str = "model") -> nn.ModuleList:
     """The ModuleList of decoder layers under `model.base_model`, or an InspectError."""
     base = getattr(model, "base_model", model)
     for path in LAYER_PATHS:
-        layers = _get(base, path)
+        layers = dotted_attr(base, path)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
             return layers
     raise InspectError(f"{name}: {type(model).__name__} has no list of decoder layers (looked for "
@@ -205,7 +197,7 @@ def final_norm(model: nn.Module) -> nn.Module | None:
     """The norm between the last decoder layer and the unembedding, if the model has one."""
     base = getattr(model, "base_model", model)
     for path in FINAL_NORM_PATHS:
-        norm = _get(base, path)
+        norm = dotted_attr(base, path)
         if isinstance(norm, nn.Module):
             return norm
     return None

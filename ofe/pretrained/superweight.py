@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch import Tensor, nn
 
-from ofe.core.hooks import first_tensor
+from ofe.core.hooks import dotted_attr, first_tensor
 
 PROMPT = "Apple Inc. is a worldwide tech company."  # the authors' detection prompt (analyze.py)
 SPIKE_THRESHOLD = 50.0  # the authors' |activation| above which a layer spikes (absolute: their fp16 7B models)
@@ -89,19 +89,11 @@ def weight_entry(module: nn.Module, row: int, col: int) -> float:
     return float(weight[col, row] if type(module).__name__ == "Conv1D" else weight[row, col])
 
 
-def _get(obj: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def down_projections(layers: Sequence[nn.Module], model_type: str) -> tuple[str, list[nn.Module] | None]:
     """(the module path inside each decoder layer, the module of every layer) or (path, None) where some
     layer has no such module with a weight (a mixture of experts, an unknown family)."""
     path = DOWN_PROJ.get(model_type, DEFAULT_DOWN_PROJ)
-    modules = [_get(layer, path) for layer in layers]
+    modules = [dotted_attr(layer, path) for layer in layers]
     if not modules or any(not isinstance(m, nn.Module) or not isinstance(getattr(m, "weight", None), Tensor)
                           for m in modules):
         return path, None
