@@ -5,11 +5,11 @@ torchao's `Int8DynamicActivationInt8WeightConfig` (version 2, torchao 0.18) swap
 nn.Linear's weight for an `Int8Tensor`: int8 values with one absmax scale per output channel. At each
 call the input is quantised to int8 with one absmax scale per token and the product runs as an integer
 matmul with int32 accumulation (`torchao.kernel.intmm.int_scaled_matmul`: `torch._int_mm`, on a CPU
-oneDNN's s8 x s8 -> s32 GEMM; on a GPU cuBLAS), then is rescaled in floating point. It is the
+oneDNN's s8 x s8 -> s32 GEMM; on a GPU, by its source, cuBLAS: not run here yet), then is rescaled in floating point. It is the
 simulated `dynamic_per_token` with absmax weight ranges, on a slightly different grid:
 
 - scale = absmax / 127.5 and the grid [-128, 127] (ours: absmax / 127 and [-127, 127]); a value at
-  +absmax lands on 127.5, rounds (half to even) to 128 and is clamped to 127;
+  +absmax lands on 127.5 (to float32 rounding), rounds to 127 or 128 and is clamped to 127;
 - x * (1 / scale) is rounded, not x / scale; scales are clamped below at float32's eps (ours at 1e-12).
 
 Only nn.Linear layers are quantised, as by the simulated protocols: the attention products (q k^T,

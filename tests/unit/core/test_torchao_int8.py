@@ -105,6 +105,7 @@ def test_the_linear_layers_run_an_integer_matmul_not_a_dequantised_one():
         q(idx)
     counts = {e.key: e.count for e in prof.key_averages()}
     assert counts.get("aten::_int_mm") == n == 8
+    assert counts.get("aten::mm") == 1  # the tied head (attention's products are bmm inside SDPA)
 
 
 def test_quantise_run_measures_torchao_at_8_bits_only(data_dir, tmp_path):
