@@ -50,7 +50,8 @@ class WandbBackend:
         # stats, git or requirements: a sampler thread and subprocesses per run, for nothing ofe reads
         quiet = wandb.Settings(console="off", x_disable_stats=True, x_save_requirements=False, disable_git=True,
                                save_code=False, silent=True, x_disable_meta=True)
-        directory = settings.get("dir") if not os.environ.get("WANDB_DIR") else None
+        # passed explicitly, read now: W&B reads WANDB_DIR once per process, at its first run
+        directory = os.environ.get("WANDB_DIR") or settings.get("dir")
         if directory:
             os.makedirs(directory, exist_ok=True)
         self.run = wandb.init(project=settings["project"], group=meta.group, name=meta.name,

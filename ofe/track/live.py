@@ -8,6 +8,7 @@ no tracker library is imported and no thread started.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ def run_meta(out: Path | str, config: dict[str, Any]) -> RunMeta:
     flattened; the grid labels and the token cache's path, which are not what training reads, left out)
     and tags (its grid values)."""
     name = names.run_name(out)
+    # as config.json and summary.json hold it (tuples as lists), so a live run and an export read the same
+    config = json.loads(json.dumps(config, default=str))
     params = names.flatten({k: v for k, v in config.items() if k not in ("grid", "data_dir")})
     return RunMeta(name, names.seed_group(name), params, names.grid_tags(config.get("grid") or {}))
 
