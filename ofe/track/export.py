@@ -39,10 +39,11 @@ def run_folders(results: Path) -> list[Path]:
 
 
 def _rows(path: Path, schema_name: str, want: str | None) -> list[tuple]:
+    """A run's Parquet table, checked as the aggregation checks it, as row tuples in its schema's order."""
+    import ofe.io
     from ofe.aggregate.read import read_table
-    from ofe import io
 
-    table = read_table(path, getattr(io, schema_name), want)
+    table = read_table(path, getattr(ofe.io, schema_name), want)
     columns = [table.column(i).to_pylist() for i in range(table.num_columns)]
     return list(zip(*columns))
 

@@ -106,15 +106,15 @@ class Tracker:
         except queue.Full:
             pass
         self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            warn(f"the tracker did not finish within {timeout:.0f} s; {self.queue.qsize()} queued item(s) "
+        hung = self._thread.is_alive()  # a daemon thread: it cannot keep the process alive
+        if hung:
+            warn(f"the tracker did not finish within {timeout:g} s; {self.queue.qsize()} queued item(s) "
                  "not sent (the run's own files are complete)")
-            return False
         if self.dropped:
             warn(f"{self.dropped} step(s) were dropped while the tracker was behind; `python -m ofe export` "
                  "cannot fill them in (it skips steps the tracker run holds): delete the run's tracking.json "
                  "entry and export again for a complete copy")
-        return not self.failed and not self.dropped
+        return not (hung or self.failed or self.dropped)
 
     # ---- the thread -------------------------------------------------------------------------------
     def _work(self) -> None:
