@@ -208,7 +208,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"checkpoints/{c['ckpt_id']}  ({', '.join(c['studies'])})")
         print(f"{len(runs)} runs" + (f" and {len(ckpts)} checkpoints" if ckpts else "")
               + f"; jobs go to {launcher.get('cluster', 'local')}"
-              + ("" if tracking["backend"] == "none" else f"; tracked in {tracking['backend']}: {tracking}"))
+              + ("" if tracking["backend"] == "none"
+                 else f"; tracked in {tracking['backend']}, project {tracking['project']}"))
         rows = memplan.plan(runs.values(), launcher)
         if rows:  # checkpoint studies are checked against memory by their jobs (ofe.pretrained.hf)
             print(memplan.format_plan(rows))

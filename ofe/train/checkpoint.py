@@ -4,7 +4,8 @@ A run folder holds the outputs of exactly one config (`RunConfig.config_hash`). 
 `prepare_run_dir` (rank 0 alone) makes it so:
 - temporary files a hard kill left behind (`.<name>.*.tmp`) are removed;
 - outputs of another config (a reused folder, an edited config.yaml), the int8 rows in progress
-  (`quant.partial.json`) and the tracker runs it was mirrored to (`tracking.json`) included, are moved, never deleted, into
+  (`quant.partial.json`) and the tracker runs it was mirrored to (`tracking.json`) included, are moved,
+  never deleted, into
   `stale/<UTC time>/`, so training neither resumes from them nor stops at their summary;
 - the checkpoint to resume from is `checkpoint.pt`, else the one before it, `checkpoint.prev.pt`
   (kept by every save), when the latest is unreadable; if neither is usable the run starts fresh.

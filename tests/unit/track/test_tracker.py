@@ -86,7 +86,8 @@ def test_metric_names_follow_the_parquet_sites_and_metrics():
         "int8/dynamic_per_token/bits8/delta": 0.5}
     assert names.flatten({"model": {"norm": "rmsnorm"}, "optim": {"betas": [0.9, 0.95]}}) == {
         "model.norm": "rmsnorm", "optim.betas": [0.9, 0.95]}
-    assert names.seed_group("tiny/op/beta0.2/adamw/lr0.01/seed1_optim.eps0.001") == "tiny/op/beta0.2/adamw/lr0.01/optim.eps0.001"
+    assert names.seed_group("tiny/op/beta0.2/adamw/lr0.01/seed1_optim.eps0.001") == \
+        "tiny/op/beta0.2/adamw/lr0.01/optim.eps0.001"
     assert names.seed_group("tiny/op/beta0.2/adamw/lr0.01/seed1") == "tiny/op/beta0.2/adamw/lr0.01"
     assert names.run_name("/x/results/runs/tiny/op/beta1/adamw/lr0.01/seed0") == "tiny/op/beta1/adamw/lr0.01/seed0"
     numbers, tags = names.summary_values({"status": "diverged", "final_val_loss": None, "steps_done": 7,

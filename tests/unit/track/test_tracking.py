@@ -173,7 +173,8 @@ def test_a_failing_tracker_is_a_warning_and_the_run_completes(data_dir, tmp_path
     assert ("tracker unreachable" if where == "open" else "tracker refused a point") in out
     untracked = tmp_path / "untracked"
     train(tiny_run(data_dir), untracked)  # the same rows as a run never tracked
-    pd.testing.assert_frame_equal(pd.read_parquet(run / "metrics.parquet"), pd.read_parquet(untracked / "metrics.parquet"))
+    pd.testing.assert_frame_equal(pd.read_parquet(run / "metrics.parquet"),
+                                  pd.read_parquet(untracked / "metrics.parquet"))
 
 
 def test_an_unimportable_tracker_is_a_warning(data_dir, tmp_path, monkeypatch, capsys):
