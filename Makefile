@@ -4,6 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Profile for `make run`; `make run PROFILE=profiles/slurm` on a cluster.
 PROFILE ?= profiles/local
+# The study set of `make run` and `make report`: config.yaml, or a whole config such as configs/osp.yaml.
+CONFIG ?= config.yaml
 
 .PHONY: run head report test test-fast venv clean paper gpu-check
 
@@ -18,10 +20,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 
+# `make run CONFIG=configs/osp.yaml`: another study set (a whole config, replacing config.yaml's grid); its
+# report is the one that config names (reports/osp.html).
 run: venv
 	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 PATH="$(abspath $(BIN)):$$PATH" \
-		$(BIN)/snakemake --profile $(PROFILE)
-	@echo "report: $(abspath reports/index.html)"
+		$(BIN)/snakemake --profile $(PROFILE) $(if $(filter-out config.yaml,$(CONFIG)),--configfile $(CONFIG))
+	@echo "report: $$($(BIN)/python -c 'import os, sys, yaml; print(os.path.abspath(yaml.safe_load(open(sys.argv[1])).get("report", "reports/index.html")))' $(CONFIG))"
 
 # The head itself as a long, requeued SLURM job (docs/cluster.md "An unattended head"); its log is
 # results/logs/head.log. HEAD_ARGS="-- --profile slurm --configfile my-grid.yaml" (default: --profile slurm);
@@ -32,7 +36,6 @@ head: venv
 
 # The partial report of a sweep in progress, from another shell at any moment (docs/workflow.md): the
 # runs finished so far -> reports/index-partial.html. CONFIG=configs/paper-int8.yaml for that sweep's.
-CONFIG ?= config.yaml
 report: venv
 	$(BIN)/python -m ofe report --live --config $(CONFIG)
 

@@ -74,6 +74,11 @@ QUANTISED_TENSORS = {
         "(symmetric, one dynamic range per token); nothing else (the embedding projections of "
         "model.embed_proj stay in full precision)"
     ),
+    "torchao_dynamic": (
+        "the same tensors as dynamic per-token, with real int8 kernels (torchao's "
+        "Int8DynamicActivationInt8WeightConfig: int8 x int8 matmuls accumulated in int32): weights of every "
+        "linear layer (per output channel, absmax) and their inputs (one dynamic range per token), 8 bits only"
+    ),
 }
 
 # What each protocol quantises on a transformers model, in words (the metadata and docs/inspect.md carry it;
@@ -89,6 +94,10 @@ HF_QUANTISED_TENSORS = {
     "dynamic_per_token": (
         "weights of every linear layer except the LM head (symmetric, per output channel); the input of "
         "every linear layer (symmetric, one dynamic range per token); nothing else"
+    ),
+    "torchao_dynamic": (
+        "the same tensors as dynamic per-token (GPT-2's Conv1D turned into nn.Linear first), with torchao's "
+        "real int8 kernels: absmax weights per output channel, inputs per token, 8 bits only"
     ),
 }
 HF_NOT_QUANTISED = (

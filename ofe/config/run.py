@@ -1,4 +1,5 @@
-"""Typed, validated configuration of one run: model, optimiser, training, data, int8 evaluation.
+"""Typed, validated configuration of one run: model, optimiser, training, data (the int8 evaluation's
+section, `QuantConfig`, is `ofe.config.quant`).
 
 Frozen dataclasses with docstrings; every ablation is a field. `RunConfig.from_dict` rejects unknown
 keys and bad values with a message naming the field and the allowed values, so a typo fails before
@@ -27,10 +28,6 @@ NormKind = Literal["layernorm", "rmsnorm", "srms", "single_scale", "none"]
 # by some values only (a gate kind on a softmax model would change its hash and nothing else).
 AttentionKind = Literal["softmax", "clipped_softmax", "gated_headwise", "gated_elementwise", "softmax1",
                         "learned_sink", "softpick"]
-PROTOCOLS: tuple[str, ...] = ("static_per_tensor", "dynamic_per_token")
-# Bit widths ofe.core.quant is tested at; the schema's quant.bits enum lists the same (a test compares them),
-# so a config file and `--quant-json` on the command line accept exactly one set.
-SUPPORTED_BITS: tuple[int, ...] = (4, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -225,33 +222,6 @@ class DataConfig:
         digest = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
         stem = "stdlib" if self.source == "stdlib" else str(self.path).replace("/", "_")
         return f"{stem}-{digest[:10]}"
-
-
-@dataclass(frozen=True)
-class QuantConfig:
-    """Which int8 protocols and bit widths to evaluate (`ofe.core.quant`), and how ranges are set. Here, not in
-    ofe.core.quant, so that planning a grid never imports torch."""
-
-    protocols: tuple[str, ...] = PROTOCOLS
-    bits: tuple[int, ...] = (8,)
-    """8 is W8A8; 6 and 4 expose the effect at tiny scale, where 8 bits may hide it."""
-    weight_range: Literal["mse", "absmax"] = "mse"
-    percentile: float = 99.999
-    """Static activation ranges: running min-max of this percentile over the calibration batches."""
-    calib_batches: int = 4
-    eval_batches: int = 16
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "protocols", tuple(self.protocols))
-        object.__setattr__(self, "bits", tuple(int(b) for b in self.bits))
-        for p in self.protocols:
-            if p not in PROTOCOLS:
-                raise ConfigError(f"quant.protocols: {p!r} is not allowed; choose from {list(PROTOCOLS)}")
-        for i, b in enumerate(self.bits):
-            if b not in SUPPORTED_BITS:
-                raise ConfigError(f"quant.bits[{i}]: {b} is not allowed; choose from {list(SUPPORTED_BITS)}")
-        if self.weight_range not in ("mse", "absmax"):
-            raise ConfigError(f"quant.weight_range: {self.weight_range!r}; choose 'mse' or 'absmax'")
 
 
 @dataclass(frozen=True)

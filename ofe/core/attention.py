@@ -102,11 +102,17 @@ def sink_softmax(logits: Tensor, mask: Tensor, sinks: Tensor) -> Tensor:
 
 def softpick(logits: Tensor, mask: Tensor, eps: float = SOFTPICK_EPS) -> Tensor:
     """relu(exp(x_i) - 1) / (sum_j |exp(x_j) - 1| + eps) over the unmasked entries, computed as the authors'
-    release does: numerator and denominator times exp(-m), m the row's maximum, so no exp overflows
-    (exp(x - m) - exp(-m)). A masked entry would add |0 - exp(-m)| to the denominator: it is zeroed."""
+    release does: numerator and denominator times exp(-m), so no exp overflows (exp(x - m) - exp(-m)).
+    A masked entry would add |0 - exp(-m)| to the denominator: it is zeroed.
+
+    m is the row's maximum clamped at 0, where the release takes the maximum itself: a row whose logits
+    are all below -88.7 then has exp(-m) = inf in fp32 (and bf16), weights 0/inf = 0 but NaN gradients,
+    which ended a Pre-LN run of configs/attention.yaml (all of one query's logits < -92 at step 62). With
+    m <= 0 every weight is exactly 0 (relu(exp(x) - 1) = 0 for x <= 0) and so is its gradient, whatever
+    the shift, and for m > 0 the shift is the release's: every finite value of the release is unchanged."""
     future = ~mask
     x = logits.masked_fill(future, float("-inf"))
-    m = x.amax(dim=-1, keepdim=True)  # finite: every query sees at least itself
+    m = x.amax(dim=-1, keepdim=True).clamp_min(0.0)  # every query sees at least itself: finite
     e = torch.exp(x - m) - torch.exp(-m)  # (exp(x) - 1) exp(-m); -exp(-m) where masked
     return F.relu(e) / (e.abs().masked_fill(future, 0.0).sum(dim=-1, keepdim=True) + eps)
 

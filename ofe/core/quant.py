@@ -10,6 +10,8 @@ Two protocols (docs/science.md section 5), both round-to-nearest fake quantisati
   The (tied) LM head stays in full precision.
 - `dynamic_per_token`, the forgiving one (SmoothQuant's fake_quant): per-output-channel weights, dynamic
   per-token symmetric activations, at linear-layer inputs only.
+A third, `torchao_dynamic`, is not simulated: it runs `dynamic_per_token`'s recipe (absmax weights) with
+torchao's real int8 kernels (`ofe.core.torchao_int8`, 8 bits only).
 
 What each protocol quantises, in words, is `ofe.io.QUANTISED_TENSORS` (torch-free, for the report);
 evaluating a finished run under every protocol is `ofe.train.quantise`.
@@ -32,7 +34,7 @@ from ofe.core.hooks import first_tensor, layer_input
 from ofe.core.model import GPT
 from ofe.core.osp import SingleScaleRMSNorm
 
-Protocol = Literal["static_per_tensor", "dynamic_per_token"]
+Protocol = Literal["static_per_tensor", "dynamic_per_token", "torchao_dynamic"]
 
 # ---- primitives -------------------------------------------------------------------------------------
 
@@ -177,7 +179,12 @@ def _static_sites(model: GPT) -> dict[str, Site]:
 def quantised_copy(model: GPT, protocol: str, bits: int, cfg: QuantConfig,
                    calib_inputs: list[Tensor]) -> GPT:
     """A fake-quantised copy of `model` (the original is untouched), with hooks that quantise
-    activations as the protocol says; static ranges are calibrated on `calib_inputs`."""
+    activations as the protocol says; static ranges are calibrated on `calib_inputs`. `torchao_dynamic`:
+    a copy whose linear layers run torchao's int8 kernels (`cfg.weight_range` does not apply: absmax)."""
+    if protocol == "torchao_dynamic":
+        from ofe.core import torchao_int8  # lazily: torchao is optional, and slow and noisy to import
+
+        return torchao_int8.quantised_copy(model, bits)[0]
     q = copy.deepcopy(model).eval()
     per_channel = protocol == "dynamic_per_token"
     with torch.no_grad():

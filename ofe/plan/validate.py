@@ -24,8 +24,8 @@ from typing import Any, Iterable
 import jsonschema
 import yaml
 
-from ofe.config import (ConfigError, DataConfig, build_section, check_field, field_kind, number_from_text,
-                        section_fields)
+from ofe.config import (ConfigError, DataConfig, QuantConfig, build_section, check_field, field_kind,
+                        number_from_text, section_fields)
 from ofe.plan import studies
 from ofe.plan.tracking import check_tracking
 
@@ -274,10 +274,11 @@ def _check_values(config: dict) -> list[str]:
                         folder_segment(format_value(values[i]), key)
                 except ConfigError as e:
                     errors.append(str(e))
-    try:
-        build_section(DataConfig, config.get("data") or {}, "data.")
-    except ConfigError as e:
-        errors.append(str(e))
+    for cls, section in ((DataConfig, "data"), (QuantConfig, "quant")):  # quant: torchao installed if asked
+        try:
+            build_section(cls, config.get(section) or {}, section + ".")
+        except ConfigError as e:
+            errors.append(str(e))
     # where data and model meet: the model's vocabulary must cover the tokenizer's
     tokenizer = (config.get("data") or {}).get("tokenizer", "bytes")
     vocab = TOKENIZER_VOCAB.get(tokenizer)

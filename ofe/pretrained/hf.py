@@ -46,6 +46,9 @@ class InspectError(Exception):
 
 def require_transformers() -> Any:
     """The transformers module, or an InspectError saying how to install it."""
+    from ofe.core.torchao_int8 import quiet_torchao_import
+
+    quiet_torchao_import()  # transformers imports torchao, where installed (the int8 extra), with its noise
     try:
         import transformers
     except ImportError as e:

@@ -14,6 +14,9 @@ Same primitives, hook sites and recipe as `ofe.core.quant` (`fake_quant`, `Range
   full precision and the metadata says so.
 - `dynamic_per_token`: weights per output channel, and the input of every linear layer with one
   dynamic symmetric range per token. Nothing else.
+- `torchao_dynamic`: the same layers with torchao's real int8 kernels (`ofe.core.torchao_int8`; absmax
+  weight ranges, 8 bits only). torchao quantises nn.Linear only, so the copy's Conv1D layers (GPT-2) are
+  first turned into the equivalent nn.Linear (`conv1d_to_linear`).
 
 In both, the LM head (the output embeddings) and the logits stay in full precision, as in ofe's
 protocol; the input embeddings are not quantised either (they are looked up, not multiplied).
@@ -53,6 +56,22 @@ def quantise_linear_weight(m: nn.Module, bits: int, per_channel: bool, method: s
         w.copy_(quantise_weight(w.T, bits, per_channel, method).T)
     else:
         w.copy_(quantise_weight(w, bits, per_channel, method))
+
+
+def conv1d_to_linear(q: nn.Module) -> None:
+    """Replace every Conv1D of `q` (in place) by the nn.Linear that computes the same: Conv1D's (in, out)
+    weight transposed, its bias. The LM head is never a Conv1D, so the set of layers is unchanged."""
+    for name, m in list(q.named_modules()):
+        if type(m).__name__ != "Conv1D":
+            continue
+        n_in, n_out = m.weight.shape
+        linear = nn.Linear(n_in, n_out, bias=m.bias is not None, device=m.weight.device, dtype=m.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(m.weight.T)
+            if m.bias is not None:
+                linear.bias.copy_(m.bias)
+        parent, _, attr = name.rpartition(".")
+        setattr(q.get_submodule(parent) if parent else q, attr, linear)
 
 
 # ---- attention with taps ------------------------------------------------------------------------------
@@ -171,6 +190,12 @@ def quantised_copy(model: nn.Module, protocol: str, bits: int, cfg: QuantConfig,
     None}); static ranges are calibrated on `calib`, batches of (B, T+1) windows (inputs: [:, :-1])."""
     q = copy.deepcopy(model).eval()
     info: dict[str, Any] = {"protocol": protocol, "bits": bits, "attention_not_quantised": None}
+    if protocol == "torchao_dynamic":
+        from ofe.core import torchao_int8  # lazily: torchao is optional, and slow and noisy to import
+
+        conv1d_to_linear(q)
+        info["sites"] = torchao_int8.quantise_in_place(q, bits, skip=q.get_output_embeddings())
+        return q, info
     if protocol == "static_per_tensor":
         info["attention_not_quantised"] = switch_attention(model, q, calib[0][:, :-1])
     per_channel = protocol == "dynamic_per_token"

@@ -17,8 +17,9 @@ from ofe.report.plots.common import REPLICATE_AXES
 from ofe.report.tables import spread_cell
 
 # Quantisation protocols in page order (others follow alphabetically) and their short column names.
-QUANT_PROTOCOLS = ("static_per_tensor", "dynamic_per_token")
-PROTOCOL_SHORT = {"static_per_tensor": "static", "dynamic_per_token": "dynamic"}
+# torchao_dynamic (real int8 kernels) comes right after the simulated dynamic protocol it checks.
+QUANT_PROTOCOLS = ("static_per_tensor", "dynamic_per_token", "torchao_dynamic")
+PROTOCOL_SHORT = {"static_per_tensor": "static", "dynamic_per_token": "dynamic", "torchao_dynamic": "torchao"}
 # Grid columns the int8 table always shows (the paper's table); any other one is shown when it varies.
 QUANT_TABLE_COLUMNS = ("block", "optimizer")
 QUANT_CAPTION = (
@@ -117,6 +118,28 @@ def damage_summary(quant: pd.DataFrame) -> list[str]:
     return lines
 
 
+def kernel_check(quant: pd.DataFrame, bits: int = 8) -> str | None:
+    """One sentence comparing torchao's real int8 kernels with the simulated dynamic protocol they
+    reproduce, over the runs that have both at `bits` (None when none has): the largest difference of
+    their perplexities relative to ppl fp, beside that run's simulated damage, so a reader sees whether the
+    simulation's figures are the kernels' figures."""
+    rows = quant[quant["bits"] == bits]
+    ppl_q = rows.pivot_table(index="run_id", columns="protocol", values="ppl_q", aggfunc="first")
+    if not {"dynamic_per_token", "torchao_dynamic"} <= set(ppl_q.columns):
+        return None
+    ppl_fp = rows.groupby("run_id")["ppl_fp"].first()
+    sim, real = ppl_q["dynamic_per_token"], ppl_q["torchao_dynamic"]
+    gap = ((real - sim).abs() / ppl_fp).replace([float("inf")], float("nan")).dropna()
+    if gap.empty:
+        return None
+    worst = gap.idxmax()
+    return (f"Real int8 kernels: {quant_column_name('torchao_dynamic', bits)} and the simulated "
+            f"{quant_column_name('dynamic_per_token', bits)} differ by at most {100 * gap.max():.2f}% of ppl fp "
+            f"over {len(gap)} runs ({worst}, whose simulated change is "
+            f"{fmt_change(sim[worst] / ppl_fp[worst] - 1)}); the simulation's weight ranges are quant.weight_range, "
+            f"torchao's always absmax.")
+
+
 def int8_context(index: int, quant: pd.DataFrame, grid: list[str], links: Links) -> tuple[dict, list[Figure]]:
     """What int8.html.j2 writes for the int8 section over every run (`index` its number): protocols and
     their tensors, where the damage sits, the table by configuration when some configuration has several
@@ -145,6 +168,7 @@ def int8_context(index: int, quant: pd.DataFrame, grid: list[str], links: Links)
         "number": index,
         "protocols": protocol_list(protocols),
         "damage": damage_summary(quant),
+        "kernel_check": kernel_check(quant),
         "by_config": config_table_context(config_table(quant, by_config), by_config, quant) if several_seeds else None,
         "per_run": quant_table_context(quant_table(quant, shown), shown, quant),
         "figures": [figure_context(f, f"{index}.{n}", links(f.stem)) for n, f in enumerate(figures, start=1)],

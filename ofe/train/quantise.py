@@ -31,7 +31,7 @@ def quantise_run(run_dir: Path | str, cfg: QuantConfig, device: torch.device | s
     run_dir = Path(run_dir)
     summary = read_summary(run_dir)
     run_cfg = RunConfig.from_dict(summary["config"])
-    wanted = [(p, b) for p in cfg.protocols for b in cfg.bits]
+    wanted = cfg.pairs()  # torchao_dynamic at 8 bits only
     if summary["status"] == "completed":
         done = _evaluate(run_dir, run_cfg, cfg, recorded_hash(summary), device)
         rows = [done[key] for key in wanted]
@@ -53,7 +53,7 @@ def _evaluate(run_dir: Path, run_cfg: RunConfig, cfg: QuantConfig, identity: str
     from ofe.core.data import FIXED_STREAM, TokenData
 
     partial = PartialRows(run_dir / QUANT_PARTIAL, identity, asdict(cfg))
-    todo = [(p, b) for p in cfg.protocols for b in cfg.bits if (p, b) not in partial.rows]
+    todo = [pb for pb in cfg.pairs() if pb not in partial.rows]
     if partial.rows:
         print(f"[ofe] {run_dir}: resuming the int8 evaluation from {QUANT_PARTIAL}: {len(partial.rows)} of "
               f"{len(partial.rows) + len(todo)} rows done", flush=True)

@@ -132,8 +132,11 @@ def column_tooltips(df: pd.DataFrame, columns: list[str], titles: dict[str, str]
 
 
 def label_color(legend: dict | None = None) -> alt.Color:
-    """Colour = configuration (`label`); `legend` adds legend properties."""
-    return alt.Color("label:N", title="configuration", legend=alt.Legend(labelLimit=300, **(legend or {})))
+    """Colour = configuration (`label`); `legend` adds legend properties. tableau20, not Vega's default
+    category10: a study such as configs/attention.yaml has 14 configurations, and ten colours would give
+    two configurations one colour."""
+    return alt.Color("label:N", title="configuration", scale=alt.Scale(scheme="tableau20"),
+                     legend=alt.Legend(labelLimit=300, **(legend or {})))
 
 
 def chart_title(text: str, subtitle: list[str], width: int = WIDE_WIDTH) -> alt.TitleParams:

@@ -16,7 +16,8 @@ DEGRADATION_DEF = "relative degradation = ppl_q / ppl_fp - 1 (validation perplex
 SPEARMAN_DEF = "Spearman ρ = Pearson correlation of the ranks (ties averaged), per bit width"
 MIN_SPEARMAN_N = 3  # fewer runs than this give "n/a": two points always correlate perfectly
 SYMLOG_CONSTANT = 0.01  # a symlog degradation axis is linear within +-1 %
-PROTOCOL_NAMES = {"static_per_tensor": "static per-tensor", "dynamic_per_token": "dynamic per-token"}
+PROTOCOL_NAMES = {"static_per_tensor": "static per-tensor", "dynamic_per_token": "dynamic per-token",
+                  "torchao_dynamic": "torchao dynamic per-token, real int8 kernels"}
 PROTOCOL_NOTES = {
     "static_per_tensor": (
         "static per-tensor: weights and activations (linear inputs and outputs, attention scores and "
@@ -26,6 +27,10 @@ PROTOCOL_NOTES = {
     "dynamic_per_token": (
         "dynamic per-token: per-channel weights, per-token dynamic ranges on linear-layer inputs only "
         "(SmoothQuant's forgiving fake quantisation)"
+    ),
+    "torchao_dynamic": (
+        "torchao dynamic: dynamic per-token's recipe (absmax weights) run by torchao's int8 kernels, "
+        "int8 x int8 matmuls with int32 accumulation: the real-kernel check of the simulation"
     ),
 }
 # Columns of the quantisation table that describe a measurement rather than a run's configuration.

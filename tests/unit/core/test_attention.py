@@ -239,6 +239,29 @@ def test_softpick_closed_forms():
     assert torch.isfinite(softpick(x + 100, mask)).all()  # exp(100) overflows fp32: shifted by the row max
 
 
+def test_softpick_rows_of_very_negative_logits_have_zero_weights_and_gradients():
+    # By the formula, a row whose logits are all negative has weights relu(exp(x) - 1) = 0 and, relu being
+    # inactive everywhere, zero gradients. The release shifts by the row max m: exp(-m) overflows fp32 for
+    # m < -88.7 (0/inf forward, NaN backward), which ended a Pre-LN training run.
+    row = torch.tensor([[-95.0, 0.0], [-95.0, -96.0]], requires_grad=True)
+    mask = torch.tensor([[True, False], [True, True]])
+    p = softpick(row, mask)
+    p.sum().backward()
+    assert torch.equal(p, torch.zeros(2, 2)) and torch.equal(row.grad, torch.zeros(2, 2))
+    ref = torch.tensor([[-95.0, 0.0], [-95.0, -96.0]], requires_grad=True)
+    ref_softpick(ref.masked_fill(~mask, float("-inf")), dim=-1).sum().backward()
+    assert ref.grad.isnan().any()  # the release's own formula, for the record
+    # one row mixing both regimes: the release's values and gradients wherever they are finite
+    x = torch.tensor([[3.0, -1.0, 0.5, -200.0]], requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    full = torch.ones(1, 4, dtype=torch.bool)
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    (softpick(x, full) * w).sum().backward()
+    (ref_softpick(y, dim=-1) * w).sum().backward()
+    torch.testing.assert_close(softpick(x, full), ref_softpick(y, dim=-1))
+    torch.testing.assert_close(x.grad, y.grad)
+
+
 def test_sink_closed_forms():
     x, mask = _logits()
     torch.testing.assert_close(sink_softmax(x, mask, torch.full((H,), -1e4)), _softmax(x, mask))  # no sink

@@ -95,6 +95,8 @@ def test_cpu_study_compares_pre_ln_adamw_with_op_soap_over_length_width_and_seed
     assert seeds(("pre_ln", "adamw"), 128, 3000) == seeds(("op", "soap"), 128, 3000) == {0, 1, 2}
     assert seeds(("op", "soap"), 128, 1000) == {0, 1, 2}
     assert all(run["config"]["optim"]["lr"] == 1e-2 for run in plan["runs"])  # one LR: the default grid's
+    # the real int8 kernels beside the simulation, here and nowhere by default (config.yaml: opt-in)
+    assert plan["quant"]["protocols"] == ("static_per_tensor", "dynamic_per_token", "torchao_dynamic")
 
 
 def test_osp_study_crosses_its_blocks_with_adamw_and_muon_at_the_default_grids_settings() -> None:

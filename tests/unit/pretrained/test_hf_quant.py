@@ -126,3 +126,37 @@ def test_attention_it_cannot_transcribe_stays_in_full_precision(tmp_path):
     assert not any(n.endswith((".scores:out", ".probs:out")) for n in hf_quant.static_sites(q))
     ppl_fp, ppl_q = hf.perplexity(model, _windows(seed=3)), hf.perplexity(q, _windows(seed=3))
     assert abs(ppl_q - ppl_fp) / ppl_fp < 0.02
+
+
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_torchao_quantises_the_layers_the_simulated_dynamic_protocol_does(family):
+    """torchao_dynamic on a transformers model: every linear layer but the LM head, GPT-2's Conv1D included
+    (turned into the nn.Linear computing the same), the same set as dynamic_per_token's; the original is
+    untouched and the head stays in full precision."""
+    from ofe.core.torchao_int8 import int8_weight_layers
+
+    model = hf_models.build(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sim, sim_info = hf_quant.quantised_copy(model, "dynamic_per_token", 8, QuantConfig(weight_range="absmax"), [])
+    hooked = sorted(n for n, m in sim.named_modules() if hf_quant.is_linear(m) and m._forward_pre_hooks)
+    q, info = hf_quant.quantised_copy(model, "torchao_dynamic", 8, QuantConfig(), [])
+    assert sorted(int8_weight_layers(q)) == hooked and info["sites"] == sim_info["sites"] == len(hooked)
+    assert type(q.get_output_embeddings().weight) is torch.nn.Parameter  # not an Int8Tensor
+    idx = _windows(seed=3)[0][:, :-1]
+    with torch.no_grad():
+        ref = model(input_ids=idx).logits
+        err = (q(input_ids=idx).logits - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.05  # int8, not broken: the copy computes the model's function, quantised
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_conv1d_becomes_the_linear_layer_that_computes_the_same():
+    model = hf_models.build("gpt2")
+    q = hf_models.build("gpt2")
+    q.load_state_dict(model.state_dict())
+    hf_quant.conv1d_to_linear(q)
+    assert not any(type(m).__name__ == "Conv1D" for m in q.modules())
+    idx = _windows(seed=4)[0][:, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(q(input_ids=idx).logits, model(input_ids=idx).logits, rtol=1e-5, atol=1e-5)

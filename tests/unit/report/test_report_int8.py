@@ -9,7 +9,7 @@ import statistics
 import pandas as pd
 import pytest
 
-from ofe.report.int8 import config_table, damage_summary, int8_section
+from ofe.report.int8 import config_table, damage_summary, int8_section, kernel_check, quant_protocol_bits
 from ofe.report.plots.int8 import degradation_against_loss
 
 STATIC, DYNAMIC = "static_per_tensor", "dynamic_per_token"
@@ -94,3 +94,16 @@ def test_damage_summary_says_where_the_damage_sits() -> None:
     assert f"{100 * change[worst]:+.2f}% ({worst}, mean Kurt 20)" in static
     dynamic = next(line for line in lines if line.startswith("dynamic W8A8"))
     assert dynamic.startswith("dynamic W8A8: 0 of 6 runs lose 1% or more") and "+0.00%" in dynamic
+
+
+def test_torchao_follows_the_dynamic_protocol_it_checks_and_is_absent_without_rows() -> None:
+    quant = _quant()
+    assert kernel_check(quant) is None  # no torchao rows: no sentence
+    extra = quant[quant.protocol == DYNAMIC].assign(protocol="torchao_dynamic", ppl_q=lambda d: d.ppl_fp * 1.002)
+    six = quant[quant.protocol == STATIC].assign(bits=6)
+    both = pd.concat([extra, six, quant], ignore_index=True)
+    assert quant_protocol_bits(both) == [(STATIC, 8), (STATIC, 6), (DYNAMIC, 8), ("torchao_dynamic", 8)]
+    # dynamic's planted ppl_q is ppl fp itself, so every run's gap is 0.2 % of ppl fp
+    assert "differ by at most 0.20% of ppl fp over 6 runs" in kernel_check(both)
+    html, figures = _section_html(both)
+    assert "<b>torchao</b>" in html and "int8-degradation-torchao_dynamic" in [f.stem for f in figures]
