@@ -208,3 +208,26 @@ print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ("wandb", "
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.strip().splitlines()[-1]) == []
     assert not (tmp_path / "run" / "tracking.json").exists()
+
+
+def test_launch_takes_the_settings_out_of_the_launcher_and_writes_them_for_the_job(data_dir, tmp_path, monkeypatch):
+    """The workflow passes tracking inside --launcher-json (common.smk says why); `ofe launch` hands the
+    launcher on without it and writes it beside config.json before submitting; without it, removes it."""
+    from ofe.cluster import launch as launch_module
+
+    seen = {}
+
+    def submit(work, out, launcher, status_dir, exec_wait=False):  # in place of submitit: no job
+        seen["launcher"] = launcher
+        work.before_submit({})
+        return {"status": "completed", "steps_done": 0}
+
+    monkeypatch.setattr(launch_module, "launch_work", submit)
+    settings = {"backend": "mlflow", "project": "p", "tracking_uri": "file:///x"}
+    run = tmp_path / "run"
+    args = ["launch", "--run-json", tiny_run(data_dir).to_json(), "--out", str(run)]
+    assert main([*args, "--launcher-json", json.dumps({"cluster": "local", "tracking": settings})]) == 0
+    assert seen["launcher"] == {"cluster": "local"}
+    assert json.loads((run / "tracking-settings.json").read_text()) == settings
+    assert main([*args, "--launcher-json", json.dumps({"cluster": "local"})]) == 0
+    assert not (run / "tracking-settings.json").exists()
