@@ -4,6 +4,7 @@
   plan          write the plan (runs, studies, config) the aggregation reads
   prepare       tokenise a dataset once into a shared cache
   train         train one run from its RUN.json (resumes from its checkpoint)
+  export        mirror finished runs to Weights & Biases or MLflow from their Parquet tables
   launch        submit `train` (+ `quantise`) through submitit (local or slurm) and wait for it
   dispatch      the workflow's SLURM dispatcher (started by `launch`): arrays, packed runs, one poll
   cancel        cancel every pending or running job of this workflow
@@ -68,18 +69,31 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="train one run")
     p.add_argument("--config", type=Path, required=True, help="RUN.json")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tracking-json", type=_json_arg, help="mirror the run to W&B or MLflow (the `tracking:` "
+                   "section, e.g. '{\"backend\": \"mlflow\"}'); written to OUT/tracking-settings.json")
 
     p = sub.add_parser("launch", help="train one run (or inspect one checkpoint) through submitit and wait for it")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--run-json", type=_json_arg, help="the run's full config (RunConfig)")
     what.add_argument("--checkpoint-json", type=_json_arg, help="one checkpoint of a checkpoint study (the "
                       "plan's entry): `ofe inspect` it in the job")
-    p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"})
+    p.add_argument("--launcher-json", type=_json_arg, default={"cluster": "local"},
+                   help="the launcher settings; its `tracking` key: the resolved tracking settings (ofe.plan.tracking)")
     p.add_argument("--status-dir", type=Path, help="the workflow's shared SLURM status cache (RESULTS/.ofe-status)")
     p.add_argument("--quant-json", type=_json_arg, help="also quantise the run in the job (the quant section)")
     p.add_argument("--inspect-json", type=_json_arg, default={}, help="with --checkpoint-json: the inspect section")
     p.add_argument("--data-json", type=_json_arg, default={}, help="with --checkpoint-json: the data section")
     p.add_argument("--out", type=Path, required=True)
+
+    p = sub.add_parser("export", help="mirror finished runs to W&B or MLflow from their Parquet tables "
+                       "(a run already mirrored there is skipped; one half done is completed)")
+    p.add_argument("--to", required=True, choices=["wandb", "mlflow"])
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", type=Path, help="config.yaml: its results_dir and tracking section")
+    src.add_argument("--results", type=Path, help="a results folder (default: results)")
+    p.add_argument("--project", help="W&B project / MLflow experiment (default: the config's, else ofe-<results>)")
+    p.add_argument("--mode", choices=["offline", "online"], help="wandb: offline (default) or online")
+    p.add_argument("--tracking-uri", help="mlflow: default the config's, else RESULTS/mlruns")
 
     p = sub.add_parser("dispatch", help="submit and watch the SLURM jobs of the runs handed over in STATUS_DIR "
                        "(started by `launch`; exits when idle)")
@@ -185,12 +199,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         launcher = grid.launcher_settings(config, args.schema)  # and its launcher_file, if any
         grid.check_launcher(runs.values(), launcher)
         grid.check_packing(launcher)
+        from ofe.plan.tracking import tracking_settings
+
+        tracking = tracking_settings(config)
         for r in runs.values():
             print(f"{r.run_id}  ({', '.join(r.studies)})")
         for c in ckpts:
             print(f"checkpoints/{c['ckpt_id']}  ({', '.join(c['studies'])})")
         print(f"{len(runs)} runs" + (f" and {len(ckpts)} checkpoints" if ckpts else "")
-              + f"; jobs go to {launcher.get('cluster', 'local')}")
+              + f"; jobs go to {launcher.get('cluster', 'local')}"
+              + ("" if tracking["backend"] == "none"
+                 else f"; tracked in {tracking['backend']}, project {tracking['project']}"))
         rows = memplan.plan(runs.values(), launcher)
         if rows:  # checkpoint studies are checked against memory by their jobs (ofe.pretrained.hf)
             print(memplan.format_plan(rows))
@@ -213,6 +232,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.cmd == "train":
         from ofe.train.trainer import load_run_config, train
 
+        if args.tracking_json is not None:
+            from ofe.plan.tracking import check_settings
+            from ofe.runfolder import TRACKING_SETTINGS
+
+            atomic_write_json(args.out / TRACKING_SETTINGS, check_settings(args.tracking_json, args.out))
         summary = train(load_run_config(args.config), args.out)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
     elif args.cmd == "launch" and args.checkpoint_json is not None:
@@ -227,9 +251,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ofe.cluster.launch import launch
         from ofe.config import RunConfig
 
-        summary = launch(RunConfig.from_dict(args.run_json), args.out, args.launcher_json, args.status_dir,
-                         args.quant_json, exec_wait=True)
+        launcher = dict(args.launcher_json)
+        tracking = launcher.pop("tracking", None)  # the workflow's, beside the launcher's (common.smk says why)
+        summary = launch(RunConfig.from_dict(args.run_json), args.out, launcher, args.status_dir,
+                         args.quant_json, exec_wait=True, tracking=tracking)
         print(f"[ofe] {args.out}: {summary['status']} at step {summary['steps_done']}")
+    elif args.cmd == "export":
+        from ofe.track.export import main as export_main
+
+        return export_main(args)
     elif args.cmd == "dispatch":
         from ofe.cluster.dispatch import serve
 

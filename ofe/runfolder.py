@@ -35,6 +35,9 @@ CONFIG = "config.json"  # the run's config, as the job reads it
 JOB, ERROR, LOCK = "job.json", "error.txt", ".launch.lock"  # the submitted job; its failure; the head's lock
 MEMBER_RESULT = "job-result.json"  # how this run's part of a packed job ended (`ofe.cluster.pack`)
 STALE = "stale"  # the folder files of another config are moved aside into
+# the tracker runs this run is mirrored to (ofe.track: backend, project, run id, last step logged), and the
+# workflow's tracking settings `ofe launch` writes beside config.json for the job to read (ofe.plan.tracking)
+TRACKING, TRACKING_SETTINGS = "tracking.json", "tracking-settings.json"
 
 FINISHED = ("completed", "diverged")  # the statuses training writes into summary.json
 OUTPUTS = (SUMMARY, METRICS, QUANT, ERROR)  # the files whose presence a folder's state is read from
@@ -55,6 +58,31 @@ def read_summary(folder: Path) -> Any:
 def write_summary(folder: Path, summary: dict[str, Any]) -> None:
     """summary.json, written last of a run's files (atomically): its presence marks the run finished."""
     atomic_write_json(folder / SUMMARY, summary)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file as parsed, or None where it is absent or unreadable (a record that can be rebuilt)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_tracking(folder: Path) -> dict[str, Any]:
+    """RUN/tracking.json: {"config_hash": the run identity, "runs": [one entry per tracker destination]}
+    ({} when absent or unreadable: the tracker then starts a new run rather than fail the job)."""
+    record = read_json(Path(folder) / TRACKING)
+    return record if isinstance(record, dict) and isinstance(record.get("runs"), list) else {}
+
+
+def write_tracking(folder: Path, record: dict[str, Any]) -> None:
+    atomic_write_json(Path(folder) / TRACKING, record)
+
+
+def read_tracking_settings(folder: Path) -> dict[str, Any]:
+    """RUN/tracking-settings.json, the settings the run is tracked with ({"backend": "none"} when absent)."""
+    settings = read_json(Path(folder) / TRACKING_SETTINGS)
+    return settings if isinstance(settings, dict) and settings.get("backend") else {"backend": "none"}
 
 
 # ---- whose results: the config-hash checks -------------------------------------------------------------

@@ -91,7 +91,11 @@ def quantise_in_process(run_dir: Path | str, quant: dict[str, Any]) -> dict[str,
     """int8 evaluation of a finished run (RUN/quant.parquet) on the device it trained on (the job's GPU),
     resuming from the rows a requeued job already measured; returns the number of rows."""
     from ofe.config import QuantConfig, build_section
+    from ofe.runfolder import read_summary
+    from ofe.track.live import log_quant
     from ofe.train.quantise import quantise_run
 
     df = quantise_run(run_dir, build_section(QuantConfig, quant, "quant."))
+    # to the tracker run the training logged to, if any (ofe.track); a warning at worst, never a failure
+    log_quant(run_dir, read_summary(Path(run_dir)), list(df.itertuples(index=False, name=None)))
     return {"rows": len(df)}

@@ -40,7 +40,7 @@ from ofe.cluster.handover import fail, hand_over
 from ofe.cluster.jobstate import StatusCache, live_job, pid_alive, process_start_time
 from ofe.config import ConfigError, RunConfig, check_micro_batch
 from ofe.io import atomic_write_json, atomic_write_text
-from ofe.runfolder import CONFIG, ERROR, INSPECT, JOB, LOCK, QUANT, SUMMARY
+from ofe.runfolder import CONFIG, ERROR, INSPECT, JOB, LOCK, QUANT, SUMMARY, TRACKING_SETTINGS
 
 # Cluster-specific settings a site sets in the environment rather than in any file of this repo.
 SLURM_ENV = {"partition": "OFE_SLURM_PARTITION", "account": "OFE_SLURM_ACCOUNT",
@@ -167,11 +167,13 @@ def _inherited_lock(path: Path) -> bool:
 
 
 def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status_dir: Path | str | None = None,
-           quant: dict[str, Any] | None = None, exec_wait: bool = False) -> dict[str, Any]:
+           quant: dict[str, Any] | None = None, exec_wait: bool = False,
+           tracking: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the run's config.json, submit the job that trains it (and quantises it, given the `quant`
     settings), or re-attach to the recorded one, stream its log, and return its summary. The run
     folder is locked meanwhile (`run_lock`). `status_dir` is the workflow's shared scheduler-status
-    cache (default: inside the run folder).
+    cache (default: inside the run folder). `tracking`: the resolved tracking settings
+    (`ofe.plan.tracking`), written beside config.json for the job (none: the file is removed).
 
     Raises RuntimeError with the job's traceback (also saved to DIR/error.txt) if the job fails.
     `exec_wait` (the CLI): on SLURM this process is replaced by a `flock` waiting on the dispatcher
@@ -184,6 +186,10 @@ def launch(cfg: RunConfig, out_dir: Path | str, launcher: dict[str, Any], status
         # the processes are known only here: refuse now, not after a queue wait, a batch they cannot split
         check_micro_batch(cfg.train, int(params.get("tasks_per_node", 1)) * int(params.get("nodes", 1)))
         atomic_write_text(config_path, cfg.to_json())
+        if tracking and tracking.get("backend", "none") != "none":
+            atomic_write_json(out / TRACKING_SETTINGS, tracking)
+        else:  # tracking switched off since the last submission
+            (out / TRACKING_SETTINGS).unlink(missing_ok=True)
 
     name = launcher.get("job_name_prefix", "ofe-") + ("_".join(map(str, cfg.grid.values())) or out.name)
     done = (SUMMARY, QUANT) if quant is not None else (SUMMARY,)

@@ -5,6 +5,7 @@
 - No inf or nan anywhere; the JSON schema (workflow/schemas/config.schema.yaml); safe results and
   report paths; every default and grid value checked at its key against the config dataclasses; the
   grid's size, as a product, before expanding it (`max_runs`).
+- `tracking`: the schema, and no key of the other backend (`ofe.plan.tracking`).
 - The launcher (config.yaml's `launcher` updated from a profile's `launcher_file`), checked by the
   same schema, and every run's batch against its number of processes.
 - YAML files read strictly (`ofe.plan.yamlio`): a key given twice is refused.
@@ -26,6 +27,7 @@ import yaml
 from ofe.config import (ConfigError, DataConfig, QuantConfig, build_section, check_field, field_kind,
                         number_from_text, section_fields)
 from ofe.plan import studies
+from ofe.plan.tracking import check_tracking
 
 AXES = ("scale", "block", "beta", "optimizer", "lr", "seed")  # in run-path order
 SECTIONS = ("model", "optim", "train")
@@ -311,7 +313,7 @@ def validate(config: dict, schema_path: Path | str | None = DEFAULT_SCHEMA) -> d
         errors = [f"defaults: required, since studies {grids} train runs from it"] if grids else []
         config["defaults"] = {}
     if not errors:
-        errors = _check_paths(config)
+        errors = _check_paths(config) + check_tracking(config)
     if not errors:
         counts = count_runs(config)
         total, limit = sum(counts.values()), config.get("max_runs", MAX_RUNS)

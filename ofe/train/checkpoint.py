@@ -4,7 +4,8 @@ A run folder holds the outputs of exactly one config (`RunConfig.config_hash`). 
 `prepare_run_dir` (rank 0 alone) makes it so:
 - temporary files a hard kill left behind (`.<name>.*.tmp`) are removed;
 - outputs of another config (a reused folder, an edited config.yaml), the int8 rows in progress
-  (`quant.partial.json`) included, are moved, never deleted, into
+  (`quant.partial.json`) and the tracker runs it was mirrored to (`tracking.json`) included, are moved,
+  never deleted, into
   `stale/<UTC time>/`, so training neither resumes from them nor stops at their summary;
 - the checkpoint to resume from is `checkpoint.pt`, else the one before it, `checkpoint.prev.pt`
   (kept by every save), when the latest is unreadable; if neither is usable the run starts fresh.
@@ -26,13 +27,13 @@ import torch
 
 from ofe.io import atomic_torch_save, read_metadata
 from ofe.runfolder import (CHECKPOINT, METRICS, PREVIOUS, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV, STALE,
-                           SUMMARY, recorded_hash)
+                           SUMMARY, TRACKING, recorded_hash)
 from ofe.train import dcp
 from ofe.train.state import RunState
 
 # Temp files of the run's own outputs only: the launcher's (config.json, job.json, error.txt) may be
 # being written by its head process at the very moment the job starts.
-OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV)
+OWN_FILES = (CHECKPOINT, PREVIOUS, METRICS, SUMMARY, QUANT, QUANT_PARTIAL, SHARDED, SHARDED_PREV, TRACKING)
 # What a resumable checkpoint holds: the model, the optimiser and the run's progress; one without them
 # cannot be resumed exactly.
 CHECKPOINT_KEYS = {"model", "optimizer", *RunState.keys()}
@@ -120,7 +121,7 @@ def prepare_run_dir(out: Path, want: str, sharded: bool = False) -> tuple[str, d
     for name in remove_temp_files(out):
         print(f"[ofe] removed {name}, left by an interrupted write", flush=True)
     aside = _Aside(out)
-    for name in (SUMMARY, METRICS, QUANT, QUANT_PARTIAL):
+    for name in (SUMMARY, METRICS, QUANT, QUANT_PARTIAL, TRACKING):  # tracking.json: another config's tracker runs
         path = out / name
         if not path.exists():
             continue

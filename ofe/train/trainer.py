@@ -33,6 +33,7 @@ from ofe.core.probe import collect, compute
 from ofe.io import METRIC_SCHEMA, provenance, write_parquet
 from ofe.runfolder import METRICS, finished_summary, write_summary
 from ofe.plan import costs
+from ofe.track import live as tracking
 from ofe.train import checkpoint, dcp, parallel
 from ofe.train.state import RunState
 
@@ -98,6 +99,9 @@ class Trainer:
         self.runtime = parallel.runtime(self.device, self.dtype)
         self.config_hash = identity(cfg, self.device, self.dtype)  # not cfg.config_hash(): see run_identity
         self.state = self._resume()
+        # rank 0 mirrors its rows to W&B / MLflow if the run folder asks (ofe.track): a side channel, off the
+        # training thread; the run's own files stay the record
+        self.tracker = tracking.for_run(self.out, cfg.to_dict(), self.config_hash, self.rank)
 
     @property
     def collects(self) -> bool:
@@ -231,6 +235,7 @@ class Trainer:
             if not self._record(loss, grad_norm, lr):
                 break
             state.step += 1
+            self.tracker.rows(state.rows)  # every row up to the step just done: queued, never waited on
             self._report(loss, lr)
             if state.step % tc.checkpoint_every == 0 and state.step < tc.steps:  # the last one is _complete's
                 self.save_checkpoint()
@@ -310,6 +315,7 @@ class Trainer:
         write_parquet(df, self.out / METRICS, METRIC_SCHEMA, meta)
         summary = self._summary(df, n_params)
         write_summary(self.out, summary)  # last: marks the run finished
+        self.tracker.finish(self.state.rows, summary)  # the final rows and summary; waits (bounded) for the tracker
         return summary
 
     def _summary(self, df: pd.DataFrame, n_params: int) -> dict[str, Any]:
@@ -366,6 +372,7 @@ def train(cfg: RunConfig, out_dir: Path | str, on_checkpoint: Iterable[Checkpoin
         return trainer.run()
     finally:  # also after an exception: a process group this run made must not outlive it
         trainer.procs.shutdown()
+        trainer.tracker.close()  # a failed run's tracker run ends as failed (a no-op after finish)
 
 
 def resolve_runtime(tc: TrainConfig) -> tuple[torch.device, torch.dtype]:

@@ -17,7 +17,7 @@ from tests.helpers import REPO
 PACKAGE = REPO / "ofe"
 # What must never import torch: planning (the Snakefile imports it), the config, the files' formats, and
 # everything that reads finished results (aggregation, the report).
-TORCH_FREE = ("ofe.config", "ofe.io", "ofe.runfolder", "ofe.plan", "ofe.aggregate", "ofe.report")
+TORCH_FREE = ("ofe.config", "ofe.io", "ofe.runfolder", "ofe.plan", "ofe.aggregate", "ofe.report", "ofe.track")
 
 
 def _module_name(path: Path) -> str:

@@ -13,6 +13,7 @@ from ofe.config import ConfigError
 from ofe.plan import memplan, plan_from_config
 from ofe.plan.grid import check_launcher, check_packing, default_figures_dir, launcher_settings, load_config, runs_digest, validate
 from ofe.plan.studies import job_spec, measure_settings
+from ofe.plan.tracking import tracking_settings
 
 SCHEMA = Path(workflow.basedir) / "workflow" / "schemas" / "config.schema.yaml"
 
@@ -30,6 +31,7 @@ try:
         load_config(path)
     LAUNCHER = load_launcher(validate(config, SCHEMA))  # the launcher before expanding the grid
     PLAN = plan_from_config(config, SCHEMA)
+    TRACKING = tracking_settings(PLAN["config"])  # W&B / MLflow (docs/tracking.md), resolved
     check_launcher(PLAN["runs"], LAUNCHER)
     check_packing(LAUNCHER)  # job arrays and packed runs (profiles/slurm/launcher.yaml)
     # each run's estimated memory per process against its launcher entry's (ofe/plan/memory.py): printed,
@@ -44,8 +46,12 @@ except ConfigError as e:
 RESULTS = PLAN["config"].get("results_dir", "results")
 REPORT = PLAN["config"].get("report", "reports/index.html")
 # Passed to `ofe launch` inside the shell command, not as params: switching local <-> slurm, or a
-# partition, must not rerun finished runs (Snakemake reruns jobs whose params change).
-LAUNCHER_JSON = json.dumps(LAUNCHER, sort_keys=True)
+# partition, must not rerun finished runs (Snakemake reruns jobs whose params change). The tracking
+# settings ride in it under `tracking` (`ofe launch` takes them out) for the same reason: turning tracking
+# on must not retrain or requantise finished runs (`ofe export` mirrors those), and a new argument in the
+# rule's command would (Snakemake reruns jobs whose command template changes).
+LAUNCHER_JSON = json.dumps({**LAUNCHER, **({"tracking": TRACKING} if TRACKING["backend"] != "none" else {})},
+                           sort_keys=True)
 RUNS = {r["run_id"]: r for r in PLAN["runs"]}
 CHECKPOINTS = {c["ckpt_id"]: c for c in PLAN["checkpoints"]}  # checkpoint studies (ofe/plan/studies.py)
 # the report refuses tables of another set of runs and checkpoints
