@@ -39,6 +39,10 @@ SOFTPICK_EPS = 1e-8  # the authors' eps, added to the max-shifted denominator as
 # Variants whose weights are softmax's: they keep the fused kernel unless a tap or the logit cap needs the
 # explicit path (a gate after the kernel changes nothing inside it).
 FUSED: tuple[str, ...] = ("softmax", "gated_headwise", "gated_elementwise")
+# Variants whose weights on the real tokens, renormalised, are softmax(q k^T / sqrt(hd)): the probe's
+# attention_entropy (computed from q and k) is theirs. softmax1 and learned_sink only add a sink's mass to the
+# denominator; clipped_softmax and softpick weigh tokens differently, and have no entropy row.
+SOFTMAX_SHAPED: tuple[str, ...] = (*FUSED, "softmax1", "learned_sink")
 
 
 def _apply(norm: nn.Module | None, x: Tensor) -> Tensor:

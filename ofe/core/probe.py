@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ofe.core import metrics
+from ofe.core.attention import SOFTMAX_SHAPED
 from ofe.core.model import GPT
 
 Row = tuple[int, str, str, float]  # (layer, site, metric, value)
@@ -103,8 +104,9 @@ def compute(model: nn.Module, activations: Activations, max_corr_tokens: int = 2
         if site in metrics.MASSIVE_SITES:
             rows.extend((layer, site, name, value) for name, value in metrics.massive_activations(x).items())
     for i, b in enumerate(model.blocks):
-        ent = metrics.attention_entropy(qk[(i, "q")], qk[(i, "k")], b.attn.logit_cap)
-        rows.append((i, "attention", "attention_entropy", ent))
+        if b.attn.kind in SOFTMAX_SHAPED:  # any other weight function's entropy would be a softmax it never computes
+            ent = metrics.attention_entropy(qk[(i, "q")], qk[(i, "k")], b.attn.logit_cap)
+            rows.append((i, "attention", "attention_entropy", ent))
         rows.extend((i, "attention", name, value) for name, value in metrics.attention_metrics(attention[i]).items())
     return rows
 

@@ -139,3 +139,28 @@ def test_probing_leaves_the_training_trajectory_bitwise_identical(data_dir, tmp_
         b = unprobed[(unprobed.site == site) & (unprobed.metric == metric)].reset_index(drop=True)
         assert len(a) > 0
         pd.testing.assert_frame_equal(a, b, check_exact=True)
+
+
+@pytest.mark.parametrize("kind", ["softmax1", "learned_sink", "clipped_softmax", "softpick"])
+def test_attention_entropy_only_where_the_weights_are_softmax_shaped(kind):
+    """softmax1 / learned_sink: the real tokens' weights renormalised are softmax(q k^T / sqrt(hd)) (the sink
+    only adds to the denominator), so the entropy from q and k is theirs, computed here by hand from the
+    weights the model itself applies. clipped_softmax and softpick weigh tokens otherwise: no entropy row."""
+    model = _model(attention=kind)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
+    rows = {(layer, site, m): v for layer, site, m, v in probe.probe(model, idx)}
+    if kind in ("clipped_softmax", "softpick"):
+        assert not any(m == "attention_entropy" for _layer, _site, m in rows)
+        assert (0, "attention", "sink_rate") in rows  # the other attention rows stay
+        return
+    whole = {}
+    handles = [b.attn.probs.register_forward_hook(lambda _m, _i, out, i=i: whole.__setitem__(i, out))
+               for i, b in enumerate(model.blocks)]
+    with torch.no_grad():
+        model(idx)
+    for h in handles:
+        h.remove()
+    for i, p in whole.items():
+        w = p.double() / p.double().sum(dim=-1, keepdim=True)
+        ent = -torch.special.xlogy(w, w).sum(dim=-1).mean().item()
+        assert rows[(i, "attention", "attention_entropy")] == pytest.approx(ent, rel=1e-5)
