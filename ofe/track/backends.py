@@ -13,7 +13,11 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
+
+# In a file store's root, beside the experiments' folders (MLflow lists folders only).
+EXPERIMENT_LOCK = ".ofe-experiments.lock"
 
 
 @dataclass
@@ -84,7 +88,8 @@ class MlflowBackend:
         if uri.startswith("file:"):
             # MLflow 3 refuses the file store unless asked: it is in maintenance mode, but it is the store
             # that needs no server and no database, and whose runs are folders of their own, so hundreds
-            # of jobs on a shared filesystem write it at once without a lock (sqlite cannot)
+            # of jobs on a shared filesystem write their runs at once (sqlite cannot); only the experiment's
+            # creation needs a lock (`_experiment`)
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param
         from mlflow.exceptions import MlflowException
@@ -98,7 +103,7 @@ class MlflowBackend:
                 return run_id
             except MlflowException as e:  # deleted, or another store: a new run, said so
                 print(f"[ofe] tracking: MLflow run {run_id} cannot be resumed ({e}); starting a new one", flush=True)
-        experiment = self._experiment(settings["project"])
+        experiment = self._experiment(settings["project"], uri)
         tags = {**meta.tags, "group": meta.group, "mlflow.runName": meta.name}
         self.run_id = self.client.create_run(experiment, run_name=meta.name, tags=tags).info.run_id
         params = [Param(k, str(v)) for k, v in meta.params.items()]
@@ -106,10 +111,28 @@ class MlflowBackend:
             self.client.log_batch(self.run_id, params=params[i:i + 100])
         return self.run_id
 
-    def _experiment(self, name: str) -> str:
+    def _experiment(self, name: str, uri: str) -> str:
+        """The id of experiment `name`, created if missing. A file store checks a name's uniqueness and then
+        creates a folder with a random id, not atomically: two jobs starting together made two experiments
+        called `name`, and every run of the second was hidden from the name's searches (seen in CI). So on a
+        file store the check and the creation run under an exclusive lock beside the experiments; a server
+        refuses a duplicate name itself, and the loser finds the winner's experiment."""
+        if not uri.startswith("file:"):
+            return self._get_or_create(name)
+        import fcntl
+        from urllib.parse import urlparse
+        from urllib.request import url2pathname
+
+        store = Path(url2pathname(urlparse(uri).path))
+        store.mkdir(parents=True, exist_ok=True)
+        with open(store / EXPERIMENT_LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            return self._get_or_create(name)
+
+    def _get_or_create(self, name: str) -> str:
         from mlflow.exceptions import MlflowException
 
-        for _ in range(3):  # two runs may create the experiment at the same moment: one wins, both use it
+        for _ in range(3):  # a server: two runs may create the experiment at the same moment; one wins
             found = self.client.get_experiment_by_name(name)
             if found is not None:
                 return found.experiment_id
