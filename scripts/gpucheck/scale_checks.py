@@ -116,9 +116,15 @@ def throughput(ctx: Context, r: Result) -> None:
 
 
 def quantise(ctx: Context, r: Result) -> None:
-    """11. ofe.train.quantise.quantise_run on the device, timed, with the default quant settings (both protocols,
-    W8A8, 4 calibration and 16 evaluation batches of 128 x 128) on a 2-step run at the 130m shape;
-    every row finite. ~20 s (on CPU this evaluation takes hours, issue 20 item 4)."""
+    """11. ofe.train.quantise.quantise_run on the device, timed, with the default quant settings (both simulated
+    protocols, W8A8, 4 calibration and 16 evaluation batches of 128 x 128) and torchao's real int8 kernels
+    (`torchao_dynamic`) on a 2-step run at the 130m shape; every row finite; and a forward of the torchao copy
+    on the device calls one integer matmul (aten::_int_mm: cuBLAS on a GPU, by torchao 0.18's source, for
+    inner dimensions that are multiples of 8, as here) per quantised layer, never run on a GPU before.
+    ~30 s (on CPU this evaluation takes hours, issue 20 item 4)."""
+    from ofe.core import torchao_int8
+    from ofe.core.model import GPT
+    from ofe.runfolder import load_final_model
     from ofe.train import quantise
 
     cfg = ctx.config("130m", steps=2, log_every=NO_CHECKPOINT, eval_every=NO_CHECKPOINT, eval_batches=1,
@@ -127,12 +133,26 @@ def quantise(ctx: Context, r: Result) -> None:
     train(cfg, run)
     ctx.free_memory()
     t0 = time.perf_counter()
-    df = quantise.quantise_run(run, QuantConfig())  # on the device the run trained on (train.device)
+    protocols = (*QuantConfig().protocols, "torchao_dynamic")
+    df = quantise.quantise_run(run, QuantConfig(protocols=protocols))  # on the run's device (train.device)
     seconds = time.perf_counter() - t0
     finite = bool(np.isfinite(df[["ppl_fp", "ppl_q"]].to_numpy()).all())
     r.fig(seconds=seconds, rows=len(df), train_device=cfg.train.device, finite=finite,
           **{f"{p}.W{b}.ppl_q": q for p, b, q in zip(df.protocol, df.bits, df.ppl_q)})
-    r.expect(len(df) == 2 and finite, f"{len(df)} rows, finite={finite}")
+    r.expect(len(df) == 3 and finite, f"{len(df)} rows, finite={finite}")
+
+    model = GPT(cfg.model)
+    load_final_model(run, model)
+    q, layers = torchao_int8.quantised_copy(model.to(ctx.device).eval())
+    idx = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.context), device=ctx.device)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        q(idx)
+    int_mm = {e.key: e.count for e in prof.key_averages()}.get("aten::_int_mm", 0)
+    r.fig(torchao_layers=layers, int_mm_calls=int_mm)
+    r.expect(int_mm == layers, f"torchao's copy called aten::_int_mm {int_mm} times for {layers} quantised layers: "
+             "it does not run integer matmuls here (see torchao.kernel.intmm.int_scaled_matmul for this device)")
+    del q, model
+    ctx.free_memory()
 
 
 def launched(ctx: Context, r: Result) -> None:
