@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ofe.io import atomic_write_json
-from ofe.runfolder import MEMBER_RESULT  # noqa: F401  (the packed member's result, read by the dispatcher)
+# the packed member's result, read by the dispatcher; a record written atomically, or None (absent, unreadable)
+from ofe.runfolder import MEMBER_RESULT, read_json  # noqa: F401
 
 REQUESTS, HOLD, ENDED = "requests", "hold", "ended"
 DISPATCH_LOCK, DISPATCH_LOG, DISPATCH_STATE = "dispatch.lock", "dispatch.log", "dispatch.json"
@@ -68,14 +69,6 @@ def write_request(status_dir: Path, request: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     hold_path(status_dir, request["token"]).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, {**request, "time": time.time()})
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A record written atomically, or None when there is none (or it is not readable JSON)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def write_ended(status_dir: Path, key: str, record: dict[str, Any]) -> None:
